@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", vpcnet_daemon::ebpf_object::BYTES.len());
+}
