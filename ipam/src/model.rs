@@ -63,3 +63,269 @@ pub struct IpamConfig {
 fn default_cooldown() -> u64 {
     30
 }
+
+/// The subnet's router when none is configured: the first host address.
+fn first_host(cidr: Ipv4Network) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(cidr.network()).saturating_add(1))
+}
+
+fn range_of(net: Ipv4Network) -> (u32, u32) {
+    (u32::from(net.network()), u32::from(net.broadcast()))
+}
+
+fn is_canonical(net: Ipv4Network) -> bool {
+    net.ip() == net.network()
+}
+
+/// A name ends up inside `network/subnet` labels, metric labels and log lines, so it must be
+/// non-empty and free of separators and whitespace.
+fn bad_name(name: &str) -> bool {
+    name.is_empty()
+        || name
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+}
+
+impl SubnetConfig {
+    /// The address never handed to a pod because the VPC router answers on it.
+    pub fn effective_gateway(&self) -> Ipv4Addr {
+        self.gateway.unwrap_or_else(|| first_host(self.cidr))
+    }
+
+    /// The blocks `node` allocates from (empty when the node owns none in this subnet).
+    pub fn node_blocks(&self, node: &str) -> &[Ipv4Network] {
+        self.blocks.get(node).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+impl NetworkConfig {
+    pub fn subnet(&self, name: &str) -> Option<&SubnetConfig> {
+        self.subnets.iter().find(|s| s.name == name)
+    }
+
+    /// `default_subnet`, else the first subnet.
+    pub fn default_subnet(&self) -> Option<&SubnetConfig> {
+        match &self.default_subnet {
+            Some(name) => self.subnet(name),
+            None => self.subnets.first(),
+        }
+    }
+}
+
+impl IpamConfig {
+    pub fn network(&self, name: &str) -> Option<&NetworkConfig> {
+        self.networks.iter().find(|n| n.name == name)
+    }
+
+    /// `default_network`, else the first network.
+    pub fn default_network(&self) -> Option<&NetworkConfig> {
+        match &self.default_network {
+            Some(name) => self.network(name),
+            None => self.networks.first(),
+        }
+    }
+
+    /// Every problem in the configuration, one sentence each; empty when it is usable.
+    ///
+    /// All problems are reported at once so an operator fixes the file in one round instead of
+    /// one restart per mistake.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.networks.is_empty() {
+            p.push("no networks are configured: add at least one under `networks`".to_string());
+        }
+        let names: Vec<&str> = self.networks.iter().map(|n| n.name.as_str()).collect();
+        if let Some(d) = &self.default_network
+            && !names.contains(&d.as_str())
+        {
+            p.push(format!(
+                "default_network {d:?} is not one of the configured networks ({})",
+                names.join(", ")
+            ));
+        }
+        for (i, net) in self.networks.iter().enumerate() {
+            let n = &net.name;
+            if bad_name(n) {
+                p.push(format!(
+                    "network name {n:?} must be non-empty, without '/' or whitespace"
+                ));
+            }
+            if self.networks[..i].iter().any(|o| o.name == *n) {
+                p.push(format!("network name {n:?} is used twice"));
+            }
+            if net.id == 0 {
+                p.push(format!("network {n:?} has id 0; ids run from 1 to 65535"));
+            }
+            if let Some(o) = self.networks[..i]
+                .iter()
+                .find(|o| o.id == net.id && net.id != 0)
+            {
+                p.push(format!(
+                    "networks {:?} and {n:?} share id {}; ids must be unique",
+                    o.name, net.id
+                ));
+            }
+            for peer in &net.peers {
+                if !names.contains(&peer.as_str()) {
+                    p.push(format!("network {n:?} peers with unknown network {peer:?}"));
+                }
+            }
+            if net.subnets.is_empty() {
+                p.push(format!("network {n:?} has no subnets: add at least one"));
+            }
+            if let Some(d) = &net.default_subnet
+                && net.subnet(d).is_none()
+            {
+                let subnets: Vec<&str> = net.subnets.iter().map(|s| s.name.as_str()).collect();
+                p.push(format!(
+                    "default_subnet {d:?} of network {n:?} is not one of its subnets ({})",
+                    subnets.join(", ")
+                ));
+            }
+            for (j, sub) in net.subnets.iter().enumerate() {
+                subnet_problems(net, j, sub, &mut p);
+            }
+            // Within one network every address must have one owner, whichever node holds it.
+            let mut blocks = Vec::new();
+            for sub in &net.subnets {
+                for (node, bs) in &sub.blocks {
+                    for b in bs {
+                        blocks.push((range_of(*b), format!("{b} of node {node:?}")));
+                    }
+                }
+            }
+            for (a, b) in overlaps(blocks) {
+                p.push(format!("in network {n:?}, block {a} overlaps block {b}"));
+            }
+        }
+        // Across networks CIDRs may overlap (VPCs often do), but one node cannot route one
+        // address to two pods, so a node's blocks must be disjoint over all networks.
+        let mut per_node: BTreeMap<&str, Vec<Labelled>> = BTreeMap::new();
+        let mut network_of: BTreeMap<String, &str> = BTreeMap::new();
+        for net in &self.networks {
+            for sub in &net.subnets {
+                for (node, bs) in &sub.blocks {
+                    for b in bs {
+                        let label = format!("{b} (network {:?})", net.name);
+                        network_of.insert(label.clone(), &net.name);
+                        per_node
+                            .entry(node.as_str())
+                            .or_default()
+                            .push((range_of(*b), label));
+                    }
+                }
+            }
+        }
+        for (node, blocks) in per_node {
+            for (a, b) in overlaps(blocks) {
+                // Same-network overlaps were reported above.
+                if network_of.get(&a) != network_of.get(&b) {
+                    p.push(format!("node {node:?} has overlapping blocks {a} and {b}"));
+                }
+            }
+        }
+        p
+    }
+}
+
+fn subnet_problems(net: &NetworkConfig, j: usize, sub: &SubnetConfig, p: &mut Vec<String>) {
+    let (n, s) = (&net.name, &sub.name);
+    let at = format!("subnet {s:?} of network {n:?}");
+    if bad_name(s) {
+        p.push(format!(
+            "{at}: the name must be non-empty, without '/' or whitespace"
+        ));
+    }
+    if net.subnets[..j].iter().any(|o| o.name == *s) {
+        p.push(format!("{at}: the name is used twice in the network"));
+    }
+    if !is_canonical(sub.cidr) {
+        p.push(format!(
+            "{at}: cidr {} has host bits set; did you mean {}/{}?",
+            sub.cidr,
+            sub.cidr.network(),
+            sub.cidr.prefix()
+        ));
+    }
+    if sub.cidr.prefix() > 30 {
+        p.push(format!(
+            "{at}: cidr {} leaves no room for pods after the network, broadcast and gateway \
+             addresses; use a /30 or larger",
+            sub.cidr
+        ));
+    }
+    for o in &net.subnets[..j] {
+        if o.name != *s
+            && (o.cidr.contains(sub.cidr.network()) || sub.cidr.contains(o.cidr.network()))
+        {
+            p.push(format!(
+                "{at}: cidr {} overlaps subnet {:?} ({})",
+                sub.cidr, o.name, o.cidr
+            ));
+        }
+    }
+    let (lo, hi) = range_of(sub.cidr);
+    if let Some(gw) = sub.gateway {
+        let g = u32::from(gw);
+        if !sub.cidr.contains(gw) {
+            p.push(format!("{at}: gateway {gw} is outside {}", sub.cidr));
+        } else if g == lo || g == hi {
+            p.push(format!(
+                "{at}: gateway {gw} is the network or broadcast address of {}",
+                sub.cidr
+            ));
+        }
+    }
+    for r in &sub.reserved {
+        if u32::from(r.start) > u32::from(r.end) {
+            p.push(format!(
+                "{at}: reserved range {}-{} ends before it starts",
+                r.start, r.end
+            ));
+        }
+        if !sub.cidr.contains(r.start) || !sub.cidr.contains(r.end) {
+            p.push(format!(
+                "{at}: reserved range {}-{} is not inside {}",
+                r.start, r.end, sub.cidr
+            ));
+        }
+    }
+    for (node, blocks) in &sub.blocks {
+        if node.is_empty() {
+            p.push(format!("{at}: blocks are listed under an empty node name"));
+        }
+        for b in blocks {
+            if !is_canonical(*b) {
+                p.push(format!(
+                    "{at}: block {b} of node {node:?} has host bits set; did you mean {}/{}?",
+                    b.network(),
+                    b.prefix()
+                ));
+            }
+            if !sub.cidr.contains(b.network()) || !sub.cidr.contains(b.broadcast()) {
+                p.push(format!(
+                    "{at}: block {b} of node {node:?} is not inside the subnet's {}",
+                    sub.cidr
+                ));
+            }
+        }
+    }
+}
+
+/// An inclusive address range and how to name it in a message.
+type Labelled = ((u32, u32), String);
+
+/// Pairs of labels whose inclusive ranges intersect.
+fn overlaps(mut items: Vec<Labelled>) -> Vec<(String, String)> {
+    items.sort_by_key(|((lo, hi), _)| (*lo, *hi));
+    let mut out = Vec::new();
+    for (i, ((lo, _), label)) in items.iter().enumerate() {
+        // Sorted by start, so only earlier items can reach into this one.
+        for ((_, prev_hi), prev) in items[..i].iter().rev() {
+            if *prev_hi >= *lo {
+                out.push((prev.clone(), label.clone()));
+            }
+        }
+    }
+    out
+}

@@ -1,1 +1,174 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup|test|demo|clean|bench`.
+
+mod bench;
+mod demo;
+mod setup;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(about = "vpcnet developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks (idempotent) and check kernel features.
+    Setup,
+    /// Set up, lint, build once in release mode and run the whole test suite.
+    Test {
+        /// Skip the set-up step (when you know the machine is ready).
+        #[arg(long)]
+        no_setup: bool,
+        /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build and run the demo cluster in network namespaces.
+    Demo {
+        /// Leave the cluster up and print how to enter it.
+        #[arg(long)]
+        keep: bool,
+        #[arg(long)]
+        no_setup: bool,
+    },
+    /// Remove leftovers of crashed runs (namespaces, pins and temp dirs with the project prefix).
+    Clean,
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
+}
+
+fn main() {
+    // Errors are for people: one line per cause, no backtrace.
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root)?;
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { no_setup, args } => {
+            if !no_setup {
+                setup::run()?;
+            }
+            test(&args)
+        }
+        Cmd::Demo { keep, no_setup } => {
+            if !no_setup {
+                setup::run()?;
+            }
+            build_release()?;
+            demo::run(keep)
+        }
+        Cmd::Clean => {
+            let removed = vpcnet_tests::cluster::clean_leftovers();
+            if removed.is_empty() {
+                println!("nothing to clean");
+            }
+            for r in removed {
+                println!("removed {r}");
+            }
+            Ok(())
+        }
+        Cmd::Bench { what } => {
+            setup::run()?;
+            build_release()?;
+            bench::run(what)
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest
+        .parent()
+        .context("xtask has no parent dir")?
+        .to_path_buf())
+}
+
+/// Runs a command, echoing it, and fails with its exit status.
+pub fn sh(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    println!("\n$ {shown}");
+    let start = Instant::now();
+    let status = cmd.status().with_context(|| format!("spawning {shown}"))?;
+    println!("  ({:.1} s)", start.elapsed().as_secs_f64());
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+pub fn build_release() -> Result<()> {
+    sh(cargo().args(["build", "--release", "--bins"]))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let start = Instant::now();
+    sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // Default members only (no --workspace): the eBPF crate cannot build for the host.
+    // Clippy in release mode shares the build-script run (and so the nested eBPF build) with the
+    // release build below: the eBPF crate is compiled once per profile, so use only one profile.
+    sh(cargo().args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    sh(Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "-p",
+            "vpcnet-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        // Its own target dir: host and BPF artefacts of the same crates must not mix.
+        .env("CARGO_TARGET_DIR", Path::new("target").join("ebpf-clippy")))?;
+    build_release()?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--release"]);
+    if !extra.is_empty() {
+        cmd.arg("--").args(extra);
+    }
+    sh(&mut cmd)?;
+    let leftovers = vpcnet_tests::netns::project_namespaces();
+    if !leftovers.is_empty() {
+        bail!("tests left namespaces behind: {leftovers:?}");
+    }
+    println!(
+        "\nall checks passed in {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,31 +1,335 @@
 #![no_std]
 #![no_main]
+//! vpcnet's tc (TCX) programs.
+//!
+//! * `endpoint_ingress` runs on every host-side veth (traffic *from* a pod) and forwards it:
+//!   local pod → `bpf_redirect_peer`; routable destination → `bpf_redirect_neigh` out of the uplink,
+//!   source kept; node address or internet → `TC_ACT_OK` (the kernel delivers it, or forwards it
+//!   through vpcnet's nftables masquerade).
+//! * `uplink_ingress` runs on the node's uplink: answers ARP for local pods (the VPC fabric reaches
+//!   pods directly, like secondary IPs of a cloud NIC) and steers traffic for local pods straight
+//!   into them.
+//!
+//! Every `TC_ACT_SHOT` is counted in `DROPS` under a reason. All maps are pinned (the loader gives
+//! the directory), so a daemon restart or program upgrade keeps every entry and counter.
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
-    maps::PerCpuArray,
+    maps::{
+        Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap,
+        lpm_trie::Key,
+    },
     programs::TcContext,
 };
-use vpcnet_common::{DROP_REASONS, EndpointStats};
+use vpcnet_common::{
+    DROP_REASONS, DropReason, EndpointInfo, EndpointStats, MAX_ENDPOINTS, MAX_PEERS, MAX_ROUTES,
+    NODE_COUNTERS, NODE_SCOPE, NodeConfig, NodeCounter, PeerKey, ROUTE_DIRECT, ROUTE_HOST,
+    ROUTE_ISOLATED, ROUTE_LOCAL_BLOCK, RouteKey, RouteValue,
+};
 
 #[map]
-static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
+static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
 
 #[map]
-static NODE_STATS: PerCpuArray<EndpointStats> = PerCpuArray::with_max_entries(1, 0);
+static ENDPOINT_STATS: PerCpuHashMap<u32, EndpointStats> =
+    PerCpuHashMap::pinned(MAX_ENDPOINTS, 0);
 
-/// Counts what crosses the uplink; the forwarding programs come with the dataplane issue.
-#[classifier]
-pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    if let Some(stats) = NODE_STATS.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+#[map]
+static ROUTES: LpmTrie<RouteKey, RouteValue> = LpmTrie::pinned(MAX_ROUTES, 0);
+
+#[map]
+static PEERS: HashMap<PeerKey, u32> = HashMap::pinned(MAX_PEERS, 0);
+
+#[map]
+static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
+
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASONS, 0);
+
+#[map]
+static NODE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(NODE_COUNTERS, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+const OFF_ETH_DST: usize = 0;
+const OFF_ETH_SRC: usize = 6;
+const OFF_ETH_PROTO: usize = 12;
+
+const OFF_IP_VER_IHL: usize = ETH_HLEN;
+const OFF_IP_TTL: usize = ETH_HLEN + 8;
+const OFF_IP_CSUM: usize = ETH_HLEN + 10;
+const OFF_IP_SRC: usize = ETH_HLEN + 12;
+const OFF_IP_DST: usize = ETH_HLEN + 16;
+
+const OFF_ARP_HDR: usize = ETH_HLEN; // htype(2) ptype(2) hlen(1) plen(1) oper(2)
+const OFF_ARP_OPER: usize = ETH_HLEN + 6;
+const OFF_ARP_SHA: usize = ETH_HLEN + 8;
+const OFF_ARP_SPA: usize = ETH_HLEN + 14;
+const OFF_ARP_THA: usize = ETH_HLEN + 18;
+const OFF_ARP_TPA: usize = ETH_HLEN + 24;
+
+/// The fixed MAC of every host veth (vpcnet_api::HOST_VETH_MAC); pods address their gateway with it.
+const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
+
+/// `skb->pkt_type` of frames addressed to this host (as opposed to broadcast, multicast, or frames
+/// a bridge flooded to us that belong to someone else).
+const PACKET_HOST: u32 = 0;
+
+type Verdict = Result<i32, DropReason>;
+
+#[inline(always)]
+fn count_drop(reason: DropReason) {
+    if let Some(slot) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot; programs do not migrate CPUs mid-run, so there is no other writer.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn count_node(counter: NodeCounter) {
+    if let Some(slot) = NODE_STATS.get_ptr_mut(counter as u32) {
+        // SAFETY: as in count_drop.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn count_endpoint(ip: u32, bytes: u32, rx: bool) {
+    if let Some(stats) = ENDPOINT_STATS.get_ptr_mut(ip) {
+        // SAFETY: per-CPU value, see count_drop.
         unsafe {
-            (*stats).rx_packets += 1;
-            (*stats).rx_bytes += ctx.len() as u64;
+            if rx {
+                (*stats).rx_packets += 1;
+                (*stats).rx_bytes += bytes as u64;
+            } else {
+                (*stats).tx_packets += 1;
+                (*stats).tx_bytes += bytes as u64;
+            }
         }
     }
-    TC_ACT_OK
+}
+
+#[inline(always)]
+fn finish(verdict: Verdict) -> i32 {
+    match verdict {
+        Ok(action) => action,
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+#[inline(always)]
+fn route(network: u16, addr: u32) -> Option<u32> {
+    let key = Key::new(32 + 32, RouteKey::new(network, addr));
+    ROUTES.get(&key).map(|v| v.action)
+}
+
+#[inline(always)]
+fn config() -> Result<NodeConfig, DropReason> {
+    CONFIG.get(0).copied().filter(|c| c.uplink_ifindex != 0).ok_or(DropReason::NotConfigured)
+}
+
+#[inline(always)]
+fn peered(a: u16, b: u16) -> bool {
+    // SAFETY: the value is not dereferenced beyond a presence check.
+    a == b || unsafe { PEERS.get(&PeerKey { src: a, dst: b }) }.is_some()
+}
+
+/// Validates the IPv4 header enough for the fields this program reads and rewrites.
+#[inline(always)]
+fn check_ipv4(ctx: &TcContext) -> Result<(), DropReason> {
+    let ver_ihl: u8 = ctx.load(OFF_IP_VER_IHL).map_err(|_| DropReason::Malformed)?;
+    if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
+        return Err(DropReason::Malformed);
+    }
+    if (ctx.len() as usize) < ETH_HLEN + ((ver_ihl & 0x0f) as usize) * 4 {
+        return Err(DropReason::Malformed);
+    }
+    Ok(())
+}
+
+/// One routing hop: TTL - 1 with the header checksum patched incrementally.
+#[inline(always)]
+fn decrement_ttl(ctx: &mut TcContext) -> Result<(), DropReason> {
+    // TTL and protocol share one 16-bit checksum word.
+    let old: u16 = ctx.load(OFF_IP_TTL).map_err(|_| DropReason::Malformed)?;
+    let ttl: u8 = ctx.load(OFF_IP_TTL).map_err(|_| DropReason::Malformed)?;
+    if ttl <= 1 {
+        return Err(DropReason::TtlExceeded);
+    }
+    ctx.store(OFF_IP_TTL, &(ttl - 1), 0).map_err(|_| DropReason::Malformed)?;
+    let new: u16 = ctx.load(OFF_IP_TTL).map_err(|_| DropReason::Malformed)?;
+    ctx.l3_csum_replace(OFF_IP_CSUM, old as u64, new as u64, 2)
+        .map_err(|_| DropReason::Malformed)
+}
+
+/// Hands the packet to a local pod: MACs as the pod expects from its gateway, then straight into
+/// the pod's netns (no second pass through the host stack).
+#[inline(always)]
+fn deliver(ctx: &mut TcContext, dst_ip: u32, ep: &EndpointInfo) -> Verdict {
+    decrement_ttl(ctx)?;
+    ctx.store(OFF_ETH_DST, &ep.mac, 0).map_err(|_| DropReason::Malformed)?;
+    ctx.store(OFF_ETH_SRC, &HOST_VETH_MAC, 0).map_err(|_| DropReason::Malformed)?;
+    count_endpoint(dst_ip, ctx.len(), true);
+    // SAFETY: plain helper call.
+    let ret = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
+    if ret as u32 != TC_ACT_REDIRECT {
+        return Err(DropReason::RedirectFailed);
+    }
+    Ok(TC_ACT_REDIRECT as i32)
+}
+
+#[classifier]
+pub fn endpoint_ingress(mut ctx: TcContext) -> i32 {
+    finish(try_endpoint_ingress(&mut ctx))
+}
+
+fn try_endpoint_ingress(ctx: &mut TcContext) -> Verdict {
+    let proto: u16 = ctx.load(OFF_ETH_PROTO).map_err(|_| DropReason::Malformed)?;
+    if u16::from_be(proto) != ETH_P_IP {
+        // Pods are IPv4-only; ARP and IPv6 link-local chatter stay with the kernel, which answers
+        // none of it and forwards none of it (pods have no other addresses).
+        return Ok(TC_ACT_OK as i32);
+    }
+    check_ipv4(ctx)?;
+    let src: u32 = ctx.load(OFF_IP_SRC).map_err(|_| DropReason::Malformed)?;
+    let dst: u32 = ctx.load(OFF_IP_DST).map_err(|_| DropReason::Malformed)?;
+
+    // SAFETY: the entry is copied out at once; userspace replaces values whole.
+    let src_ep = unsafe { ENDPOINTS.get(&src) }.copied().ok_or(DropReason::Spoofed)?;
+    // SAFETY: reading a field of the context.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if src_ep.ifindex != ingress {
+        return Err(DropReason::Spoofed);
+    }
+    count_endpoint(src, ctx.len(), false);
+
+    // SAFETY: as above.
+    if let Some(dst_ep) = unsafe { ENDPOINTS.get(&dst) }.copied() {
+        if !peered(src_ep.network_id, dst_ep.network_id) {
+            return Err(DropReason::Isolated);
+        }
+        count_node(NodeCounter::PodToPod);
+        return deliver(ctx, dst, &dst_ep);
+    }
+
+    match route(NODE_SCOPE, dst) {
+        Some(ROUTE_LOCAL_BLOCK) => return Err(DropReason::NoEndpoint),
+        Some(ROUTE_HOST) => {
+            count_node(NodeCounter::PodToKernel);
+            return Ok(TC_ACT_OK as i32);
+        }
+        _ => {}
+    }
+
+    match route(src_ep.network_id, dst) {
+        Some(ROUTE_DIRECT) => {
+            let cfg = config()?;
+            decrement_ttl(ctx)?;
+            count_node(NodeCounter::PodToUplink);
+            // SAFETY: NULL params ask the kernel for a FIB lookup of the destination; it then
+            // resolves the neighbour and fills in both MACs itself.
+            let ret = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
+            if ret as u32 != TC_ACT_REDIRECT {
+                return Err(DropReason::RedirectFailed);
+            }
+            Ok(TC_ACT_REDIRECT as i32)
+        }
+        Some(ROUTE_ISOLATED) => Err(DropReason::Isolated),
+        _ => {
+            // Not a VPC destination: the kernel forwards it and nftables masquerades it.
+            count_node(NodeCounter::PodToKernel);
+            Ok(TC_ACT_OK as i32)
+        }
+    }
+}
+
+#[classifier]
+pub fn uplink_ingress(mut ctx: TcContext) -> i32 {
+    finish(try_uplink_ingress(&mut ctx))
+}
+
+fn try_uplink_ingress(ctx: &mut TcContext) -> Verdict {
+    let Ok(proto) = ctx.load::<u16>(OFF_ETH_PROTO) else {
+        // Runt frames are the kernel's business on the uplink, not ours.
+        return Ok(TC_ACT_OK as i32);
+    };
+    match u16::from_be(proto) {
+        ETH_P_ARP => arp_reply(ctx),
+        ETH_P_IP => uplink_ipv4(ctx),
+        _ => Ok(TC_ACT_OK as i32),
+    }
+}
+
+fn uplink_ipv4(ctx: &mut TcContext) -> Verdict {
+    // SAFETY: reading a field of the context.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let Ok(dst) = ctx.load::<u32>(OFF_IP_DST) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // SAFETY: copied out at once.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&dst) }).copied() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    check_ipv4(ctx)?;
+    let src: u32 = ctx.load(OFF_IP_SRC).map_err(|_| DropReason::Malformed)?;
+    // The wire carries no network id, so the receiving side enforces isolation too: a source
+    // inside another, unpeered network's subnets is refused whatever the sender's node did.
+    if route(ep.network_id, src) == Some(ROUTE_ISOLATED) {
+        return Err(DropReason::Isolated);
+    }
+    count_node(NodeCounter::UplinkToPod);
+    deliver(ctx, dst, &ep)
+}
+
+/// Answers "who has <pod ip>" with the uplink's MAC, rewriting the request in place.
+fn arp_reply(ctx: &mut TcContext) -> Verdict {
+    // htype=1 (Ethernet), ptype=0x0800, hlen=6, plen=4, oper=1 (request), all big-endian.
+    let Ok(hdr) = ctx.load::<[u8; 8]>(OFF_ARP_HDR) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if hdr != [0, 1, 8, 0, 6, 4, 0, 1] {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let (Ok(sha), Ok(spa), Ok(tpa)) = (
+        ctx.load::<[u8; 6]>(OFF_ARP_SHA),
+        ctx.load::<u32>(OFF_ARP_SPA),
+        ctx.load::<u32>(OFF_ARP_TPA),
+    ) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // A gratuitous announcement by someone else claiming the address is not a question.
+    if spa == tpa {
+        return Ok(TC_ACT_OK as i32);
+    }
+    // SAFETY: presence check only.
+    if unsafe { ENDPOINTS.get(&tpa) }.is_none() {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let cfg = config()?;
+    let reply: u16 = 2u16.to_be();
+    let m = |_| DropReason::Malformed;
+    ctx.store(OFF_ETH_DST, &sha, 0).map_err(m)?;
+    ctx.store(OFF_ETH_SRC, &cfg.uplink_mac, 0).map_err(m)?;
+    ctx.store(OFF_ARP_OPER, &reply, 0).map_err(m)?;
+    ctx.store(OFF_ARP_SHA, &cfg.uplink_mac, 0).map_err(m)?;
+    ctx.store(OFF_ARP_SPA, &tpa, 0).map_err(m)?;
+    ctx.store(OFF_ARP_THA, &sha, 0).map_err(m)?;
+    ctx.store(OFF_ARP_TPA, &spa, 0).map_err(m)?;
+    count_node(NodeCounter::ArpReplies);
+    // SAFETY: plain helper call; flags 0 = egress of the same uplink.
+    let ret = unsafe { bpf_redirect(cfg.uplink_ifindex, 0) };
+    if ret as u32 != TC_ACT_REDIRECT {
+        return Err(DropReason::RedirectFailed);
+    }
+    Ok(TC_ACT_REDIRECT as i32)
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,182 @@
+//! Errors of the IPAM, worded for the operator who reads them in `kubectl describe pod`.
+
+use std::net::Ipv4Addr;
+use vpcnet_api::code;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    /// Every address of this node's blocks is allocated, reserved or cooling down.
+    #[error("{}", exhausted_msg(self))]
+    Exhausted {
+        network: String,
+        subnet: String,
+        node: String,
+        /// This node's blocks, comma-separated.
+        blocks: String,
+        // u32 counts keep the error under clippy's `result_large_err` bound for every caller.
+        allocated: u32,
+        /// Addresses released less than the cooldown ago; they become free without intervention.
+        cooling: u32,
+        /// Seconds until the last cooling address is free again (0 when none is cooling).
+        cooling_secs_left: u32,
+        /// Network, broadcast, gateway and reserved addresses inside the blocks.
+        reserved: u32,
+    },
+    /// The requested address is held by another attachment.
+    #[error(
+        "{ip} in subnet {subnet:?} of network {network:?} is already held by {holder}: choose \
+         another address for {requester}, or delete the pod holding it"
+    )]
+    AddressTaken {
+        ip: Ipv4Addr,
+        network: String,
+        subnet: String,
+        /// Who holds it: pod namespace/name and container id.
+        holder: String,
+        requester: String,
+    },
+    /// The attachment already holds an address and the request asks for something else.
+    #[error(
+        "{key} already holds {ip} in subnet {subnet:?} of network {network:?} but now asks for \
+         {requested}: run CNI DEL for the attachment (or delete the pod) before adding it again \
+         with another address"
+    )]
+    KeyHoldsOtherAddress {
+        key: String,
+        ip: Ipv4Addr,
+        network: String,
+        subnet: String,
+        requested: String,
+    },
+    /// The requested address is part of the subnet's infrastructure.
+    #[error(
+        "{ip} is {what} of subnet {subnet:?} of network {network:?} and is never assigned to a \
+         pod: choose another address"
+    )]
+    Reserved {
+        ip: Ipv4Addr,
+        network: String,
+        subnet: String,
+        /// e.g. "the gateway", "in reserved range 10.0.0.2-10.0.0.9".
+        what: String,
+    },
+    #[error(
+        "{ip} is outside {where_}: request an address inside {cidrs}, or name the subnet that \
+         contains it"
+    )]
+    OutsideSubnet {
+        ip: Ipv4Addr,
+        /// e.g. `subnet "a" of network "vpc"` or `every subnet of network "vpc"`.
+        where_: String,
+        cidrs: String,
+    },
+    #[error(
+        "network {name:?} is not configured (configured: {known}): fix the network name in the \
+         CNI configuration or add the network to vpcnet's configuration"
+    )]
+    UnknownNetwork { name: String, known: String },
+    #[error(
+        "network {network:?} has no subnet {name:?} (subnets: {known}): fix the subnet name or \
+         add the subnet to the network"
+    )]
+    UnknownSubnet {
+        network: String,
+        name: String,
+        known: String,
+    },
+    #[error(
+        "subnet {subnet:?} of network {network:?} has no blocks for node {node:?} (nodes with \
+         blocks: {nodes_with_blocks}): add `blocks: {{{node}: [<cidr>]}}` to the subnet"
+    )]
+    NoBlocks {
+        network: String,
+        subnet: String,
+        node: String,
+        nodes_with_blocks: String,
+    },
+    #[error("invalid IPAM configuration: {0}")]
+    InvalidConfig(String),
+    /// The database could not be read or written; the message names the file.
+    #[error("{0}")]
+    Store(String),
+}
+
+fn exhausted_msg(e: &IpamError) -> String {
+    let IpamError::Exhausted {
+        network,
+        subnet,
+        node,
+        blocks,
+        allocated,
+        cooling,
+        cooling_secs_left,
+        reserved,
+    } = e
+    else {
+        return String::new();
+    };
+    let mut counts = format!("{allocated} allocated");
+    if *cooling > 0 {
+        counts += &format!(", {cooling} cooling down for up to {cooling_secs_left} s");
+    }
+    if *reserved > 0 {
+        counts += &format!(", {reserved} reserved");
+    }
+    let mut msg = format!(
+        "subnet {subnet:?} of network {network:?} has no free address in node {node:?}'s blocks \
+         {blocks} ({counts}): add a block for node {node:?} to the subnet or remove unused pods"
+    );
+    if *cooling > 0 {
+        msg += &format!(
+            "; {cooling} released address(es) become free again within {cooling_secs_left} s"
+        );
+    }
+    msg
+}
+
+impl IpamError {
+    /// The CNI error code the plugin reports for this error.
+    pub fn cni_code(&self) -> u32 {
+        match self {
+            // Addresses still cooling free themselves: tell the runtime to retry rather than
+            // report a hard exhaustion.
+            IpamError::Exhausted { cooling, .. } if *cooling > 0 => code::TRY_AGAIN_LATER,
+            IpamError::Exhausted { .. } | IpamError::NoBlocks { .. } => code::EXHAUSTED,
+            IpamError::AddressTaken { .. }
+            | IpamError::KeyHoldsOtherAddress { .. }
+            | IpamError::Reserved { .. } => code::ADDRESS_TAKEN,
+            IpamError::OutsideSubnet { .. } => code::ADDRESS_OUTSIDE_SUBNET,
+            IpamError::UnknownNetwork { .. } | IpamError::UnknownSubnet { .. } => {
+                code::UNKNOWN_NETWORK
+            }
+            IpamError::InvalidConfig(_) => code::INVALID_CONFIG,
+            IpamError::Store(_) => code::IO,
+        }
+    }
+}
+
+macro_rules! store_error_from {
+    ($($t:ty),* $(,)?) => {
+        $(impl From<$t> for IpamError {
+            fn from(e: $t) -> Self {
+                IpamError::Store(e.to_string())
+            }
+        })*
+    };
+}
+
+store_error_from!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError,
+);
+
+impl From<serde_json::Error> for IpamError {
+    fn from(e: serde_json::Error) -> Self {
+        IpamError::Store(format!("a stored record cannot be encoded or decoded: {e}"))
+    }
+}

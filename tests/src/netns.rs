@@ -1,0 +1,168 @@
+//! Network namespaces owned by a test run.
+
+use anyhow::{Context as _, Result, bail};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+/// Every namespace, bpffs directory and link created by the project's tests, demo and benchmarks starts
+/// with this, so `cargo xtask clean` can remove leftovers of crashed runs without touching anything else.
+pub const PROJECT_PREFIX: &str = "vpcn";
+
+/// A unique prefix for one run: the project prefix plus pid and time bits, short enough that
+/// `<prefix>-<role>` stays a readable namespace name.
+pub fn run_prefix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mix = (std::process::id() as u64) << 20 ^ (nanos as u64 >> 4);
+    // A process-wide counter keeps prefixes unique across clusters built by parallel tests.
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{PROJECT_PREFIX}{:05x}{n:x}", mix & 0xfffff)
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    keep: bool,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Netns> {
+        if !name.starts_with(PROJECT_PREFIX) {
+            bail!("namespace {name} does not carry the project prefix {PROJECT_PREFIX}");
+        }
+        run(Command::new("ip").args(["netns", "add", name]))
+            .with_context(|| format!("creating netns {name}"))?;
+        let ns = Netns {
+            name: name.to_string(),
+            keep: false,
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Leave the namespace in place when dropped (demo `--keep`).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// `ip -n <ns> ...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let out = run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+            .with_context(|| format!("ip -n {} {}", self.name, args.join(" ")))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A command that runs inside this namespace (setns before exec, like `ip netns exec` but without
+    /// its extra fork and sysfs remount: cheaper, and what a runtime does when it runs a plugin).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let file = File::open(self.path())
+            .with_context(|| format!("opening {}", self.path().display()))?;
+        let mut cmd = Command::new(program);
+        // SAFETY: setns is async-signal-safe; the fd stays open because `file` is moved into the closure.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Runs a program in the namespace and returns its output; fails on a non-zero exit.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
+        run(self.command(program)?.args(args))
+            .with_context(|| format!("{} in {}: {}", program, self.name, args.join(" ")))
+    }
+
+    /// Runs `f` on a fresh thread that has entered this namespace; sockets it creates live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let file = File::open(self.path())
+            .with_context(|| format!("opening {}", self.path().display()))?;
+        let handle = std::thread::spawn(move || -> Result<T> {
+            enter(&file)?;
+            Ok(f())
+        });
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+    }
+
+    /// Spawns a long-lived thread inside the namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<T>>> {
+        let file = File::open(self.path())
+            .with_context(|| format!("opening {}", self.path().display()))?;
+        Ok(std::thread::spawn(move || -> Result<T> {
+            enter(&file)?;
+            Ok(f())
+        }))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn enter(file: &File) -> Result<()> {
+    // SAFETY: plain syscall on an fd we own; it only changes this thread's network namespace.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs a command to completion; a non-zero exit is an error carrying its stderr.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} exited with {}: {}",
+            cmd,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Names of namespaces that carry the project prefix (leftovers of crashed runs, or live runs).
+pub fn project_namespaces() -> Vec<String> {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(PROJECT_PREFIX))
+        .map(str::to_string)
+        .collect()
+}
