@@ -74,7 +74,9 @@ pub fn validate_ifname(name: &str) -> Result<()> {
     if name.len() > MAX_IFNAME
         || name == "."
         || name == ".."
-        || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
     {
         return Err(CniError::env(format!(
             "CNI_IFNAME {name:?} is not a valid interface name (at most {MAX_IFNAME} bytes, \
@@ -100,7 +102,9 @@ pub fn parse_cni_args(raw: &str) -> Result<CniArgs> {
     let mut pairs = Vec::new();
     for item in raw.split(';').filter(|s| !s.is_empty()) {
         let (k, v) = item.split_once('=').ok_or_else(|| {
-            CniError::env(format!("CNI_ARGS entry {item:?} is not of the form KEY=VALUE"))
+            CniError::env(format!(
+                "CNI_ARGS entry {item:?} is not of the form KEY=VALUE"
+            ))
         })?;
         pairs.push((k, v));
     }
@@ -126,8 +130,8 @@ pub fn parse_cni_args(raw: &str) -> Result<CniArgs> {
                 }
             }
             "MAC" => {
-                let mac =
-                    parse_mac(v).map_err(|why| CniError::env(format!("CNI_ARGS MAC={v}: {why}")))?;
+                let mac = parse_mac(v)
+                    .map_err(|why| CniError::env(format!("CNI_ARGS MAC={v}: {why}")))?;
                 out.mac = Some(mac);
             }
             _ if ignore_unknown => {}
@@ -182,14 +186,20 @@ mod tests {
             parse_cni_args("IP=10.1.2.300").unwrap_err().code,
             code::INVALID_ENV
         );
-        assert_eq!(parse_cni_args("IP=fd00::1").unwrap_err().code, code::INVALID_ENV);
+        assert_eq!(
+            parse_cni_args("IP=fd00::1").unwrap_err().code,
+            code::INVALID_ENV
+        );
     }
 
     #[test]
     fn malformed_pairs_and_empty() {
         assert_eq!(parse_cni_args("").unwrap(), CniArgs::default());
         assert_eq!(parse_cni_args(";;").unwrap(), CniArgs::default());
-        assert_eq!(parse_cni_args("novalue").unwrap_err().code, code::INVALID_ENV);
+        assert_eq!(
+            parse_cni_args("novalue").unwrap_err().code,
+            code::INVALID_ENV
+        );
     }
 
     #[test]
@@ -208,6 +218,11 @@ mod tests {
         assert_eq!(env.ifname().unwrap_err().code, code::INVALID_ENV);
         let env = Env::from_lookup(|_| None);
         assert!(env.ifname().unwrap_err().msg.contains("CNI_IFNAME"));
-        assert!(env.container_id().unwrap_err().msg.contains("CNI_CONTAINERID"));
+        assert!(
+            env.container_id()
+                .unwrap_err()
+                .msg
+                .contains("CNI_CONTAINERID")
+        );
     }
 }

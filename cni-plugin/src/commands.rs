@@ -3,7 +3,7 @@
 use crate::args::{Env, parse_cni_args};
 use crate::config::{self, FALLBACK_VERSION, NetConf, SUPPORTED_VERSIONS, format_mac};
 use crate::errors::{CniError, Result};
-use crate::netlink::{self, Link, NlError, Netlink, VethSpec};
+use crate::netlink::{self, Link, Netlink, NlError, RouteMode, VethSpec};
 use crate::netns;
 use crate::result::{self, Attachment};
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -140,7 +140,9 @@ fn call(
 }
 
 fn unexpected(verb: &str, resp: &ResponseBody) -> CniError {
-    CniError::internal(format!("vpcnetd answered {verb} with an unexpected {resp:?}"))
+    CniError::internal(format!(
+        "vpcnetd answered {verb} with an unexpected {resp:?}"
+    ))
 }
 
 fn random_mac() -> Result<[u8; 6]> {
@@ -231,7 +233,12 @@ fn cmd_add(env: &Env, conf: &NetConf) -> Result<String> {
     }
 }
 
-fn wire(nl: &mut Netlink, conf: &NetConf, plan: &AddPlan<'_>, alloc: &Allocation) -> Result<Attachment> {
+fn wire(
+    nl: &mut Netlink,
+    conf: &NetConf,
+    plan: &AddPlan<'_>,
+    alloc: &Allocation,
+) -> Result<Attachment> {
     let mtu = conf.mtu.or(alloc.mtu).unwrap_or(DEFAULT_MTU);
     let ip = alloc.ip;
     nl.create_veth(&VethSpec {
@@ -306,8 +313,15 @@ fn configure_pod(ns: &File, ifname: &str, ip: Ipv4Addr) -> Result<()> {
     nl.apply(vec![
         netlink::add_addr_v4(i, ifname, ip, 32),
         netlink::set_up(i, ifname),
-        netlink::add_route_v4(i, ifname, POD_GATEWAY, 32, None),
-        netlink::add_route_v4(i, ifname, Ipv4Addr::UNSPECIFIED, 0, Some(POD_GATEWAY)),
+        netlink::add_route_v4(i, ifname, POD_GATEWAY, 32, None, RouteMode::Append),
+        netlink::add_route_v4(
+            i,
+            ifname,
+            Ipv4Addr::UNSPECIFIED,
+            0,
+            Some(POD_GATEWAY),
+            RouteMode::Append,
+        ),
         // The host veth answers for the gateway; a permanent entry means no ARP round trip before
         // the pod's first packet and nothing that can go stale.
         netlink::add_permanent_neigh_v4(i, ifname, POD_GATEWAY, HOST_VETH_MAC),
@@ -322,8 +336,15 @@ fn configure_host(nl: &mut Netlink, host_veth: &str, ip: Ipv4Addr) -> Result<Lin
         .link_by_name(host_veth)
         .map_err(nl_err)?
         .ok_or_else(|| CniError::io(format!("host veth {host_veth} vanished after creation")))?;
-    nl.apply(vec![netlink::add_route_v4(link.index, host_veth, ip, 32, None)])
-        .map_err(nl_err)?;
+    nl.apply(vec![netlink::add_route_v4(
+        link.index,
+        host_veth,
+        ip,
+        32,
+        None,
+        RouteMode::Replace,
+    )])
+    .map_err(nl_err)?;
     Ok(link)
 }
 
@@ -363,7 +384,11 @@ fn queueable(e: &ClientError) -> bool {
 
 fn release(conf: &NetConf, key: AttachmentKey) -> Result<()> {
     let socket = conf.socket().display().to_string();
-    match call(conf, RequestBody::Release { key: key.clone() }, CALL_TIMEOUT) {
+    match call(
+        conf,
+        RequestBody::Release { key: key.clone() },
+        CALL_TIMEOUT,
+    ) {
         Ok(ResponseBody::Released { .. }) | Ok(ResponseBody::Ok) => Ok(()),
         Ok(ResponseBody::Error(e)) => Err(e.into()),
         Ok(other) => Err(unexpected("release", &other)),
@@ -416,7 +441,10 @@ fn cmd_check(env: &Env, conf: &NetConf) -> Result<()> {
     if !config::version_at_least(&conf.cni_version, "0.4.0") {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
-            format!("CHECK needs cniVersion 0.4.0 or later, got {}", conf.cni_version),
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later, got {}",
+                conf.cni_version
+            ),
         ));
     }
     let container_id = env.container_id()?;
@@ -474,7 +502,9 @@ fn check_pod(
         .map_err(|e| CniError::io(format!("entering the pod network namespace: {e}")))?;
     let mut nl = Netlink::open().map_err(nl_err)?;
     let Some(link) = nl.link_by_name(ifname).map_err(nl_err)? else {
-        return Ok(vec![format!("interface {ifname} does not exist in {netns_path}")]);
+        return Ok(vec![format!(
+            "interface {ifname} does not exist in {netns_path}"
+        )]);
     };
     let mut problems = Vec::new();
     let i = link.index;
@@ -550,7 +580,10 @@ fn cmd_gc(conf: &NetConf) -> Result<()> {
     if !config::version_at_least(&conf.cni_version, "1.1.0") {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
-            format!("GC needs cniVersion 1.1.0 or later, got {}", conf.cni_version),
+            format!(
+                "GC needs cniVersion 1.1.0 or later, got {}",
+                conf.cni_version
+            ),
         ));
     }
     // Treating a missing list as empty would release every pod on the node.
@@ -603,7 +636,10 @@ fn cmd_status(conf: &NetConf) -> Result<()> {
     if !config::version_at_least(&conf.cni_version, "1.1.0") {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
-            format!("STATUS needs cniVersion 1.1.0 or later, got {}", conf.cni_version),
+            format!(
+                "STATUS needs cniVersion 1.1.0 or later, got {}",
+                conf.cni_version
+            ),
         ));
     }
     let socket = conf.socket().display().to_string();
@@ -616,7 +652,9 @@ fn cmd_status(conf: &NetConf) -> Result<()> {
             } else {
                 info.message
             };
-            Err(unavailable(format!("vpcnetd at {socket} is not ready: {why}")))
+            Err(unavailable(format!(
+                "vpcnetd at {socket} is not ready: {why}"
+            )))
         }
         Ok(ResponseBody::Error(e)) => Err(unavailable(format!(
             "vpcnetd at {socket} is not ready: {}",
@@ -671,16 +709,19 @@ mod tests {
         let run = |cmd: &str, stdin: &str, extra: &[(&str, &str)]| {
             let mut vars: Vec<(String, String)> = vec![("CNI_COMMAND".into(), cmd.into())];
             vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-            let env = Env::from_lookup(|k| {
-                vars.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone())
-            });
+            let env =
+                Env::from_lookup(|k| vars.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()));
             dispatch(&env, &mut stdin.as_bytes())
         };
         let inv = run("ADD", "{{{", &[]);
         assert_eq!(inv.result.unwrap_err().code, code::DECODE);
         let inv = run("ADD", r#"{"cniVersion":"0.2.0"}"#, &[]);
         assert_eq!(inv.result.unwrap_err().code, code::INCOMPATIBLE_VERSION);
-        let inv = run("ADD", r#"{"cniVersion":"0.4.0"}"#, &[("CNI_CONTAINERID", "c")]);
+        let inv = run(
+            "ADD",
+            r#"{"cniVersion":"0.4.0"}"#,
+            &[("CNI_CONTAINERID", "c")],
+        );
         assert_eq!(inv.version, "0.4.0");
         let e = inv.result.unwrap_err();
         assert_eq!(e.code, code::INVALID_ENV);

@@ -243,17 +243,21 @@ mod tests {
             code::INVALID_CONFIG
         );
         assert_eq!(
-            parse(r#"{"cniVersion":"1.0.0","mtu":"big"}"#).unwrap_err().code,
+            parse(r#"{"cniVersion":"1.0.0","mtu":"big"}"#)
+                .unwrap_err()
+                .code,
             code::INVALID_CONFIG
         );
         assert_eq!(
-            parse(r#"{"cniVersion":"1.0.0","mtu":20}"#).unwrap_err().code,
+            parse(r#"{"cniVersion":"1.0.0","mtu":20}"#)
+                .unwrap_err()
+                .code,
             code::INVALID_CONFIG
         );
         let c = parse(r#"{"cniVersion":"1.0.0","runtimeConfig":{"ips":["fd00::1"]}}"#).unwrap();
         assert_eq!(c.static_ips().unwrap_err().code, code::INVALID_CONFIG);
-        let c = parse(r#"{"cniVersion":"1.0.0","runtimeConfig":{"mac":"01:00:00:00:00:01"}}"#)
-            .unwrap();
+        let c =
+            parse(r#"{"cniVersion":"1.0.0","runtimeConfig":{"mac":"01:00:00:00:00:01"}}"#).unwrap();
         assert_eq!(c.mac().unwrap_err().code, code::INVALID_CONFIG);
     }
 
@@ -294,7 +298,10 @@ mod tests {
 
     #[test]
     fn mac_parsing() {
-        assert_eq!(parse_mac("02-AA-bb-00-00-01").unwrap(), [2, 0xaa, 0xbb, 0, 0, 1]);
+        assert_eq!(
+            parse_mac("02-AA-bb-00-00-01").unwrap(),
+            [2, 0xaa, 0xbb, 0, 0, 1]
+        );
         assert!(parse_mac("02:aa:bb:00:00").is_err());
         assert!(parse_mac("02:aa:bb:00:00:zz").is_err());
         assert_eq!(format_mac(&[0xee; 6]), "ee:ee:ee:ee:ee:ee");

@@ -6,8 +6,8 @@
 //! one per namespace, from a thread that is inside it.
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
-    NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REPLACE,
+    NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
@@ -182,11 +182,7 @@ impl Netlink {
     }
 
     /// A non-dump request answered by a single message (or an error).
-    fn get(
-        &mut self,
-        op: &str,
-        msg: RouteNetlinkMessage,
-    ) -> Result<RouteNetlinkMessage, NlError> {
+    fn get(&mut self, op: &str, msg: RouteNetlinkMessage) -> Result<RouteNetlinkMessage, NlError> {
         let mut out = Vec::new();
         let seq = self.push(&mut out, msg, NLM_F_REQUEST);
         self.send(&out).map_err(|e| NlError::io(op, e))?;
@@ -244,7 +240,10 @@ impl Netlink {
                 return Ok(items);
             }
         }
-        Err(NlError::other(op, "dump kept being interrupted by concurrent changes"))
+        Err(NlError::other(
+            op,
+            "dump kept being interrupted by concurrent changes",
+        ))
     }
 
     fn push(&mut self, out: &mut Vec<u8>, msg: RouteNetlinkMessage, flags: u16) -> u32 {
@@ -485,6 +484,16 @@ pub fn add_addr_v4(index: u32, name: &str, ip: Ipv4Addr, prefix_len: u8) -> Req 
     }
 }
 
+/// How a new route relates to routes for the same prefix and metric through other devices.
+#[derive(Debug, Clone, Copy)]
+pub enum RouteMode {
+    /// Take over the prefix (the node route to a pod address: whatever held it before is stale).
+    Replace,
+    /// Add behind existing ones (a pod's second attachment must not steal the first one's default
+    /// route; on a fresh pod this is a plain add).
+    Append,
+}
+
 /// A main-table IPv4 route out of `oif`; link scope when there is no gateway.
 pub fn add_route_v4(
     oif: u32,
@@ -492,6 +501,7 @@ pub fn add_route_v4(
     dst: Ipv4Addr,
     prefix_len: u8,
     gateway: Option<Ipv4Addr>,
+    mode: RouteMode,
 ) -> Req {
     let mut msg = RouteMessage::default();
     msg.header.address_family = AddressFamily::Inet;
@@ -517,7 +527,10 @@ pub fn add_route_v4(
     Req {
         op: format!("adding route {dst}/{prefix_len}{via} dev {name}"),
         msg: RouteNetlinkMessage::NewRoute(msg),
-        flags: NLM_F_CREATE | NLM_F_EXCL,
+        flags: match mode {
+            RouteMode::Replace => NLM_F_CREATE | NLM_F_REPLACE,
+            RouteMode::Append => NLM_F_CREATE | NLM_F_APPEND,
+        },
     }
 }
 
@@ -622,6 +635,9 @@ mod tests {
             Some("Device for nexthop is not up")
         );
         assert_eq!(extack_msg(NLM_F_CAPPED, &payload), None);
-        assert_eq!(extack_msg(NLM_F_ACK_TLVS | NLM_F_CAPPED, &payload[..20]), None);
+        assert_eq!(
+            extack_msg(NLM_F_ACK_TLVS | NLM_F_CAPPED, &payload[..20]),
+            None
+        );
     }
 }

@@ -117,9 +117,7 @@ pub fn find_prev(prev: &Value, ifname: &str) -> Option<PrevAttachment> {
     });
     let ip = by_iface.or_else(|| {
         ips.iter()
-            .filter(|e| {
-                e.get("gateway").and_then(Value::as_str) == Some(&POD_GATEWAY.to_string())
-            })
+            .filter(|e| e.get("gateway").and_then(Value::as_str) == Some(&POD_GATEWAY.to_string()))
             .find_map(ipv4_of)
     })?;
     Some(PrevAttachment { ip, mac })

@@ -125,6 +125,16 @@ impl IpamConfig {
         }
     }
 
+    /// `Err(InvalidConfig)` listing every problem, so a daemon can refuse a bad file at load.
+    pub fn validate(&self) -> Result<(), crate::IpamError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::IpamError::InvalidConfig(problems.join("; ")))
+        }
+    }
+
     /// Every problem in the configuration, one sentence each; empty when it is usable.
     ///
     /// All problems are reported at once so an operator fixes the file in one round instead of

@@ -267,16 +267,24 @@ impl Ipam {
                 "node name {node:?} must be non-empty and without whitespace"
             )));
         }
-        let problems = config.problems();
-        if !problems.is_empty() {
-            return Err(IpamError::InvalidConfig(problems.join("; ")));
-        }
+        config.validate()?;
         let plans = config
             .networks
             .iter()
             .map(|n| n.subnets.iter().map(|s| SubnetPlan::new(s, node)).collect())
             .collect();
-        let db = Database::create(path).map_err(|e| {
+        let mut builder = Database::builder();
+        // The store holds a few hundred bytes per pod; redb's 1 GiB default cache would only
+        // inflate the daemon's footprint under memory pressure.
+        builder.set_cache_size(8 << 20);
+        let shown = path.display().to_string();
+        let logged = std::sync::atomic::AtomicBool::new(false);
+        builder.set_repair_callback(move |_| {
+            if !logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(path = %shown, "IPAM store was not closed cleanly; redb is repairing it");
+            }
+        });
+        let db = builder.create(path).map_err(|e| {
             let why = match e {
                 DatabaseError::DatabaseAlreadyOpen => {
                     "the file is open in another process (is another vpcnetd running?)".to_string()
@@ -1120,5 +1128,49 @@ impl<'txn> Tables<'txn> {
             }
         }
         Ok(decoded.ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring_of(blocks: &[(u32, u32)], cursor: u32) -> Vec<u32> {
+        ring(blocks, cursor).collect()
+    }
+
+    #[test]
+    fn ring_starts_at_cursor_and_wraps_once() {
+        let b = [(10, 12), (20, 21)];
+        assert_eq!(ring_of(&b, 0), [10, 11, 12, 20, 21]);
+        assert_eq!(ring_of(&b, 11), [11, 12, 20, 21, 10]);
+        assert_eq!(ring_of(&b, 15), [20, 21, 10, 11, 12]);
+        assert_eq!(ring_of(&b, 21), [21, 10, 11, 12, 20]);
+        assert_eq!(ring_of(&b, 22), [10, 11, 12, 20, 21]);
+        assert!(ring_of(&[], 5).is_empty());
+        let top = [(u32::MAX - 1, u32::MAX)];
+        assert_eq!(ring_of(&top, u32::MAX), [u32::MAX, u32::MAX - 1]);
+    }
+
+    #[test]
+    fn infra_count_merges_overlaps() {
+        let plan = SubnetPlan {
+            network_addr: 0,
+            broadcast: 255,
+            gateway: 1,
+            reserved: vec![(1, 5), (4, 8), (250, 255)],
+            blocks: vec![],
+            blocks_text: String::new(),
+        };
+        assert_eq!(plan.infra_count_in(0, 15), 9);
+        assert_eq!(plan.infra_count_in(6, 15), 3);
+        assert_eq!(plan.infra_count_in(240, 255), 6);
+        assert_eq!(plan.infra_count_in(16, 31), 0);
+    }
+
+    #[test]
+    fn ipam_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Ipam>();
     }
 }

@@ -175,7 +175,11 @@ fn default_selection() {
     assert!(matches!(e, IpamError::UnknownNetwork { .. }), "{e}");
     assert_eq!(e.cni_code(), code::UNKNOWN_NETWORK);
     assert!(e.to_string().contains("vpc-a, vpc-b"), "{e}");
-    let e = Req::new("f").net("vpc-a").sub("nope").run(&ipam).unwrap_err();
+    let e = Req::new("f")
+        .net("vpc-a")
+        .sub("nope")
+        .run(&ipam)
+        .unwrap_err();
     assert!(matches!(e, IpamError::UnknownSubnet { .. }), "{e}");
     assert!(e.to_string().contains("pods-a, pods-b"), "{e}");
     assert!(matches!(
@@ -205,7 +209,13 @@ fn dynamic_skips_infrastructure_and_exhausts_with_actionable_message() {
     );
     // The broadcast address of a subnet is never handed out.
     let got: Vec<Ipv4Addr> = (0..7)
-        .map(|i| Req::new(&format!("b{i}")).net("vpc-b").run(&ipam).unwrap().ip)
+        .map(|i| {
+            Req::new(&format!("b{i}"))
+                .net("vpc-b")
+                .run(&ipam)
+                .unwrap()
+                .ip
+        })
         .collect();
     assert_eq!(got.last(), Some(&ip("10.50.0.254")));
     assert!(Req::new("b7").net("vpc-b").run(&ipam).is_err());
@@ -243,7 +253,11 @@ fn static_addresses() {
         e.to_string().contains("10.40.0.0/24, 10.41.0.0/24"),
         "lists the network's subnets: {e}"
     );
-    let e = Req::new("x").sub("pods-b").ip("10.40.0.9").run(&ipam).unwrap_err();
+    let e = Req::new("x")
+        .sub("pods-b")
+        .ip("10.40.0.9")
+        .run(&ipam)
+        .unwrap_err();
     assert!(matches!(e, IpamError::OutsideSubnet { .. }), "{e}");
     assert!(e.to_string().contains("10.41.0.0/24"), "{e}");
 
@@ -260,8 +274,14 @@ fn static_addresses() {
     }
 
     // Outside this node's blocks (n2's block, and unassigned space) but inside the subnet.
-    assert_eq!(Req::new("p1").ip("10.40.0.9").run(&ipam).unwrap().ip, ip("10.40.0.9"));
-    assert_eq!(Req::new("p2").ip("10.40.0.200").run(&ipam).unwrap().ip, ip("10.40.0.200"));
+    assert_eq!(
+        Req::new("p1").ip("10.40.0.9").run(&ipam).unwrap().ip,
+        ip("10.40.0.9")
+    );
+    assert_eq!(
+        Req::new("p2").ip("10.40.0.200").run(&ipam).unwrap().ip,
+        ip("10.40.0.200")
+    );
     // Without a subnet, the subnet containing the address is chosen.
     let r = Req::new("p3").ip("10.41.0.77").run(&ipam).unwrap();
     assert_eq!(r.subnet, "pods-b");
@@ -283,7 +303,10 @@ fn cooldown_delays_reuse_and_survives_restart() {
     let e = Req::new("new").run(&ipam).unwrap_err();
     assert_eq!(e.cni_code(), code::TRY_AGAIN_LATER, "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("3 allocated, 1 cooling down for up to 30 s"), "{msg}");
+    assert!(
+        msg.contains("3 allocated, 1 cooling down for up to 30 s"),
+        "{msg}"
+    );
     assert!(msg.contains("become free again within 30 s"), "{msg}");
     assert_eq!(free_of(&ipam, "vpc-a/pods-a"), 0);
 
@@ -299,7 +322,10 @@ fn cooldown_delays_reuse_and_survives_restart() {
 
     // An explicitly requested address is honoured even while cooling down.
     ipam.release(&recs[2].key).unwrap().unwrap();
-    let r = Req::new("pinned").ip(&recs[2].ip.to_string()).run(&ipam).unwrap();
+    let r = Req::new("pinned")
+        .ip(&recs[2].ip.to_string())
+        .run(&ipam)
+        .unwrap();
     assert_eq!(r.ip, recs[2].ip);
 }
 
@@ -336,10 +362,19 @@ fn cursor_prefers_addresses_not_recently_freed() {
     let c = Req::new("c").sub("pods-b").run(&ipam).unwrap();
     assert_eq!(c.ip, ip("10.41.0.18"), "the cursor is persisted");
     let last: Vec<Ipv4Addr> = (0..14)
-        .map(|i| Req::new(&format!("f{i}")).sub("pods-b").run(&ipam).unwrap().ip)
+        .map(|i| {
+            Req::new(&format!("f{i}"))
+                .sub("pods-b")
+                .run(&ipam)
+                .unwrap()
+                .ip
+        })
         .collect();
     assert_eq!(last[12], ip("10.41.0.31"));
-    assert_eq!(last[13], a.ip, "wrapped round to the address released first");
+    assert_eq!(
+        last[13], a.ip,
+        "wrapped round to the address released first"
+    );
 }
 
 #[test]
@@ -398,8 +433,16 @@ fn release_all_except_and_release_many() {
     ids.sort();
     assert_eq!(ids, ["a2", "a3"]);
     assert_eq!(ipam.list().unwrap().len(), 3);
-    assert!(ipam.release_all_except(&valid, Some("vpc-a")).unwrap().is_empty());
-    assert!(ipam.release_all_except(&valid, Some("nonexistent")).unwrap().is_empty());
+    assert!(
+        ipam.release_all_except(&valid, Some("vpc-a"))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        ipam.release_all_except(&valid, Some("nonexistent"))
+            .unwrap()
+            .is_empty()
+    );
     let gone = ipam.release_all_except(&valid, None).unwrap();
     assert_eq!(gone.len(), 1);
     assert_eq!(gone[0].key, key("b2"));
@@ -458,10 +501,18 @@ fn records_of_removed_networks_are_kept() {
     cfg.networks.pop();
     let ipam = open(&f, cfg);
     assert_eq!(ipam.list().unwrap(), vec![b.clone()]);
-    assert_eq!(Req::new("b").run(&ipam).unwrap(), b, "idempotent retry still answers");
+    assert_eq!(
+        Req::new("b").run(&ipam).unwrap(),
+        b,
+        "idempotent retry still answers"
+    );
     let e = Req::new("c").net("vpc-b").run(&ipam).unwrap_err();
     assert!(matches!(e, IpamError::UnknownNetwork { .. }));
-    assert_eq!(ipam.release_all_except(&HashSet::new(), Some("vpc-b")).unwrap(), vec![b]);
+    assert_eq!(
+        ipam.release_all_except(&HashSet::new(), Some("vpc-b"))
+            .unwrap(),
+        vec![b]
+    );
 }
 
 #[test]
@@ -480,7 +531,8 @@ fn open_repairs_inconsistent_indexes() {
         {
             let mut t = txn.open_table(by_ip).unwrap();
             t.remove(u32::from(a.ip)).unwrap();
-            t.insert(u32::from(ip("10.40.0.7")), ("ghost", "eth0")).unwrap();
+            t.insert(u32::from(ip("10.40.0.7")), ("ghost", "eth0"))
+                .unwrap();
             t.insert(u32::from(b.ip), ("a", "eth0")).unwrap();
             assert_eq!(t.len().unwrap(), 2);
         }
@@ -511,7 +563,10 @@ fn second_open_and_newer_schema_are_refused() {
         let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
         let db = redb::Database::create(&f.path).unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(meta).unwrap().insert("schema_version", 99).unwrap();
+        txn.open_table(meta)
+            .unwrap()
+            .insert("schema_version", 99)
+            .unwrap();
         txn.commit().unwrap();
     }
     let e = Ipam::open(&f.path, config(), "n1").unwrap_err();
@@ -528,7 +583,10 @@ fn invalid(cfg: IpamConfig, needle: &str) {
         }
         other => panic!("expected InvalidConfig containing {needle:?}, got {other:?}"),
     }
-    assert!(!f.path.exists(), "no store is created for an invalid config");
+    assert!(
+        !f.path.exists(),
+        "no store is created for an invalid config"
+    );
 }
 
 #[test]
@@ -566,7 +624,9 @@ fn config_validation() {
     invalid(c, "overlaps block");
 
     let mut c = config();
-    c.networks[0].subnets[0].blocks.insert("n3".into(), vec![net("10.40.0.5/30")]);
+    c.networks[0].subnets[0]
+        .blocks
+        .insert("n3".into(), vec![net("10.40.0.5/30")]);
     invalid(c, "host bits set; did you mean 10.40.0.4/30");
 
     let mut c = config();
@@ -598,7 +658,10 @@ fn config_validation() {
 
     let mut c = config();
     c.default_network = Some("vpc-z".into());
-    invalid(c, "default_network \"vpc-z\" is not one of the configured networks (vpc-a, vpc-b)");
+    invalid(
+        c,
+        "default_network \"vpc-z\" is not one of the configured networks (vpc-a, vpc-b)",
+    );
 
     let mut c = config();
     c.networks[0].default_subnet = Some("nope".into());

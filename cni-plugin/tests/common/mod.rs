@@ -342,8 +342,12 @@ impl Out {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_str(self.stdout.trim())
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?} / {:?}", self.stdout, self.stderr))
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {:?} / {:?}",
+                self.stdout, self.stderr
+            )
+        })
     }
 
     /// Asserts a spec error with the given code and returns its message.
@@ -372,7 +376,9 @@ pub fn run_plugin(program: &str, node: &Netns, vars: &[(&str, &str)], stdin: &st
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {program}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {program}: {e}"));
     let mut input = child.stdin.take().unwrap();
     let data = stdin.as_bytes().to_vec();
     // The plugin may exit before reading stdin (VERSION, env errors): ignore EPIPE.
@@ -455,7 +461,10 @@ impl Fixture {
     }
 
     pub fn add(&self, container_id: &str, version: &str) -> Out {
-        self.run(&self.env("ADD", container_id), &self.conf(version, Value::Null))
+        self.run(
+            &self.env("ADD", container_id),
+            &self.conf(version, Value::Null),
+        )
     }
 }
 

@@ -1,1 +1,93 @@
-fn main() {}
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+use vpcnet_api::{RequestBody, ResponseBody};
+
+#[derive(Parser)]
+#[command(about = "Inspect vpcnetd on this node")]
+struct Cli {
+    #[arg(long, default_value = vpcnet_api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print raw JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Readiness, allocation count, free addresses per subnet, dataplane.
+    Status,
+    /// Every allocation on this node.
+    List,
+    /// Dataplane counters: per endpoint, and drops per reason.
+    Counters,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("vpcnetctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let body = match cli.cmd {
+        Cmd::Status => RequestBody::Status,
+        Cmd::List => RequestBody::List,
+        Cmd::Counters => RequestBody::Counters,
+    };
+    let resp = vpcnet_api::call(&cli.socket, body, Duration::from_secs(10))?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+        return Ok(());
+    }
+    match resp {
+        ResponseBody::Status(s) => {
+            println!("node:        {}", s.node);
+            println!("ready:       {}", s.ready);
+            println!("dataplane:   {}", s.dataplane);
+            println!("allocations: {}", s.allocations);
+            for (subnet, free) in s.free {
+                println!("free:        {subnet}: {free}");
+            }
+            if !s.message.is_empty() {
+                println!("message:     {}", s.message);
+            }
+        }
+        ResponseBody::List { allocations } => {
+            println!(
+                "{:<16} {:<12} {:<10} {:<8} CONTAINER",
+                "IP", "NETWORK", "SUBNET", "IFNAME"
+            );
+            for a in allocations {
+                println!(
+                    "{:<16} {:<12} {:<10} {:<8} {}",
+                    a.ip, a.network, a.subnet, a.key.ifname, a.key.container_id
+                );
+            }
+        }
+        ResponseBody::Counters(c) => {
+            println!(
+                "{:<16} {:>10} {:>12} {:>10} {:>12}",
+                "ENDPOINT", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES"
+            );
+            for e in c.endpoints {
+                println!(
+                    "{:<16} {:>10} {:>12} {:>10} {:>12}",
+                    e.ip, e.rx_packets, e.rx_bytes, e.tx_packets, e.tx_bytes
+                );
+            }
+            println!("\n{:<24} {:>10}", "DROP REASON", "PACKETS");
+            for (reason, n) in c.drops {
+                println!("{reason:<24} {n:>10}");
+            }
+        }
+        ResponseBody::Error(e) => bail!("vpcnetd: {} (code {})", e.msg, e.code),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+    Ok(())
+}

@@ -1,3 +1,47 @@
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use vpcnet_daemon::config::DaemonConfig;
+
+#[derive(Parser)]
+#[command(about = "vpcnet node daemon: IPAM, the eBPF dataplane and the plugin socket")]
+struct Cli {
+    #[arg(long, default_value = "/etc/vpcnet/vpcnetd.yaml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Remove the dataplane from this node: programs, links, pins, qdiscs and nftables rules.
+    Uninstall,
+}
+
 fn main() {
-    println!("{}", vpcnet_daemon::ebpf_object::BYTES.len());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = real_main() {
+        eprintln!("vpcnetd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = DaemonConfig::load(&cli.config)?;
+    match cli.cmd {
+        Some(Cmd::Uninstall) => vpcnet_daemon::ebpf_glue::uninstall_node(&config),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(vpcnet_daemon::run::run(config)),
+    }
 }

@@ -1,0 +1,162 @@
+//! `vpcnetd --config /etc/vpcnet/vpcnetd.yaml`.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use vpcnet_ipam::IpamConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataplaneMode {
+    /// eBPF programs forward pod traffic (the product).
+    #[default]
+    Ebpf,
+    /// Plain kernel routes only; for debugging and for nodes whose kernel lacks what eBPF needs.
+    Kernel,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// This node's name: selects its blocks in every subnet.
+    pub node: String,
+    /// The node's interface on the VPC subnet.
+    pub uplink: String,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Releases queued by the plugin while the daemon was unreachable.
+    #[serde(default = "default_release_queue")]
+    pub release_queue: PathBuf,
+    /// Where this node's maps and links are pinned (per node, so several daemons can share a machine).
+    #[serde(default = "default_bpf_dir")]
+    pub bpf_dir: PathBuf,
+    #[serde(default)]
+    pub dataplane: DataplaneMode,
+    /// MTU for pod interfaces; default: the uplink's MTU.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// How often leaked allocations are looked for (also done at start).
+    #[serde(default = "default_reconcile_interval")]
+    pub reconcile_interval_secs: u64,
+    /// An allocation whose endpoint never became ready is kept this long before reconcile may release
+    /// it: ADD may still be wiring the interface.
+    #[serde(default = "default_pending_grace")]
+    pub pending_grace_secs: u64,
+    /// Standalone cluster state: a directory of Kubernetes YAML manifests (Namespace, Pod, ...). Pod and
+    /// namespace annotations `vpcnet.io/subnet` and `vpcnet.io/ip` are read from here.
+    #[serde(default)]
+    pub manifests_dir: Option<PathBuf>,
+    /// `host:port` for /metrics and /healthz (Prometheus); off when absent.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
+    pub ipam: IpamConfig,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/vpcnet")
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from(vpcnet_api::DEFAULT_SOCKET)
+}
+fn default_release_queue() -> PathBuf {
+    PathBuf::from(vpcnet_api::DEFAULT_RELEASE_QUEUE)
+}
+fn default_bpf_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/vpcnet/node")
+}
+fn default_reconcile_interval() -> u64 {
+    60
+}
+fn default_pending_grace() -> u64 {
+    300
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid vpcnetd configuration: {source}")]
+    Parse {
+        path: String,
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: {msg}")]
+    Invalid { path: String, msg: String },
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        let config: DaemonConfig =
+            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: p.clone(),
+                source,
+            })?;
+        if config.node.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: p,
+                msg: "`node` must not be empty".into(),
+            });
+        }
+        if config.uplink.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: p,
+                msg: "`uplink` must not be empty".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    pub fn ipam_db(&self) -> PathBuf {
+        self.state_dir.join("ipam.redb")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_minimal_yaml_with_defaults() {
+        let yaml = r#"
+node: n1
+uplink: eth0
+ipam:
+  networks:
+    - name: vpc-a
+      id: 1
+      subnets:
+        - name: main
+          cidr: 10.20.0.0/16
+          blocks: { n1: [10.20.1.0/24] }
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let c = DaemonConfig::load(&path).unwrap();
+        assert_eq!(c.socket, PathBuf::from(vpcnet_api::DEFAULT_SOCKET));
+        assert_eq!(c.dataplane, DataplaneMode::Ebpf);
+        assert_eq!(c.ipam.cooldown_secs, 30);
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "node: n1\nuplink: eth0\nsokcet: /x\nipam: {networks: []}\n",
+        )
+        .unwrap();
+        let err = DaemonConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("sokcet"), "{err}");
+    }
+}

@@ -1,0 +1,104 @@
+//! Prometheus metrics and the /healthz endpoint.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub allocations: Counter,
+    pub alloc_failures: Counter,
+    pub releases: Counter,
+    pub gc_released: Counter,
+    pub reconcile_released: Counter,
+    pub queued_releases: Counter,
+    pub requests: Counter,
+    pub live_allocations: Gauge,
+}
+
+impl Metrics {
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut r = Registry::with_prefix("vpcnet");
+        r.register(
+            "ipam_allocations",
+            "Addresses allocated",
+            self.allocations.clone(),
+        );
+        r.register(
+            "ipam_allocation_failures",
+            "Allocations refused (exhausted, taken, ...)",
+            self.alloc_failures.clone(),
+        );
+        r.register("ipam_releases", "Addresses released", self.releases.clone());
+        r.register(
+            "gc_released",
+            "Addresses released by CNI GC",
+            self.gc_released.clone(),
+        );
+        r.register(
+            "reconcile_released",
+            "Leaked addresses released by reconcile",
+            self.reconcile_released.clone(),
+        );
+        r.register(
+            "queued_releases_replayed",
+            "Releases replayed from the plugin's on-disk queue",
+            self.queued_releases.clone(),
+        );
+        r.register(
+            "api_requests",
+            "Requests served on the daemon socket",
+            self.requests.clone(),
+        );
+        r.register(
+            "ipam_live_allocations",
+            "Allocations currently held on this node",
+            self.live_allocations.clone(),
+        );
+        r
+    }
+}
+
+/// A deliberately tiny HTTP/1.0 responder for `/metrics` and `/healthz`: two fixed routes do not
+/// justify an HTTP framework in a node agent.
+pub async fn serve(addr: String, registry: Arc<Registry>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    tracing::info!(%addr, "serving /metrics and /healthz");
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                stream.read(&mut buf),
+            )
+            .await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => {
+                    let mut text = String::new();
+                    match encode(&mut text, &registry) {
+                        Ok(()) => ("200 OK", text),
+                        Err(e) => ("500 Internal Server Error", e.to_string()),
+                    }
+                }
+                "/healthz" => ("200 OK", "ok\n".to_string()),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+        });
+    }
+}

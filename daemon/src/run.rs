@@ -1,0 +1,125 @@
+//! vpcnetd's life: open state, program the dataplane, serve, reconcile, and leave the dataplane
+//! forwarding when it stops.
+
+use crate::config::{DaemonConfig, DataplaneMode};
+use crate::links::NodeNetlink;
+use crate::metrics::Metrics;
+use crate::service::{Forwarding, KernelRoutes, Service};
+use anyhow::{Context as _, Result};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{error, info, warn};
+use vpcnet_ipam::Ipam;
+
+pub async fn run(config: DaemonConfig) -> Result<()> {
+    let _span = tracing::info_span!("vpcnetd", node = %config.node).entered();
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    let db = config.ipam_db();
+    let ipam = {
+        let (db, ipam_config, node) = (db.clone(), config.ipam.clone(), config.node.clone());
+        tokio::task::spawn_blocking(move || Ipam::open(&db, ipam_config, &node)).await?
+    }
+    .with_context(|| format!("opening IPAM state {}", db.display()))?;
+    let ipam = Arc::new(ipam);
+
+    let netlink = NodeNetlink::new().context("opening netlink in the node namespace")?;
+    // Forwarding is needed for masqueraded egress and for the kernel-route mode.
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+        warn!(error = %e, "cannot enable net.ipv4.ip_forward");
+    }
+    let mtu = match config.mtu {
+        Some(m) => m,
+        None => netlink
+            .link_mtu(&config.uplink)
+            .await
+            .with_context(|| format!("reading the MTU of uplink {}", config.uplink))?
+            .with_context(|| {
+                format!(
+                    "uplink {} does not exist in this network namespace",
+                    config.uplink
+                )
+            })?,
+    };
+
+    let fwd: Box<dyn Forwarding> = match config.dataplane {
+        DataplaneMode::Kernel => Box::new(KernelRoutes),
+        DataplaneMode::Ebpf => crate::ebpf_glue::forwarding(&config, &ipam)
+            .context("starting the eBPF dataplane (set `dataplane: kernel` to run without it)")?,
+    };
+    info!(dataplane = %fwd.describe(), mtu, "dataplane ready");
+
+    let metrics = Arc::new(Metrics::default());
+    let service = Arc::new(Service {
+        ipam,
+        fwd: Mutex::new(fwd),
+        config: config.clone(),
+        metrics: metrics.clone(),
+        mtu,
+    });
+
+    // Before serving: queued releases first (their addresses were freed by pods that are gone), then
+    // the leak check, so the first ADD sees the true state.
+    let s = service.clone();
+    tokio::task::spawn_blocking(move || s.replay_release_queue()).await?;
+    reconcile_once(&service, &netlink).await;
+
+    let listener = crate::server::bind(&config.socket)
+        .with_context(|| format!("binding {}", config.socket.display()))?;
+    info!(socket = %config.socket.display(), "serving");
+    tokio::spawn(crate::server::serve(listener, service.clone()));
+
+    if let Some(addr) = config.metrics_addr.clone() {
+        let registry = Arc::new(metrics.registry());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, registry).await {
+                error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+
+    let interval = Duration::from_secs(config.reconcile_interval_secs.max(1));
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let s = service.clone();
+                let _ = tokio::task::spawn_blocking(move || s.replay_release_queue()).await;
+                reconcile_once(&service, &netlink).await;
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    // The dataplane stays: pinned programs and maps keep forwarding until the next vpcnetd adopts them.
+    info!("stopping; the dataplane keeps forwarding");
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+async fn reconcile_once(service: &Arc<Service>, netlink: &NodeNetlink) {
+    let links = match netlink.link_names().await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "listing links for reconcile failed");
+            return;
+        }
+    };
+    let s = service.clone();
+    match tokio::task::spawn_blocking(move || {
+        let r = s.reconcile(&links);
+        if let Ok(list) = s.ipam.list() {
+            s.metrics.live_allocations.set(list.len() as i64);
+        }
+        r
+    })
+    .await
+    {
+        Ok(Ok(n)) if n > 0 => info!(released = n, "reconcile released leaked addresses"),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!(error = %e, "reconcile failed"),
+        Err(e) => warn!(error = %e, "reconcile task failed"),
+    }
+}

@@ -1,0 +1,393 @@
+//! What vpcnetd does for each request, independent of the transport. Every method is blocking (IPAM
+//! commits to disk, the dataplane talks to the kernel); the server calls them from `spawn_blocking`.
+
+use crate::cluster_state;
+use crate::config::DaemonConfig;
+use crate::metrics::Metrics;
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tracing::{info, warn};
+use vpcnet_api::{
+    AllocateRequest, Allocation, ApiError, AttachmentKey, CheckRequest, CountersInfo,
+    EndpointReadyRequest, GcRequest, RequestBody, ResponseBody, StatusInfo, code,
+};
+use vpcnet_ipam::{AllocRequest, Ipam, IpamError, Record};
+
+/// A pod endpoint as the dataplane needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub ip: Ipv4Addr,
+    pub host_ifindex: u32,
+    pub pod_mac: [u8; 6],
+    pub network_id: u16,
+}
+
+/// The forwarding layer as the service sees it: the eBPF dataplane, or nothing (kernel routes).
+pub trait Forwarding: Send {
+    fn add_endpoint(&mut self, ep: &EndpointSpec) -> Result<(), String>;
+    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), String>;
+    fn endpoints(&self) -> Result<Vec<Ipv4Addr>, String>;
+    fn counters(&self) -> Result<CountersInfo, String>;
+    fn describe(&self) -> String;
+}
+
+/// Plain kernel routing: the plugin's host routes do the forwarding; nothing to program.
+pub struct KernelRoutes;
+
+impl Forwarding for KernelRoutes {
+    fn add_endpoint(&mut self, _: &EndpointSpec) -> Result<(), String> {
+        Ok(())
+    }
+    fn remove_endpoint(&mut self, _: Ipv4Addr) -> Result<(), String> {
+        Ok(())
+    }
+    fn endpoints(&self) -> Result<Vec<Ipv4Addr>, String> {
+        Ok(Vec::new())
+    }
+    fn counters(&self) -> Result<CountersInfo, String> {
+        Ok(CountersInfo {
+            endpoints: Vec::new(),
+            drops: Vec::new(),
+        })
+    }
+    fn describe(&self) -> String {
+        "kernel routes (no eBPF)".into()
+    }
+}
+
+pub struct Service {
+    pub ipam: Arc<Ipam>,
+    pub fwd: Mutex<Box<dyn Forwarding>>,
+    pub config: DaemonConfig,
+    pub metrics: Arc<Metrics>,
+    pub mtu: u32,
+}
+
+fn ipam_err(e: IpamError) -> ApiError {
+    ApiError::new(e.cni_code(), e.to_string())
+}
+
+fn to_allocation(r: &Record, mtu: u32) -> Allocation {
+    Allocation {
+        key: r.key.clone(),
+        ip: r.ip,
+        prefix_len: r.prefix_len,
+        network: r.network.clone(),
+        subnet: r.subnet.clone(),
+        mtu: Some(mtu),
+    }
+}
+
+impl Service {
+    pub fn handle(&self, body: RequestBody) -> ResponseBody {
+        let result = match body {
+            RequestBody::Allocate(req) => self.allocate(&req).map(ResponseBody::Allocated),
+            RequestBody::EndpointReady(req) => self.endpoint_ready(&req).map(|_| ResponseBody::Ok),
+            RequestBody::Release { key } => self
+                .release(&key)
+                .map(|allocation| ResponseBody::Released { allocation }),
+            RequestBody::Check(req) => self.check(&req).map(|_| ResponseBody::Ok),
+            RequestBody::Gc(req) => self
+                .gc(&req)
+                .map(|released| ResponseBody::GcDone { released }),
+            RequestBody::Status => self.status().map(ResponseBody::Status),
+            RequestBody::List => self
+                .ipam
+                .list()
+                .map(|l| ResponseBody::List {
+                    allocations: l.iter().map(|r| to_allocation(r, self.mtu)).collect(),
+                })
+                .map_err(ipam_err),
+            RequestBody::Counters => self
+                .lock_fwd()
+                .counters()
+                .map(ResponseBody::Counters)
+                .map_err(|e| {
+                    ApiError::new(code::DATAPLANE, format!("reading dataplane counters: {e}"))
+                }),
+        };
+        result.unwrap_or_else(ResponseBody::Error)
+    }
+
+    fn lock_fwd(&self) -> std::sync::MutexGuard<'_, Box<dyn Forwarding>> {
+        // A panic while holding the lock cannot leave the kernel state half-written in a way the
+        // mutex would protect; keep serving rather than wedge every later request.
+        self.fwd.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn allocate(&self, req: &AllocateRequest) -> Result<Allocation, ApiError> {
+        let _span = tracing::info_span!("allocate", container = %req.key.container_id, ifname = %req.key.ifname,
+            pod = %format!("{}/{}", req.pod.namespace, req.pod.name)).entered();
+        let addressing = match (&self.config.manifests_dir, req.pod.name.is_empty()) {
+            (Some(dir), false) => {
+                cluster_state::pod_addressing(dir, &req.pod.namespace, &req.pod.name)
+            }
+            _ => Default::default(),
+        };
+        let annotated_ip = match &addressing.ip {
+            Some(text) => Some(text.parse::<Ipv4Addr>().map_err(|_| {
+                ApiError::new(
+                    code::INVALID_CONFIG,
+                    format!(
+                        "pod {}/{} has annotation {}={text:?}, which is not an IPv4 address",
+                        req.pod.namespace,
+                        req.pod.name,
+                        cluster_state::ANNOTATION_IP
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        if req.static_ips.len() > 1 {
+            return Err(ApiError::new(
+                code::UNSUPPORTED_FIELD,
+                format!(
+                    "{} static addresses requested; vpcnet gives a pod one IPv4 address",
+                    req.static_ips.len()
+                ),
+            ));
+        }
+        let static_ip = req.static_ips.first().copied().or(annotated_ip);
+        let record = self
+            .ipam
+            .allocate(&AllocRequest {
+                key: &req.key,
+                pod: &req.pod,
+                network: req.network.as_deref(),
+                subnet: addressing.subnet.as_deref(),
+                static_ip,
+                host_veth: &req.host_veth,
+            })
+            .map_err(|e| {
+                self.metrics.alloc_failures.inc();
+                ipam_err(e)
+            })?;
+        self.metrics.allocations.inc();
+        info!(ip = %record.ip, subnet = %record.subnet, "allocated");
+        Ok(to_allocation(&record, self.mtu))
+    }
+
+    fn endpoint_ready(&self, req: &EndpointReadyRequest) -> Result<(), ApiError> {
+        let _span = tracing::info_span!("endpoint_ready", container = %req.key.container_id, ifname = %req.key.ifname).entered();
+        let record = self.ipam.get(&req.key).map_err(ipam_err)?.ok_or_else(|| {
+            ApiError::new(
+                code::UNKNOWN_CONTAINER,
+                format!(
+                    "no allocation for container {} ifname {}: it was released (DEL or GC) while ADD ran",
+                    req.key.container_id, req.key.ifname
+                ),
+            )
+        })?;
+        if record.ip != req.ip {
+            return Err(ApiError::new(
+                code::INTERNAL,
+                format!(
+                    "endpoint reports {} but {} was allocated to it",
+                    req.ip, record.ip
+                ),
+            ));
+        }
+        let network_id = self
+            .ipam
+            .network(Some(&record.network))
+            .map(|n| n.id)
+            .map_err(ipam_err)?;
+        self.lock_fwd()
+            .add_endpoint(&EndpointSpec {
+                ip: req.ip,
+                host_ifindex: req.host_ifindex,
+                pod_mac: req.pod_mac,
+                network_id,
+            })
+            .map_err(|e| {
+                ApiError::new(
+                    code::DATAPLANE,
+                    format!("programming the dataplane for {}: {e}", req.ip),
+                )
+            })?;
+        self.ipam.mark_ready(&req.key).map_err(ipam_err)?;
+        Ok(())
+    }
+
+    /// Removes the dataplane entry before the address is freed, so an address can never be handed to
+    /// a new pod while the old pod's entry still points at a dead interface.
+    pub fn release(&self, key: &AttachmentKey) -> Result<Option<Allocation>, ApiError> {
+        let _span =
+            tracing::info_span!("release", container = %key.container_id, ifname = %key.ifname)
+                .entered();
+        let Some(record) = self.ipam.get(key).map_err(ipam_err)? else {
+            return Ok(None);
+        };
+        self.lock_fwd().remove_endpoint(record.ip).map_err(|e| {
+            ApiError::new(
+                code::DATAPLANE,
+                format!("removing {} from the dataplane: {e}", record.ip),
+            )
+        })?;
+        let released = self.ipam.release(key).map_err(ipam_err)?;
+        if let Some(r) = &released {
+            self.metrics.releases.inc();
+            info!(ip = %r.ip, "released");
+        }
+        Ok(released.map(|r| to_allocation(&r, self.mtu)))
+    }
+
+    fn check(&self, req: &CheckRequest) -> Result<(), ApiError> {
+        match self.ipam.get(&req.key).map_err(ipam_err)? {
+            Some(r) if r.ip == req.ip && r.ready => Ok(()),
+            Some(r) if r.ip == req.ip => Err(ApiError::new(
+                code::CHECK_FAILED,
+                format!(
+                    "{} is allocated but its endpoint never reported ready",
+                    r.ip
+                ),
+            )),
+            Some(r) => Err(ApiError::new(
+                code::CHECK_FAILED,
+                format!(
+                    "container has {} in vpcnetd but {} in its result",
+                    r.ip, req.ip
+                ),
+            )),
+            None => Err(ApiError::new(
+                code::CHECK_FAILED,
+                format!(
+                    "vpcnetd has no allocation for container {} ifname {}",
+                    req.key.container_id, req.key.ifname
+                ),
+            )),
+        }
+    }
+
+    fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, ApiError> {
+        let valid: HashSet<AttachmentKey> = req.valid.iter().cloned().collect();
+        let doomed: Vec<Record> = self
+            .ipam
+            .list()
+            .map_err(ipam_err)?
+            .into_iter()
+            .filter(|r| !valid.contains(&r.key))
+            .filter(|r| req.network.as_deref().is_none_or(|n| n == r.network))
+            .collect();
+        let mut released = Vec::new();
+        let mut errors = Vec::new();
+        // Keep going past errors: GC must collect what it can.
+        for r in doomed {
+            match self.release(&r.key) {
+                Ok(Some(a)) => released.push(a),
+                Ok(None) => {}
+                Err(e) => errors.push(e.msg),
+            }
+        }
+        self.metrics.gc_released.inc_by(released.len() as u64);
+        if errors.is_empty() {
+            Ok(released)
+        } else {
+            Err(ApiError::new(
+                code::DATAPLANE,
+                format!(
+                    "GC released {} but failed for {}",
+                    released.len(),
+                    errors.len()
+                ),
+            )
+            .with_details(errors.join("; ")))
+        }
+    }
+
+    fn status(&self) -> Result<StatusInfo, ApiError> {
+        let allocations = self.ipam.list().map_err(ipam_err)?.len() as u64;
+        Ok(StatusInfo {
+            ready: true,
+            node: self.config.node.clone(),
+            allocations,
+            free: self.ipam.free_counts().map_err(ipam_err)?,
+            dataplane: self.lock_fwd().describe(),
+            message: String::new(),
+        })
+    }
+
+    /// Replays releases the plugin queued while the daemon was unreachable. Each file is removed only
+    /// after its release committed; unreadable files are set aside, not retried forever.
+    pub fn replay_release_queue(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.config.release_queue) else {
+            return 0;
+        };
+        let mut done = 0;
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let key: Result<AttachmentKey, String> = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+            match key {
+                Ok(key) => match self.release(&key) {
+                    Ok(_) => {
+                        let _ = std::fs::remove_file(&path);
+                        done += 1;
+                    }
+                    Err(e) => {
+                        warn!(file = %path.display(), error = %e, "queued release failed; will retry")
+                    }
+                },
+                Err(err) => {
+                    warn!(file = %path.display(), %err, "unreadable queued release; setting it aside");
+                    let _ = std::fs::rename(&path, path.with_extension("bad"));
+                }
+            }
+        }
+        if done > 0 {
+            info!(count = done, "replayed queued releases");
+            self.metrics.queued_releases.inc_by(done as u64);
+        }
+        done
+    }
+
+    /// Releases allocations whose attachment is gone: the host veth no longer exists (ready ones), or
+    /// it never appeared within the grace period (an ADD that died half-way). Also removes dataplane
+    /// entries that no allocation owns.
+    pub fn reconcile(&self, live_links: &HashSet<String>) -> Result<usize, ApiError> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let grace_ms = self.config.pending_grace_secs * 1000;
+        let records = self.ipam.list().map_err(ipam_err)?;
+        let mut released = 0;
+        for r in &records {
+            if live_links.contains(&r.host_veth) {
+                continue;
+            }
+            if !r.ready && now_ms.saturating_sub(r.created_unix_ms) < grace_ms {
+                continue;
+            }
+            warn!(container = %r.key.container_id, ifname = %r.key.ifname, ip = %r.ip, veth = %r.host_veth,
+                "attachment is gone; releasing its address");
+            if self.release(&r.key)?.is_some() {
+                released += 1;
+            }
+        }
+        let owned: HashSet<Ipv4Addr> = self
+            .ipam
+            .list()
+            .map_err(ipam_err)?
+            .iter()
+            .map(|r| r.ip)
+            .collect();
+        let endpoints = self.lock_fwd().endpoints().map_err(|e| {
+            ApiError::new(code::DATAPLANE, format!("listing dataplane endpoints: {e}"))
+        })?;
+        for ip in endpoints.into_iter().filter(|ip| !owned.contains(ip)) {
+            warn!(%ip, "dataplane endpoint without an allocation; removing it");
+            if let Err(e) = self.lock_fwd().remove_endpoint(ip) {
+                warn!(%ip, error = %e, "removing orphan endpoint failed");
+            }
+        }
+        self.metrics.reconcile_released.inc_by(released as u64);
+        Ok(released)
+    }
+}
