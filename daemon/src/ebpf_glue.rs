@@ -1,13 +1,78 @@
 //! Connects the service to the eBPF dataplane module.
 
 use crate::config::DaemonConfig;
-use crate::service::Forwarding;
+use crate::dataplane::{Dataplane, DataplaneConfig, Endpoint};
+use crate::service::{EndpointSpec, Forwarding};
+use anyhow::Context as _;
+use std::net::Ipv4Addr;
+use vpcnet_api::CountersInfo;
 use vpcnet_ipam::Ipam;
 
-pub fn forwarding(_config: &DaemonConfig, _ipam: &Ipam) -> anyhow::Result<Box<dyn Forwarding>> {
-    anyhow::bail!("the eBPF dataplane is not wired in yet")
+struct Ebpf(Dataplane);
+
+impl Forwarding for Ebpf {
+    fn add_endpoint(&mut self, ep: &EndpointSpec) -> Result<(), String> {
+        self.0
+            .add_endpoint(&Endpoint {
+                ip: ep.ip,
+                host_ifindex: ep.host_ifindex,
+                pod_mac: ep.pod_mac,
+                network_id: ep.network_id,
+            })
+            .map_err(|e| e.to_string())
+    }
+    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), String> {
+        self.0.remove_endpoint(ip).map_err(|e| e.to_string())
+    }
+    fn endpoints(&self) -> Result<Vec<Ipv4Addr>, String> {
+        self.0
+            .endpoints()
+            .map(|v| v.into_iter().map(|e| e.ip).collect())
+            .map_err(|e| e.to_string())
+    }
+    fn counters(&self) -> Result<CountersInfo, String> {
+        self.0.counters().map_err(|e| e.to_string())
+    }
+    fn describe(&self) -> String {
+        format!("eBPF ({:?})", self.0.attach_mode())
+    }
 }
 
-pub fn uninstall_node(_config: &DaemonConfig) -> anyhow::Result<()> {
-    anyhow::bail!("the eBPF dataplane is not wired in yet")
+fn dataplane_config(config: &DaemonConfig) -> DataplaneConfig {
+    let node = &config.node;
+    DataplaneConfig {
+        pin_dir: config.bpf_dir.clone(),
+        uplink: config.uplink.clone(),
+        networks: config.ipam.networks.clone(),
+        local_pod_cidrs: config
+            .ipam
+            .networks
+            .iter()
+            .flat_map(|n| n.subnets.iter())
+            .flat_map(|s| s.blocks.get(node).cloned().unwrap_or_default())
+            .collect(),
+    }
+}
+
+pub fn forwarding(config: &DaemonConfig, _ipam: &Ipam) -> anyhow::Result<Box<dyn Forwarding>> {
+    let dp = Dataplane::start(dataplane_config(config))?;
+    Ok(Box::new(Ebpf(dp)))
+}
+
+pub fn uninstall_node(config: &DaemonConfig) -> anyhow::Result<()> {
+    crate::dataplane::uninstall(&config.bpf_dir, &config.uplink)
+        .map_err(|errors| {
+            let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            anyhow::anyhow!(
+                "uninstall finished with {} error(s): {}",
+                errors.len(),
+                text.join("; ")
+            )
+        })
+        .context("removing the dataplane")?;
+    println!(
+        "vpcnet dataplane removed from this node ({} and nftables table)",
+        config.bpf_dir.display()
+    );
+    Ok(())
 }

@@ -3,8 +3,11 @@
 use anyhow::Result;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use vpcnet_tests::cluster::*;
+use vpcnet_tests::cni::Pod;
 use vpcnet_tests::probe::{self, WhoAmI};
-use vpcnet_tests::{Cluster, ClusterSpec};
+use vpcnet_tests::{Cluster, ClusterSpec, Netns};
+
+const PORT: u16 = 7777;
 
 pub fn run(keep: bool) -> Result<()> {
     let mut cluster = Cluster::build(ClusterSpec::default())?;
@@ -14,7 +17,7 @@ pub fn run(keep: bool) -> Result<()> {
     );
     for n in &cluster.nodes {
         println!(
-            "  {:<8} netns {:<24} uplink eth0 {}/16  pod block {}",
+            "  {:<9} netns {:<24} uplink eth0 {}/16  pod block {}",
             n.name,
             n.ns.name(),
             n.ip,
@@ -22,61 +25,100 @@ pub fn run(keep: bool) -> Result<()> {
         );
     }
     println!(
-        "  {:<8} netns {:<24} {VPC_HOST_IP}",
+        "  {:<9} netns {:<24} {VPC_HOST_IP}",
         "vpc-host",
         cluster.vpc_host.name()
     );
     println!(
-        "  {:<8} netns {:<24} {PHYS_HOST_IP}",
+        "  {:<9} netns {:<24} {PHYS_HOST_IP}",
         "phys",
         cluster.phys_host.name()
     );
     println!(
-        "  {:<8} netns {:<24} {INET_HOST_IP}",
+        "  {:<9} netns {:<24} {INET_HOST_IP}",
         "internet",
         cluster.inet_host.name()
     );
 
-    println!("\n== fabric reachability (TCP, source address seen by the far end) ==");
-    let targets: Vec<(&str, &vpcnet_tests::Netns, Ipv4Addr)> = vec![
-        ("vpc-host", &cluster.vpc_host, VPC_HOST_IP),
-        ("phys", &cluster.phys_host, PHYS_HOST_IP),
-        ("internet", &cluster.inet_host, INET_HOST_IP),
+    println!("\n== starting vpcnetd on every node ==");
+    for i in 0..cluster.nodes.len() {
+        cluster.node_mut(i).start_daemon()?;
+        let status = cluster.node(i).ctl(&["status"])?;
+        println!("{}:\n{}", cluster.node(i).name, indent(&status));
+    }
+
+    println!("== pods, created by the vpcnet plugin exactly as a runtime would ==");
+    let pods: Vec<Pod> = vec![
+        cluster.add_pod(0, "shop", "web-1")?,
+        cluster.add_pod(0, "shop", "db-1")?,
+        cluster.add_pod(1, "shop", "web-2")?,
     ];
+    for p in &pods {
+        println!(
+            "  {:<6} on {:<6} {:<14} ADD result: {}",
+            p.name,
+            cluster.node(p.node).name,
+            p.ip,
+            p.result["ips"]
+        );
+    }
+
+    println!("\n== reachability (TCP; cell = source address the far end saw) ==");
+    let mut targets: Vec<(String, &Netns, Ipv4Addr)> =
+        pods.iter().map(|p| (p.name.clone(), &p.ns, p.ip)).collect();
+    targets.push(("vpc-host".into(), &cluster.vpc_host, VPC_HOST_IP));
+    targets.push(("phys".into(), &cluster.phys_host, PHYS_HOST_IP));
+    targets.push(("internet".into(), &cluster.inet_host, INET_HOST_IP));
     let _servers: Vec<WhoAmI> = targets
         .iter()
-        .map(|(_, ns, ip)| WhoAmI::start(ns, SocketAddrV4::new(*ip, 7777)))
+        .map(|(_, ns, ip)| WhoAmI::start(ns, SocketAddrV4::new(*ip, PORT)))
         .collect::<Result<_>>()?;
-    let mut sources: Vec<(String, &vpcnet_tests::Netns)> = cluster
-        .nodes
-        .iter()
-        .map(|n| (n.name.clone(), &n.ns))
-        .collect();
+    let mut sources: Vec<(String, &Netns)> = pods.iter().map(|p| (p.name.clone(), &p.ns)).collect();
     sources.push(("vpc-host".into(), &cluster.vpc_host));
+    sources.push(("phys".into(), &cluster.phys_host));
     print!("{:<10}", "from\\to");
     for (name, _, _) in &targets {
-        print!("{name:>16}");
+        print!("{name:>14}");
     }
     println!();
     for (name, ns) in &sources {
         print!("{name:<10}");
-        for (_, _, ip) in &targets {
-            let cell = match probe::tcp(ns, SocketAddrV4::new(*ip, 7777)) {
-                Ok(seen) => format!("ok {seen}"),
-                Err(_) => "FAIL".to_string(),
+        for (tname, _, ip) in &targets {
+            let cell = if tname == name {
+                "-".to_string()
+            } else {
+                match probe::tcp(ns, SocketAddrV4::new(*ip, PORT)) {
+                    Ok(seen) => seen.to_string(),
+                    Err(_) => "FAIL".to_string(),
+                }
             };
-            print!("{cell:>16}");
+            print!("{cell:>14}");
         }
         println!();
     }
+    println!(
+        "Pods keep their own address towards pods, the VPC and the physical cloud; internet egress shows the node's."
+    );
     drop(_servers);
+
+    println!("\n== vpcnetctl on node1 ==");
+    println!("{}", indent(&cluster.node(0).ctl(&["list"])?));
+    if let Ok(c) = cluster.node(0).ctl(&["counters"]) {
+        println!("{}", indent(&c));
+    }
+
     if keep {
+        std::mem::forget(pods);
         cluster.keep();
-        println!("\nThe cluster stays up. Enter a namespace with e.g.:");
+        println!("The cluster stays up. Enter a namespace with e.g.:");
         println!("  ip netns exec {} bash", cluster.nodes[0].ns.name());
         println!("Remove it with: cargo xtask clean");
     } else {
-        println!("\ntearing down (use --keep to explore)");
+        println!("tearing down (use --keep to explore)");
     }
     Ok(())
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("    {l}\n")).collect()
 }

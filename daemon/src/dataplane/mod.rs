@@ -1,1 +1,799 @@
-//! The eBPF dataplane (being written).
+//! The eBPF dataplane: loads vpcnet's tc programs into the node's netns (the calling thread's),
+//! keeps their maps in sync with the endpoints, and survives daemon restarts without dropping a
+//! packet.
+//!
+//! # Forwarding
+//! Pod traffic is forwarded by the programs, not by kernel routing:
+//! * host-veth ingress (`endpoint_ingress`): local pod → MACs rewritten, `bpf_redirect_peer` into
+//!   its netns; routable destination of the source's network → `bpf_redirect_neigh` out of the
+//!   uplink with the pod's own source address; node addresses and internet destinations →
+//!   `TC_ACT_OK`.
+//! * uplink ingress (`uplink_ingress`): packets for a local pod go straight into it.
+//! TTL is decremented on every forwarded hop (drop `ttl-exceeded` at ≤ 1).
+//!
+//! # Choices
+//! * **Masquerade** is nftables (table `ip vpcnet` in the node netns): internet traffic is the
+//!   one class the programs hand to the kernel, which forwards it and masquerades it to the
+//!   uplink address; replies come back through conntrack de-NAT and the `<pod>/32` route. That
+//!   keeps NAT state in conntrack (shared with kube-proxy, visible with `conntrack -L`), not in a
+//!   second NAT table of our own.
+//! * **ARP** for pod addresses is answered by `uplink_ingress` itself (reply crafted in place,
+//!   `bpf_redirect` out of the uplink). Unlike `proxy_arp`, it answers only for addresses that are
+//!   endpoints right now — proxy_arp answers for anything the node has a route to, including the
+//!   VPC router's and other nodes' addresses, which poisons the fabric's caches. It also means a
+//!   node without the programs stops attracting traffic for its pods.
+//! * **Kernel path blocked**: the table's forward chain drops (and counts) pod traffic to/from any
+//!   VPC destination the programs should have handled, so nothing reaches pods behind the
+//!   programs' back — see [`nft::render`].
+//! * **Attach**: TCX links pinned in `pin_dir`; classic clsact only when TCX attach fails.
+//!   In-place upgrade through `bpf_link_update` on the pinned links.
+//!
+//! # Pins (under `pin_dir`)
+//! Maps by name (`ENDPOINTS`, `ENDPOINT_STATS`, `ROUTES`, `PEERS`, `CONFIG`, `DROPS`,
+//! `NODE_STATS`), `link_uplink` and `link_ep_<a>_<b>_<c>_<d>` (TCX links; bpffs names cannot contain dots), `tc-classic` marker when the
+//! fallback is in use.
+
+mod nft;
+mod plan;
+mod sys;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use ipnetwork::Ipv4Network;
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vpcnet_common::{
+    DROP_REASON_NAMES, EndpointInfo, EndpointStats, NODE_COUNTER_NAMES, NodeConfig, PeerKey,
+    RouteKey, RouteValue, ip_key,
+};
+
+pub use nft::{HOST_VETH_PREFIX, TABLE as NFT_TABLE};
+pub use sys::pinned_link_info;
+
+const PROG_UPLINK: &str = "uplink_ingress";
+const PROG_ENDPOINT: &str = "endpoint_ingress";
+const LINK_UPLINK: &str = "link_uplink";
+const LINK_EP_PREFIX: &str = "link_ep_";
+const CLASSIC_MARKER: &str = "tc-classic";
+/// Priority/handle of vpcnet's filters in classic mode, fixed so a restart replaces them in place.
+const CLASSIC_PRIORITY: u16 = 1;
+const CLASSIC_HANDLE: TcHandle = TcHandle::new(0, 0x7663);
+
+const M_ENDPOINTS: &str = "ENDPOINTS";
+const M_ENDPOINT_STATS: &str = "ENDPOINT_STATS";
+const M_ROUTES: &str = "ROUTES";
+const M_PEERS: &str = "PEERS";
+const M_CONFIG: &str = "CONFIG";
+const M_DROPS: &str = "DROPS";
+const M_NODE_STATS: &str = "NODE_STATS";
+
+/// (map, key size, value size) as this build's programs expect them. A pin with another layout
+/// (left by an incompatible older release) is replaced rather than reused, since a program reading
+/// a differently-shaped value would misforward.
+const MAP_LAYOUTS: [(&str, usize, usize); 7] = [
+    (M_ENDPOINTS, 4, size_of::<EndpointInfo>()),
+    (M_ENDPOINT_STATS, 4, size_of::<EndpointStats>()),
+    (M_ROUTES, 4 + size_of::<RouteKey>(), size_of::<RouteValue>()),
+    (M_PEERS, size_of::<PeerKey>(), 4),
+    (M_CONFIG, 4, size_of::<NodeConfig>()),
+    (M_DROPS, 4, 8),
+    (M_NODE_STATS, 4, 8),
+];
+
+#[derive(Debug, Clone)]
+pub struct DataplaneConfig {
+    /// Per node, e.g. `/sys/fs/bpf/vpcnet/<node>`; maps and links are pinned here.
+    pub pin_dir: PathBuf,
+    /// Uplink interface name in the current netns.
+    pub uplink: String,
+    pub networks: Vec<vpcnet_ipam::NetworkConfig>,
+    /// This node's pod blocks.
+    pub local_pod_cidrs: Vec<Ipv4Network>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub host_ifindex: u32,
+    pub pod_mac: [u8; 6],
+    pub network_id: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("eBPF map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("eBPF link: {0}")]
+    Link(#[from] aya::programs::links::LinkError),
+    #[error("pinning: {0}")]
+    Pin(#[from] aya::pin::PinError),
+    #[error("tc: {0}")]
+    Tc(#[from] aya::programs::tc::TcError),
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("no interface {0} in this network namespace")]
+    NoSuchInterface(String),
+    #[error("no interface with index {0} in this network namespace")]
+    NoSuchIfindex(u32),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nftables: {0}")]
+    Nft(String),
+    #[error("invalid dataplane configuration: {0}")]
+    Config(String),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DataplaneError {
+    let context = context.into();
+    move |source| DataplaneError::Io { context, source }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    Tcx,
+    Classic,
+}
+
+/// Timings of the last operations, for the ADD latency budget and `vpcnetctl`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// `EbpfLoader::load` (object parse, map create/adopt, relocation).
+    pub load: Duration,
+    /// Verifier load of both programs.
+    pub verify: Duration,
+    /// Attaching (or updating) the uplink program.
+    pub uplink_attach: Duration,
+    /// Last `add_endpoint`: map entries + link, end to end.
+    pub last_add_endpoint: Duration,
+    /// Last endpoint link create/update alone.
+    pub last_endpoint_attach: Duration,
+    /// Whether the last endpoint link was updated in place (vs created).
+    pub last_endpoint_updated: bool,
+}
+
+/// The node's dataplane. Operates on the netns of the calling thread: create it and call it on a
+/// thread that is in the node's netns (the daemon runs there entirely).
+pub struct Dataplane {
+    bpf: Ebpf,
+    pin_dir: PathBuf,
+    uplink: String,
+    mode: AttachMode,
+    nr_cpus: usize,
+    timings: Timings,
+}
+
+// The daemon keeps the dataplane behind a Mutex and calls it from spawn_blocking.
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Dataplane>();
+};
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("pin_dir", &self.pin_dir)
+            .field("uplink", &self.uplink)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+enum LinkTarget<'a> {
+    Uplink,
+    Endpoint(Ipv4Addr, &'a str),
+}
+
+impl Dataplane {
+    /// Loads the programs with their maps pinned in `pin_dir` — adopting existing pins, so
+    /// endpoints, counters and routes survive a restart — rewrites the routes/peers/config maps
+    /// and the nftables table from `cfg`, and attaches (or updates in place) the uplink program and
+    /// the endpoint program of every known endpoint. Established flows lose no packet: the old
+    /// programs keep running until `bpf_link_update` swaps them atomically.
+    pub fn start(cfg: DataplaneConfig) -> Result<Dataplane, DataplaneError> {
+        let uplink_ifindex = sys::ifindex(&cfg.uplink)
+            .ok_or_else(|| DataplaneError::NoSuchInterface(cfg.uplink.clone()))?;
+        let (mac, node_addrs) =
+            sys::interface_addresses(&cfg.uplink).map_err(io_err("listing interface addresses"))?;
+        let uplink_mac = mac.ok_or_else(|| {
+            DataplaneError::Config(format!("uplink {} has no Ethernet address", cfg.uplink))
+        })?;
+        let plan = plan::plan(&cfg.networks, &cfg.local_pod_cidrs, &node_addrs)?;
+
+        std::fs::create_dir_all(&cfg.pin_dir)
+            .map_err(io_err(format!("creating {}", cfg.pin_dir.display())))?;
+        if !sys::is_bpffs(&cfg.pin_dir)
+            .map_err(io_err(format!("statfs {}", cfg.pin_dir.display())))?
+        {
+            return Err(DataplaneError::Config(format!(
+                "{} is not on a bpffs mount",
+                cfg.pin_dir.display()
+            )));
+        }
+        drop_incompatible_pins(&cfg.pin_dir);
+
+        let t = Instant::now();
+        let bpf = EbpfLoader::new()
+            .default_map_pin_directory(&cfg.pin_dir)
+            .load(crate::ebpf_object::BYTES)?;
+        let load = t.elapsed();
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| io_err(what)(e))?;
+        let mode = if cfg.pin_dir.join(CLASSIC_MARKER).exists() {
+            AttachMode::Classic
+        } else {
+            AttachMode::Tcx
+        };
+        let mut dp = Dataplane {
+            bpf,
+            pin_dir: cfg.pin_dir.clone(),
+            uplink: cfg.uplink.clone(),
+            mode,
+            nr_cpus,
+            timings: Timings {
+                load,
+                ..Timings::default()
+            },
+        };
+        let t = Instant::now();
+        for name in [PROG_UPLINK, PROG_ENDPOINT] {
+            dp.program(name)?.load()?;
+        }
+        dp.timings.verify = t.elapsed();
+
+        // Maps first, programs second: a freshly attached program must never see an empty config.
+        {
+            let mut config: Array<_, NodeConfig> = Array::try_from(dp.map_mut(M_CONFIG)?)?;
+            config.set(
+                0,
+                NodeConfig {
+                    uplink_ifindex,
+                    uplink_mac,
+                    _pad: [0; 2],
+                },
+                0,
+            )?;
+        }
+        dp.sync_routes(&plan)?;
+        dp.sync_peers(&plan)?;
+        set_ip_forward()?;
+        nft::apply(&plan, &cfg.uplink)?;
+
+        let t = Instant::now();
+        dp.attach(LinkTarget::Uplink, uplink_ifindex)?;
+        dp.timings.uplink_attach = t.elapsed();
+        dp.readopt_endpoints()?;
+        tracing::info!(
+            pin_dir = %dp.pin_dir.display(),
+            uplink = %dp.uplink,
+            mode = ?dp.mode,
+            load_ms = load.as_secs_f64() * 1e3,
+            verify_ms = dp.timings.verify.as_secs_f64() * 1e3,
+            uplink_attach_ms = dp.timings.uplink_attach.as_secs_f64() * 1e3,
+            "dataplane started"
+        );
+        Ok(dp)
+    }
+
+    pub fn attach_mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    /// Installs the endpoint: map entries, then the endpoint program on the host veth (pinned link),
+    /// all in place before it returns. Idempotent; an existing link on the same veth is updated in
+    /// place, one left on another veth (address reused) is replaced.
+    pub fn add_endpoint(&mut self, ep: &Endpoint) -> Result<(), DataplaneError> {
+        let t = Instant::now();
+        if ep.network_id == vpcnet_common::NODE_SCOPE {
+            return Err(DataplaneError::Config(format!(
+                "endpoint {}: network id 0 is reserved",
+                ep.ip
+            )));
+        }
+        let ifname =
+            sys::ifname(ep.host_ifindex).ok_or(DataplaneError::NoSuchIfindex(ep.host_ifindex))?;
+        let key = ip_key(ep.ip.octets());
+        let info = EndpointInfo {
+            ifindex: ep.host_ifindex,
+            mac: ep.pod_mac,
+            network_id: ep.network_id,
+            flags: 0,
+            policy_id: 0,
+        };
+        let nr_cpus = self.nr_cpus;
+        let existed = {
+            let mut stats: PerCpuHashMap<_, u32, EndpointStats> =
+                PerCpuHashMap::try_from(self.map_mut(M_ENDPOINT_STATS)?)?;
+            // Keep the counters of a re-added endpoint (idempotent ADD, restart reconcile).
+            if stats.get(&key, 0).is_err() {
+                let zero = PerCpuValues::try_from(vec![EndpointStats::default(); nr_cpus])
+                    .map_err(io_err("per-CPU values"))?;
+                stats.insert(key, zero, 0)?;
+            }
+            let mut eps: HashMap<_, u32, EndpointInfo> =
+                HashMap::try_from(self.map_mut(M_ENDPOINTS)?)?;
+            let existed = eps.get(&key, 0).is_ok();
+            eps.insert(key, info, 0)?;
+            existed
+        };
+        let ta = Instant::now();
+        if let Err(e) = self.attach(LinkTarget::Endpoint(ep.ip, &ifname), ep.host_ifindex) {
+            if !existed {
+                let _ = self.remove_entries(key);
+            }
+            return Err(e);
+        }
+        self.timings.last_endpoint_attach = ta.elapsed();
+        self.timings.last_add_endpoint = t.elapsed();
+        Ok(())
+    }
+
+    /// Removes the endpoint's link (detaching the program) and map entries. Idempotent.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
+        let key = ip_key(ip.octets());
+        let info = {
+            let eps: HashMap<_, u32, EndpointInfo> = HashMap::try_from(self.map(M_ENDPOINTS)?)?;
+            eps.get(&key, 0).ok()
+        };
+        let pin = self.ep_pin(ip);
+        sys::detach_and_unpin(&pin).map_err(io_err(format!("detaching {}", pin.display())))?;
+        if self.mode == AttachMode::Classic
+            && let Some(name) = info.and_then(|i| sys::ifname(i.ifindex))
+        {
+            let _ = aya::programs::tc::qdisc_detach_program(
+                &name,
+                TcAttachType::Ingress,
+                PROG_ENDPOINT,
+            );
+        }
+        self.remove_entries(key)
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, DataplaneError> {
+        let eps: HashMap<_, u32, EndpointInfo> = HashMap::try_from(self.map(M_ENDPOINTS)?)?;
+        let mut out = Vec::new();
+        for item in eps.iter() {
+            let (k, v) = item?;
+            out.push(Endpoint {
+                ip: Ipv4Addr::from(k.to_ne_bytes()),
+                host_ifindex: v.ifindex,
+                pod_mac: v.mac,
+                network_id: v.network_id,
+            });
+        }
+        out.sort_by_key(|e| e.ip);
+        Ok(out)
+    }
+
+    /// Per-endpoint packets/bytes (`tx` = sent by the pod, `rx` = delivered to it by the programs)
+    /// and drops by reason.
+    pub fn counters(&self) -> Result<vpcnet_api::CountersInfo, DataplaneError> {
+        let stats: PerCpuHashMap<_, u32, EndpointStats> =
+            PerCpuHashMap::try_from(self.map(M_ENDPOINT_STATS)?)?;
+        let mut endpoints = Vec::new();
+        for item in stats.iter() {
+            let (k, per_cpu) = item?;
+            let mut c = vpcnet_api::EndpointCounters {
+                ip: Ipv4Addr::from(k.to_ne_bytes()),
+                rx_packets: 0,
+                rx_bytes: 0,
+                tx_packets: 0,
+                tx_bytes: 0,
+            };
+            for s in per_cpu.iter() {
+                c.rx_packets += s.rx_packets;
+                c.rx_bytes += s.rx_bytes;
+                c.tx_packets += s.tx_packets;
+                c.tx_bytes += s.tx_bytes;
+            }
+            endpoints.push(c);
+        }
+        endpoints.sort_by_key(|c| c.ip);
+        let drops = self.per_cpu_sums(M_DROPS, &DROP_REASON_NAMES)?;
+        Ok(vpcnet_api::CountersInfo { endpoints, drops })
+    }
+
+    /// Node-wide counters by name (ARP replies, pod-to-pod, pod-to-uplink, pod-to-kernel,
+    /// uplink-to-pod): where traffic went.
+    pub fn node_counters(&self) -> Result<Vec<(String, u64)>, DataplaneError> {
+        self.per_cpu_sums(M_NODE_STATS, &NODE_COUNTER_NAMES)
+    }
+
+    fn per_cpu_sums(
+        &self,
+        map: &'static str,
+        names: &[&str],
+    ) -> Result<Vec<(String, u64)>, DataplaneError> {
+        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(map)?)?;
+        let mut out = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            let v = arr.get(&(i as u32), 0)?;
+            out.push((name.to_string(), v.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
+        self.bpf.map(name).ok_or(DataplaneError::Missing(name))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
+        self.bpf.map_mut(name).ok_or(DataplaneError::Missing(name))
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DataplaneError> {
+        let p = self
+            .bpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Missing(name))?;
+        Ok(p.try_into()?)
+    }
+
+    fn ep_pin(&self, ip: Ipv4Addr) -> PathBuf {
+        // bpffs refuses names with dots.
+        let o = ip.octets();
+        self.pin_dir.join(format!(
+            "{LINK_EP_PREFIX}{}_{}_{}_{}",
+            o[0], o[1], o[2], o[3]
+        ))
+    }
+
+    fn remove_entries(&mut self, key: u32) -> Result<(), DataplaneError> {
+        {
+            let mut eps: HashMap<_, u32, EndpointInfo> =
+                HashMap::try_from(self.map_mut(M_ENDPOINTS)?)?;
+            ignore_missing(eps.remove(&key))?;
+        }
+        let mut stats: PerCpuHashMap<_, u32, EndpointStats> =
+            PerCpuHashMap::try_from(self.map_mut(M_ENDPOINT_STATS)?)?;
+        ignore_missing(stats.remove(&key))
+    }
+
+    /// Attaches the target's program, or swaps the program of its existing pinned link in place.
+    fn attach(&mut self, target: LinkTarget<'_>, ifindex: u32) -> Result<(), DataplaneError> {
+        let (prog_name, pin, ifname) = match target {
+            LinkTarget::Uplink => (
+                PROG_UPLINK,
+                self.pin_dir.join(LINK_UPLINK),
+                self.uplink.clone(),
+            ),
+            LinkTarget::Endpoint(ip, name) => (PROG_ENDPOINT, self.ep_pin(ip), name.to_string()),
+        };
+        if self.mode == AttachMode::Classic {
+            return self.attach_classic(prog_name, &ifname);
+        }
+        self.timings.last_endpoint_updated = false;
+        if let Ok(info) = sys::pinned_link_info(&pin) {
+            if info.link_type == sys::BPF_LINK_TYPE_TCX && info.ifindex == ifindex {
+                let link =
+                    SchedClassifierLink::try_from(FdLink::from(PinnedLink::from_pin(&pin)?))?;
+                let prog = self.program(prog_name)?;
+                let id = prog.attach_to_link(link)?;
+                // The pin holds the link; our descriptor is not needed.
+                drop(prog.take_link(id)?);
+                self.timings.last_endpoint_updated = true;
+                return Ok(());
+            }
+            // Defunct (interface gone) or bound to another interface (address reused): the pin
+            // is the link's last reference, so removing it detaches the old one.
+            tracing::info!(pin = %pin.display(), link_ifindex = info.ifindex, ifindex, "replacing stale link");
+        }
+        if pin.exists() {
+            sys::detach_and_unpin(&pin).map_err(io_err(format!("detaching {}", pin.display())))?;
+        }
+        let prog = self.program(prog_name)?;
+        let attached = prog.attach_with_options(
+            &ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        );
+        match attached {
+            Ok(id) => {
+                let fd: FdLink = prog.take_link(id)?.try_into()?;
+                drop(fd.pin(&pin)?);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, interface = %ifname, "TCX attach failed; falling back to clsact");
+                std::fs::write(self.pin_dir.join(CLASSIC_MARKER), b"")
+                    .map_err(io_err("writing the classic-mode marker"))?;
+                self.mode = AttachMode::Classic;
+                self.attach_classic(prog_name, &ifname)
+            }
+        }
+    }
+
+    /// Classic clsact filter at a fixed priority/handle: replaced in place when present, created
+    /// otherwise. The filter (not a link) keeps the program attached after we exit.
+    fn attach_classic(
+        &mut self,
+        prog_name: &'static str,
+        ifname: &str,
+    ) -> Result<(), DataplaneError> {
+        match aya::programs::tc::qdisc_add_clsact(ifname) {
+            Ok(()) => {}
+            Err(aya::programs::tc::TcError::NetlinkError(e))
+                if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(aya::programs::tc::TcError::AlreadyAttached) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let prog = self.program(prog_name)?;
+        let existing = SchedClassifierLink::attached(
+            ifname,
+            TcAttachType::Ingress,
+            CLASSIC_PRIORITY,
+            CLASSIC_HANDLE,
+            None,
+        )
+        .map_err(io_err(format!("interface {ifname}")))?;
+        let id = match prog.attach_to_link(existing) {
+            Ok(id) => id,
+            Err(_) => prog.attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: CLASSIC_PRIORITY,
+                    handle: CLASSIC_HANDLE,
+                    classid: None,
+                }),
+            )?,
+        };
+        // Dropping an aya netlink link detaches the filter; the filter must outlive us.
+        std::mem::forget(prog.take_link(id)?);
+        Ok(())
+    }
+
+    /// After a restart: updates the program of every endpoint link in place; re-attaches endpoints
+    /// whose link is missing but whose host veth still exists; forgets endpoints whose veth is gone
+    /// (a reused ifindex must never receive another pod's traffic) and pins without an endpoint.
+    fn readopt_endpoints(&mut self) -> Result<(), DataplaneError> {
+        let mut known = BTreeSet::new();
+        for ep in self.endpoints()? {
+            known.insert(ep.ip);
+            let key = ip_key(ep.ip.octets());
+            let name = sys::ifname(ep.host_ifindex)
+                .filter(|n| n.starts_with(HOST_VETH_PREFIX))
+                .filter(|_| match sys::pinned_link_info(&self.ep_pin(ep.ip)) {
+                    Ok(info) => info.ifindex == ep.host_ifindex,
+                    Err(_) => true,
+                });
+            match name {
+                Some(name) => {
+                    if let Err(e) = self.attach(LinkTarget::Endpoint(ep.ip, &name), ep.host_ifindex)
+                    {
+                        tracing::warn!(ip = %ep.ip, error = %e, "re-attaching endpoint failed");
+                    }
+                }
+                None => {
+                    tracing::warn!(ip = %ep.ip, ifindex = ep.host_ifindex, "host veth gone; endpoint forgotten");
+                    let _ = sys::detach_and_unpin(&self.ep_pin(ep.ip));
+                    self.remove_entries(key)?;
+                }
+            }
+        }
+        let dir = std::fs::read_dir(&self.pin_dir)
+            .map_err(io_err(format!("reading {}", self.pin_dir.display())))?;
+        for entry in dir.flatten() {
+            let fname = entry.file_name().to_string_lossy().into_owned();
+            if let Some(ip) = fname.strip_prefix(LINK_EP_PREFIX)
+                && !ip
+                    .replace('_', ".")
+                    .parse()
+                    .is_ok_and(|ip| known.contains(&ip))
+            {
+                tracing::info!(pin = %fname, "removing link pin without an endpoint");
+                let _ = sys::detach_and_unpin(&entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `ROUTES` equal to the plan without a moment where a wanted entry is missing:
+    /// upsert everything wanted, then delete what is no longer wanted.
+    fn sync_routes(&mut self, plan: &plan::Plan) -> Result<(), DataplaneError> {
+        let mut routes: LpmTrie<_, RouteKey, RouteValue> =
+            LpmTrie::try_from(self.map_mut(M_ROUTES)?)?;
+        let mut wanted = BTreeSet::new();
+        for ((net, cidr), action) in &plan.routes {
+            let data = RouteKey::new(*net, ip_key(cidr.network().octets()));
+            let prefix = 32 + u32::from(cidr.prefix());
+            wanted.insert((prefix, data.network, data.addr));
+            routes.insert(
+                &Key::new(prefix, data),
+                RouteValue {
+                    action: *action,
+                    flags: 0,
+                },
+                0,
+            )?;
+        }
+        let stale: Vec<Key<RouteKey>> = routes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data().network, k.data().addr)))
+            .collect();
+        for k in stale {
+            ignore_missing(routes.remove(&k))?;
+        }
+        Ok(())
+    }
+
+    fn sync_peers(&mut self, plan: &plan::Plan) -> Result<(), DataplaneError> {
+        let mut peers: HashMap<_, PeerKey, u32> = HashMap::try_from(self.map_mut(M_PEERS)?)?;
+        for (src, dst) in &plan.peers {
+            peers.insert(
+                PeerKey {
+                    src: *src,
+                    dst: *dst,
+                },
+                1,
+                0,
+            )?;
+        }
+        let stale: Vec<PeerKey> = peers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !plan.peers.contains(&(k.src, k.dst)))
+            .collect();
+        for k in stale {
+            ignore_missing(peers.remove(&k))?;
+        }
+        Ok(())
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), DataplaneError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The kernel forwards the one class of pod traffic the programs hand it (masqueraded internet
+/// traffic). Read before write: most nodes have it on already and a write is then a no-op.
+fn set_ip_forward() -> Result<(), DataplaneError> {
+    // /proc/sys/net resolves to the netns of the opening thread, i.e. the node's.
+    const P: &str = "/proc/sys/net/ipv4/ip_forward";
+    let cur = std::fs::read_to_string(P).map_err(io_err(P))?;
+    if cur.trim() != "1" {
+        std::fs::write(P, b"1").map_err(io_err(P))?;
+    }
+    Ok(())
+}
+
+/// Removes map pins whose key/value sizes differ from this build's, so the loader recreates them.
+fn drop_incompatible_pins(pin_dir: &Path) {
+    for (name, key, value) in MAP_LAYOUTS {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        match MapInfo::from_pin(&path) {
+            Ok(info) if info.key_size() as usize == key && info.value_size() as usize == value => {}
+            Ok(info) => {
+                tracing::warn!(
+                    map = name,
+                    key_size = info.key_size(),
+                    value_size = info.value_size(),
+                    "pinned map has another layout; recreating it (its entries are lost)"
+                );
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) => {
+                tracing::warn!(map = name, error = %e, "unreadable map pin; recreating it");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+/// Detaches every vpcnet program of the node at once (synchronously) and removes the link pins,
+/// leaving maps and the nftables table in place: pod traffic then stops instead of falling back to
+/// the kernel path (the guard drops it), and the next [`Dataplane::start`] re-attaches everything.
+/// For maintenance and for proving that forwarding is the programs' doing.
+pub fn detach_programs(pin_dir: &Path) -> Result<(), Vec<DataplaneError>> {
+    let mut errors = Vec::new();
+    match std::fs::read_dir(pin_dir) {
+        Ok(dir) => {
+            for p in dir.flatten().map(|e| e.path()) {
+                if p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+                    && let Err(e) = sys::detach_and_unpin(&p)
+                {
+                    errors.push(io_err(format!("detaching {}", p.display()))(e));
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => errors.push(io_err(format!("reading {}", pin_dir.display()))(e)),
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+/// Removes everything [`Dataplane::start`] installed in the calling thread's netns and under
+/// `pin_dir`: links (detaching the programs), classic filters and their clsact qdiscs, map pins,
+/// the directory, and the nftables table. Keeps going past failures and returns them all.
+pub fn uninstall(pin_dir: &Path, uplink: &str) -> Result<(), Vec<DataplaneError>> {
+    let mut errors = Vec::new();
+    let classic = pin_dir.join(CLASSIC_MARKER).exists();
+    let mut classic_ifaces = vec![uplink.to_string()];
+    if classic && let Ok(m) = MapData::from_pin(pin_dir.join(M_ENDPOINTS)) {
+        let map = aya::maps::Map::HashMap(m);
+        if let Ok(eps) = HashMap::<_, u32, EndpointInfo>::try_from(&map) {
+            classic_ifaces.extend(
+                eps.iter()
+                    .filter_map(Result::ok)
+                    .filter_map(|(_, v)| sys::ifname(v.ifindex)),
+            );
+        }
+    }
+    // Links first, so no program is left running against maps about to disappear.
+    if let Err(e) = detach_programs(pin_dir) {
+        errors.extend(e);
+    }
+    match std::fs::read_dir(pin_dir) {
+        Ok(dir) => {
+            for p in dir.flatten().map(|e| e.path()) {
+                if let Err(e) = std::fs::remove_file(&p) {
+                    errors.push(io_err(format!("removing {}", p.display()))(e));
+                }
+            }
+            if let Err(e) = std::fs::remove_dir(pin_dir) {
+                errors.push(io_err(format!("removing {}", pin_dir.display()))(e));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => errors.push(io_err(format!("reading {}", pin_dir.display()))(e)),
+    }
+    if classic {
+        for (i, ifname) in classic_ifaces.iter().enumerate() {
+            let prog = if i == 0 { PROG_UPLINK } else { PROG_ENDPOINT };
+            match aya::programs::tc::qdisc_detach_program(ifname, TcAttachType::Ingress, prog) {
+                Ok(()) => {}
+                Err(aya::programs::tc::TcError::IoError(e))
+                    if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(e.into()),
+            }
+            let out = std::process::Command::new("tc")
+                .args(["qdisc", "del", "dev", ifname, "clsact"])
+                .output();
+            if let Err(e) = out {
+                errors.push(io_err(format!("tc qdisc del dev {ifname} clsact"))(e));
+            }
+        }
+    }
+    if let Err(e) = nft::remove() {
+        errors.push(e);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}

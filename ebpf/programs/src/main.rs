@@ -14,13 +14,9 @@
 //! the directory), so a daemon restart or program upgrade keeps every entry and counter.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
-    maps::{
-        Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap,
-        lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use vpcnet_common::{
@@ -33,8 +29,7 @@ use vpcnet_common::{
 static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
 
 #[map]
-static ENDPOINT_STATS: PerCpuHashMap<u32, EndpointStats> =
-    PerCpuHashMap::pinned(MAX_ENDPOINTS, 0);
+static ENDPOINT_STATS: PerCpuHashMap<u32, EndpointStats> = PerCpuHashMap::pinned(MAX_ENDPOINTS, 0);
 
 #[map]
 static ROUTES: LpmTrie<RouteKey, RouteValue> = LpmTrie::pinned(MAX_ROUTES, 0);
@@ -78,6 +73,11 @@ const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
 /// a bridge flooded to us that belong to someone else).
 const PACKET_HOST: u32 = 0;
 
+// Spelled out here: the generated bindings type these differently per target.
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
 type Verdict = Result<i32, DropReason>;
 
 #[inline(always)]
@@ -118,7 +118,7 @@ fn finish(verdict: Verdict) -> i32 {
         Ok(action) => action,
         Err(reason) => {
             count_drop(reason);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }
@@ -131,19 +131,25 @@ fn route(network: u16, addr: u32) -> Option<u32> {
 
 #[inline(always)]
 fn config() -> Result<NodeConfig, DropReason> {
-    CONFIG.get(0).copied().filter(|c| c.uplink_ifindex != 0).ok_or(DropReason::NotConfigured)
+    CONFIG
+        .get(0)
+        .copied()
+        .filter(|c| c.uplink_ifindex != 0)
+        .ok_or(DropReason::NotConfigured)
 }
 
 #[inline(always)]
 fn peered(a: u16, b: u16) -> bool {
     // SAFETY: the value is not dereferenced beyond a presence check.
-    a == b || unsafe { PEERS.get(&PeerKey { src: a, dst: b }) }.is_some()
+    a == b || unsafe { PEERS.get(PeerKey { src: a, dst: b }) }.is_some()
 }
 
 /// Validates the IPv4 header enough for the fields this program reads and rewrites.
 #[inline(always)]
 fn check_ipv4(ctx: &TcContext) -> Result<(), DropReason> {
-    let ver_ihl: u8 = ctx.load(OFF_IP_VER_IHL).map_err(|_| DropReason::Malformed)?;
+    let ver_ihl: u8 = ctx
+        .load(OFF_IP_VER_IHL)
+        .map_err(|_| DropReason::Malformed)?;
     if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
         return Err(DropReason::Malformed);
     }
@@ -162,7 +168,8 @@ fn decrement_ttl(ctx: &mut TcContext) -> Result<(), DropReason> {
     if ttl <= 1 {
         return Err(DropReason::TtlExceeded);
     }
-    ctx.store(OFF_IP_TTL, &(ttl - 1), 0).map_err(|_| DropReason::Malformed)?;
+    ctx.store(OFF_IP_TTL, &(ttl - 1), 0)
+        .map_err(|_| DropReason::Malformed)?;
     let new: u16 = ctx.load(OFF_IP_TTL).map_err(|_| DropReason::Malformed)?;
     ctx.l3_csum_replace(OFF_IP_CSUM, old as u64, new as u64, 2)
         .map_err(|_| DropReason::Malformed)
@@ -173,15 +180,17 @@ fn decrement_ttl(ctx: &mut TcContext) -> Result<(), DropReason> {
 #[inline(always)]
 fn deliver(ctx: &mut TcContext, dst_ip: u32, ep: &EndpointInfo) -> Verdict {
     decrement_ttl(ctx)?;
-    ctx.store(OFF_ETH_DST, &ep.mac, 0).map_err(|_| DropReason::Malformed)?;
-    ctx.store(OFF_ETH_SRC, &HOST_VETH_MAC, 0).map_err(|_| DropReason::Malformed)?;
+    ctx.store(OFF_ETH_DST, &ep.mac, 0)
+        .map_err(|_| DropReason::Malformed)?;
+    ctx.store(OFF_ETH_SRC, &HOST_VETH_MAC, 0)
+        .map_err(|_| DropReason::Malformed)?;
     count_endpoint(dst_ip, ctx.len(), true);
     // SAFETY: plain helper call.
     let ret = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
-    if ret as u32 != TC_ACT_REDIRECT {
+    if ret != TC_ACT_REDIRECT as i64 {
         return Err(DropReason::RedirectFailed);
     }
-    Ok(TC_ACT_REDIRECT as i32)
+    Ok(TC_ACT_REDIRECT)
 }
 
 #[classifier]
@@ -194,14 +203,16 @@ fn try_endpoint_ingress(ctx: &mut TcContext) -> Verdict {
     if u16::from_be(proto) != ETH_P_IP {
         // Pods are IPv4-only; ARP and IPv6 link-local chatter stay with the kernel, which answers
         // none of it and forwards none of it (pods have no other addresses).
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     check_ipv4(ctx)?;
     let src: u32 = ctx.load(OFF_IP_SRC).map_err(|_| DropReason::Malformed)?;
     let dst: u32 = ctx.load(OFF_IP_DST).map_err(|_| DropReason::Malformed)?;
 
     // SAFETY: the entry is copied out at once; userspace replaces values whole.
-    let src_ep = unsafe { ENDPOINTS.get(&src) }.copied().ok_or(DropReason::Spoofed)?;
+    let src_ep = unsafe { ENDPOINTS.get(src) }
+        .copied()
+        .ok_or(DropReason::Spoofed)?;
     // SAFETY: reading a field of the context.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     if src_ep.ifindex != ingress {
@@ -210,7 +221,7 @@ fn try_endpoint_ingress(ctx: &mut TcContext) -> Verdict {
     count_endpoint(src, ctx.len(), false);
 
     // SAFETY: as above.
-    if let Some(dst_ep) = unsafe { ENDPOINTS.get(&dst) }.copied() {
+    if let Some(dst_ep) = unsafe { ENDPOINTS.get(dst) }.copied() {
         if !peered(src_ep.network_id, dst_ep.network_id) {
             return Err(DropReason::Isolated);
         }
@@ -222,7 +233,7 @@ fn try_endpoint_ingress(ctx: &mut TcContext) -> Verdict {
         Some(ROUTE_LOCAL_BLOCK) => return Err(DropReason::NoEndpoint),
         Some(ROUTE_HOST) => {
             count_node(NodeCounter::PodToKernel);
-            return Ok(TC_ACT_OK as i32);
+            return Ok(TC_ACT_OK);
         }
         _ => {}
     }
@@ -234,17 +245,18 @@ fn try_endpoint_ingress(ctx: &mut TcContext) -> Verdict {
             count_node(NodeCounter::PodToUplink);
             // SAFETY: NULL params ask the kernel for a FIB lookup of the destination; it then
             // resolves the neighbour and fills in both MACs itself.
-            let ret = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
-            if ret as u32 != TC_ACT_REDIRECT {
+            let ret =
+                unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
+            if ret != TC_ACT_REDIRECT as i64 {
                 return Err(DropReason::RedirectFailed);
             }
-            Ok(TC_ACT_REDIRECT as i32)
+            Ok(TC_ACT_REDIRECT)
         }
         Some(ROUTE_ISOLATED) => Err(DropReason::Isolated),
         _ => {
             // Not a VPC destination: the kernel forwards it and nftables masquerades it.
             count_node(NodeCounter::PodToKernel);
-            Ok(TC_ACT_OK as i32)
+            Ok(TC_ACT_OK)
         }
     }
 }
@@ -257,26 +269,26 @@ pub fn uplink_ingress(mut ctx: TcContext) -> i32 {
 fn try_uplink_ingress(ctx: &mut TcContext) -> Verdict {
     let Ok(proto) = ctx.load::<u16>(OFF_ETH_PROTO) else {
         // Runt frames are the kernel's business on the uplink, not ours.
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     match u16::from_be(proto) {
         ETH_P_ARP => arp_reply(ctx),
         ETH_P_IP => uplink_ipv4(ctx),
-        _ => Ok(TC_ACT_OK as i32),
+        _ => Ok(TC_ACT_OK),
     }
 }
 
 fn uplink_ipv4(ctx: &mut TcContext) -> Verdict {
     // SAFETY: reading a field of the context.
     if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     let Ok(dst) = ctx.load::<u32>(OFF_IP_DST) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     // SAFETY: copied out at once.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&dst) }).copied() else {
-        return Ok(TC_ACT_OK as i32);
+    let Some(ep) = (unsafe { ENDPOINTS.get(dst) }).copied() else {
+        return Ok(TC_ACT_OK);
     };
     check_ipv4(ctx)?;
     let src: u32 = ctx.load(OFF_IP_SRC).map_err(|_| DropReason::Malformed)?;
@@ -293,25 +305,25 @@ fn uplink_ipv4(ctx: &mut TcContext) -> Verdict {
 fn arp_reply(ctx: &mut TcContext) -> Verdict {
     // htype=1 (Ethernet), ptype=0x0800, hlen=6, plen=4, oper=1 (request), all big-endian.
     let Ok(hdr) = ctx.load::<[u8; 8]>(OFF_ARP_HDR) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     if hdr != [0, 1, 8, 0, 6, 4, 0, 1] {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     let (Ok(sha), Ok(spa), Ok(tpa)) = (
         ctx.load::<[u8; 6]>(OFF_ARP_SHA),
         ctx.load::<u32>(OFF_ARP_SPA),
         ctx.load::<u32>(OFF_ARP_TPA),
     ) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     // A gratuitous announcement by someone else claiming the address is not a question.
     if spa == tpa {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     // SAFETY: presence check only.
-    if unsafe { ENDPOINTS.get(&tpa) }.is_none() {
-        return Ok(TC_ACT_OK as i32);
+    if unsafe { ENDPOINTS.get(tpa) }.is_none() {
+        return Ok(TC_ACT_OK);
     }
     let cfg = config()?;
     let reply: u16 = 2u16.to_be();
@@ -326,10 +338,10 @@ fn arp_reply(ctx: &mut TcContext) -> Verdict {
     count_node(NodeCounter::ArpReplies);
     // SAFETY: plain helper call; flags 0 = egress of the same uplink.
     let ret = unsafe { bpf_redirect(cfg.uplink_ifindex, 0) };
-    if ret as u32 != TC_ACT_REDIRECT {
+    if ret != TC_ACT_REDIRECT as i64 {
         return Err(DropReason::RedirectFailed);
     }
-    Ok(TC_ACT_REDIRECT as i32)
+    Ok(TC_ACT_REDIRECT)
 }
 
 #[cfg(not(test))]
