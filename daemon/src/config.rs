@@ -100,12 +100,6 @@ impl DaemonConfig {
                 path: p.clone(),
                 source,
             })?;
-        if config.node.is_empty() {
-            return Err(ConfigError::Invalid {
-                path: p,
-                msg: "`node` must not be empty".into(),
-            });
-        }
         if config.uplink.is_empty() {
             return Err(ConfigError::Invalid {
                 path: p,

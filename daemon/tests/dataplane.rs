@@ -24,7 +24,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use vpcnet_daemon::dataplane::{self, Dataplane, DataplaneConfig, Endpoint};
+use vpcnet_daemon::dataplane::{
+    self, AttachMode, Dataplane, DataplaneConfig, Endpoint, StartOptions,
+};
 use vpcnet_ipam::{NetworkConfig, SubnetConfig};
 
 const P1: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 10);
@@ -279,11 +281,17 @@ impl Topology {
         }
     }
 
+    /// node1 attaches endpoints with TCX links (the default), node2 with classic filters, so
+    /// both modes carry traffic, survive restarts and uninstall cleanly.
     fn start(&self, node: &str) -> Dataplane {
-        let ns = self.ns(if node == "node1" { "n1" } else { "n2" });
+        let (ns, endpoint_attach) = if node == "node1" {
+            (self.ns("n1"), AttachMode::Tcx)
+        } else {
+            (self.ns("n2"), AttachMode::Classic)
+        };
         let cfg = self.config(node);
         in_ns(&ns, move || {
-            Dataplane::start(cfg).expect("Dataplane::start")
+            Dataplane::start_with(cfg, StartOptions { endpoint_attach }).expect("Dataplane::start")
         })
     }
 
@@ -467,6 +475,19 @@ fn dataplane_end_to_end() {
         let ep = eps["p3"].clone();
         let dp = &mut dp2;
         in_ns(&n2, || dp.add_endpoint(&ep).expect("add_endpoint"));
+        let t = dp2.timings();
+        eprintln!(
+            "[dataplane] add_endpoint p3 (classic filter): total {:?}, attach {:?}",
+            t.last_add_endpoint, t.last_endpoint_attach
+        );
+        let ep = eps["p3"].clone();
+        let dp = &mut dp2;
+        in_ns(&n2, || dp.add_endpoint(&ep).expect("add_endpoint again"));
+        let t = dp2.timings();
+        eprintln!(
+            "[dataplane] add_endpoint p3 again (classic filter replace): total {:?}, attach {:?}",
+            t.last_add_endpoint, t.last_endpoint_attach
+        );
     }
     // Idempotent: the second ADD updates the link in place.
     {
@@ -550,6 +571,55 @@ fn dataplane_end_to_end() {
         "receiver-side isolation drop counted"
     );
     topo.ip("vpc", "addr del 10.40.0.99/32 dev eth0");
+
+    // A routed hop decrements TTL; a packet arriving with TTL 1 is dropped and counted.
+    let before = drop_count(&dp1, "ttl-exceeded");
+    let out = topo
+        .exec(
+            "p1",
+            &[
+                "ping",
+                "-q",
+                "-c",
+                "1",
+                "-t",
+                "1",
+                "-W",
+                "1",
+                &P2.to_string(),
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "TTL 1 must not cross the node");
+    assert_eq!(drop_count(&dp1, "ttl-exceeded"), before + 1);
+
+    // A pod sending from an address that is not its own is refused (anti-spoofing).
+    topo.ip("p1", "addr add 10.20.1.99/32 dev eth0");
+    let before = drop_count(&dp1, "spoofed");
+    let out = topo
+        .exec(
+            "p1",
+            &[
+                "ping",
+                "-q",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                "-I",
+                "10.20.1.99",
+                &VPC_HOST.to_string(),
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "spoofed source must not leave the node"
+    );
+    assert!(drop_count(&dp1, "spoofed") > before);
+    topo.ip("p1", "addr del 10.20.1.99/32 dev eth0");
 
     // Counters moved, drops are named, and the kernel forward path was never used for VPC traffic.
     let c = dp1.counters().unwrap();
@@ -689,18 +759,26 @@ fn dataplane_end_to_end() {
     ph.done("remove/re-add");
 
     // --- programs detached: the kernel must not forward pod traffic --------------------------
-    for node in ["node1", "node2"] {
-        dataplane::detach_programs(&topo.pin_dir(node)).expect("detach");
+    for (role, node) in [("n1", "node1"), ("n2", "node2")] {
+        let pin_dir = topo.pin_dir(node);
+        in_ns(&topo.ns(role), || {
+            dataplane::detach_programs(&pin_dir, "eth0").expect("detach")
+        });
     }
     topo.pings(&[
         ("p1", VPC_HOST, false),
         ("p1", P3, false),
         ("vpc", P1, false),
+        ("p3", VPC_HOST, false),
         ("p1", P2, false),
     ]);
     assert!(
         topo.guard_drops("n1") > 0,
         "the nft guard dropped the kernel-path packets"
+    );
+    assert!(
+        topo.guard_drops("n2") > 0,
+        "node2's guard too (classic endpoint detached)"
     );
     ph.done("detached: kernel path blocked");
 
@@ -739,6 +817,14 @@ fn dataplane_end_to_end() {
             assert!(progs.is_empty(), "program left on {veth}");
         }
     });
+    let filters = run(&mut topo.exec(
+        "n2",
+        &["tc", "filter", "show", "dev", "vpcp3000000000", "ingress"],
+    ));
+    assert!(
+        filters.stdout.is_empty(),
+        "classic filter left on p3's veth"
+    );
     // Without the programs nobody answers ARP for the pods: forget what the fabric learned.
     for role in ["vpc", "n2", "rtr"] {
         topo.ip(role, "neigh flush all");

@@ -130,7 +130,6 @@ fn test(extra: &[String]) -> Result<()> {
     sh(cargo().args([
         "clippy",
         "--release",
-        "--workspace",
         "--all-targets",
         "--",
         "-D",

@@ -8,6 +8,10 @@ use vpcnet_daemon::config::DaemonConfig;
 struct Cli {
     #[arg(long, default_value = "/etc/vpcnet/vpcnetd.yaml")]
     config: PathBuf,
+    /// Overrides `node` from the config: a DaemonSet passes `spec.nodeName` through the downward API,
+    /// so one ConfigMap serves every node.
+    #[arg(long, env = "VPCNET_NODE")]
+    node: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -34,7 +38,16 @@ fn main() {
 
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = DaemonConfig::load(&cli.config)?;
+    let mut config = DaemonConfig::load(&cli.config)?;
+    if let Some(node) = cli.node {
+        config.node = node;
+    }
+    if config.node.is_empty() {
+        anyhow::bail!(
+            "no node name: set `node` in {} or VPCNET_NODE / --node",
+            cli.config.display()
+        );
+    }
     match cli.cmd {
         Some(Cmd::Uninstall) => vpcnet_daemon::ebpf_glue::uninstall_node(&config),
         None => tokio::runtime::Builder::new_multi_thread()

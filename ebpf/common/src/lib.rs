@@ -81,6 +81,10 @@ pub struct EndpointInfo {
     pub policy_id: u32,
 }
 
+/// `EndpointInfo::flags`: the endpoint program sits on the host veth as a classic clsact filter
+/// (not a pinned TCX link). Recorded in the pinned map so a restarted daemon knows how to update it.
+pub const EP_FLAG_TC_CLASSIC: u32 = 1;
+
 /// Per-endpoint traffic counters (`ENDPOINT_STATS`, per CPU, keyed like `ENDPOINTS`). `tx` is what
 /// the pod sent, `rx` what was delivered to it by the programs.
 #[repr(C)]

@@ -288,6 +288,12 @@ fn uplink_ipv4(ctx: &mut TcContext) -> Verdict {
     };
     // SAFETY: copied out at once.
     let Some(ep) = (unsafe { ENDPOINTS.get(dst) }).copied() else {
+        // Only endpoints live in this node's pod blocks. Without this the kernel would route a
+        // packet for a departed pod back out of the uplink (default route) and bounce it around
+        // the fabric until its TTL ran out.
+        if route(NODE_SCOPE, dst) == Some(ROUTE_LOCAL_BLOCK) {
+            return Err(DropReason::NoEndpoint);
+        }
         return Ok(TC_ACT_OK);
     };
     check_ipv4(ctx)?;
