@@ -6,6 +6,7 @@ pub mod dataplane;
 pub mod ebpf_glue;
 pub mod links;
 pub mod metrics;
+pub mod policy;
 pub mod run;
 pub mod server;
 pub mod service;

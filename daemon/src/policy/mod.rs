@@ -1,0 +1,1 @@
+//! Kubernetes NetworkPolicy: the cluster model, exact semantics, and compilation (being written).
