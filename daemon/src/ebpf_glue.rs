@@ -1,7 +1,7 @@
 //! Connects the service to the eBPF dataplane module.
 
-use crate::config::DaemonConfig;
-use crate::dataplane::{Dataplane, DataplaneConfig, Endpoint};
+use crate::config::{DaemonConfig, EndpointAttach};
+use crate::dataplane::{AttachMode, Dataplane, DataplaneConfig, Endpoint, StartOptions};
 use crate::service::{EndpointSpec, Forwarding};
 use anyhow::Context as _;
 use std::net::Ipv4Addr;
@@ -34,7 +34,11 @@ impl Forwarding for Ebpf {
         self.0.counters().map_err(|e| e.to_string())
     }
     fn describe(&self) -> String {
-        format!("eBPF ({:?})", self.0.attach_mode())
+        format!(
+            "eBPF (uplink {:?}, endpoints {:?})",
+            self.0.attach_mode(),
+            self.0.endpoint_attach_mode()
+        )
     }
 }
 
@@ -55,7 +59,11 @@ fn dataplane_config(config: &DaemonConfig) -> DataplaneConfig {
 }
 
 pub fn forwarding(config: &DaemonConfig, _ipam: &Ipam) -> anyhow::Result<Box<dyn Forwarding>> {
-    let dp = Dataplane::start(dataplane_config(config))?;
+    let endpoint_attach = match config.endpoint_attach {
+        EndpointAttach::Classic => AttachMode::Classic,
+        EndpointAttach::Tcx => AttachMode::Tcx,
+    };
+    let dp = Dataplane::start_with(dataplane_config(config), StartOptions { endpoint_attach })?;
     Ok(Box::new(Ebpf(dp)))
 }
 

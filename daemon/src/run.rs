@@ -43,7 +43,13 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     };
 
     let fwd: Box<dyn Forwarding> = match config.dataplane {
-        DataplaneMode::Kernel => Box::new(KernelRoutes),
+        DataplaneMode::Kernel => {
+            // Without the eBPF ARP responder the fabric must still find pods on this node: proxy
+            // ARP answers for every address routed through another interface (the pods' /32s).
+            let knob = format!("/proc/sys/net/ipv4/conf/{}/proxy_arp", config.uplink);
+            std::fs::write(&knob, "1").with_context(|| format!("enabling {knob}"))?;
+            Box::new(KernelRoutes)
+        }
         DataplaneMode::Ebpf => crate::ebpf_glue::forwarding(&config, &ipam)
             .context("starting the eBPF dataplane (set `dataplane: kernel` to run without it)")?,
     };

@@ -154,7 +154,8 @@ fn test(extra: &[String]) -> Result<()> {
         ])
         // Its own target dir: host and BPF artefacts of the same crates must not mix.
         .env("CARGO_TARGET_DIR", Path::new("target").join("ebpf-clippy")))?;
-    build_release()?;
+    // `cargo test` builds every default member's binaries too (the e2e tests run them); a separate
+    // `cargo build` would compile the dependency graph a second time with other features.
     let mut cmd = cargo();
     cmd.args(["test", "--release"]);
     if !extra.is_empty() {
