@@ -214,14 +214,32 @@ fn cmd_add(env: &Env, conf: &NetConf) -> Result<String> {
         host_veth: plan.host_veth.clone(),
         netns: netns_path.to_string(),
     });
-    let alloc = match call(conf, req, ALLOCATE_TIMEOUT) {
-        Ok(ResponseBody::Allocated(a)) => a,
-        Ok(ResponseBody::Error(e)) => return Err(e.into()),
-        Ok(other) => return Err(unexpected("allocate", &other)),
-        Err(e) => return Err(CniError::daemon("allocate", &socket, e)),
+    // The daemon commits the allocation to disk (an fsync) while we create the veth pair, which
+    // needs nothing from the answer: the two slowest steps of ADD overlap.
+    let pending = vpcnet_api::send(&conf.socket(), req, ALLOCATE_TIMEOUT)
+        .map_err(|e| CniError::daemon("allocate", &socket, e))?;
+    let provisional_mtu = conf.mtu.unwrap_or(DEFAULT_MTU);
+    let created = create_veth(&mut nl, &plan, provisional_mtu);
+    let alloc = match pending.receive() {
+        Ok(ResponseBody::Allocated(a)) => Ok(a),
+        Ok(ResponseBody::Error(e)) => Err(e.into()),
+        Ok(other) => Err(unexpected("allocate", &other)),
+        Err(e) => Err(CniError::daemon("allocate", &socket, e)),
+    };
+    let alloc = match (created, alloc) {
+        (Ok(()), Ok(a)) => a,
+        (created, alloc) => {
+            // Whatever failed first, nothing of this attachment may stay behind.
+            rollback(&mut nl, conf, &plan);
+            return Err(match (created, alloc) {
+                (_, Err(e)) => e,
+                (Err(e), _) => e,
+                _ => CniError::internal("ADD failed without an error"),
+            });
+        }
     };
 
-    match wire(&mut nl, conf, &plan, &alloc) {
+    match wire(&mut nl, conf, &plan, &alloc, provisional_mtu) {
         Ok(att) => {
             let out = result::render(&conf.cni_version, conf.prev_result.as_ref(), &att);
             Ok(out.to_string())
@@ -233,14 +251,7 @@ fn cmd_add(env: &Env, conf: &NetConf) -> Result<String> {
     }
 }
 
-fn wire(
-    nl: &mut Netlink,
-    conf: &NetConf,
-    plan: &AddPlan<'_>,
-    alloc: &Allocation,
-) -> Result<Attachment> {
-    let mtu = conf.mtu.or(alloc.mtu).unwrap_or(DEFAULT_MTU);
-    let ip = alloc.ip;
+fn create_veth(nl: &mut Netlink, plan: &AddPlan<'_>, mtu: u32) -> Result<()> {
     nl.create_veth(&VethSpec {
         host: &plan.host_veth,
         host_mac: HOST_VETH_MAC,
@@ -258,13 +269,26 @@ fn wire(
         } else {
             nl_err(e)
         }
-    })?;
+    })
+}
+
+fn wire(
+    nl: &mut Netlink,
+    conf: &NetConf,
+    plan: &AddPlan<'_>,
+    alloc: &Allocation,
+    provisional_mtu: u32,
+) -> Result<Attachment> {
+    let mtu = conf.mtu.or(alloc.mtu).unwrap_or(DEFAULT_MTU);
+    let ip = alloc.ip;
+    // The veth was created before the daemon's MTU was known; fix it only when it differs.
+    let fix_mtu = (mtu != provisional_mtu).then_some(mtu);
 
     // Pod and node sides are independent until EndpointReady; doing them concurrently hides one
     // side's netlink round trips behind the other's.
     let (pod, host) = std::thread::scope(|s| {
-        let pod = s.spawn(|| configure_pod(&plan.ns, plan.ifname, ip));
-        let host = configure_host(nl, &plan.host_veth, ip);
+        let pod = s.spawn(|| configure_pod(&plan.ns, plan.ifname, ip, fix_mtu));
+        let host = configure_host(nl, &plan.host_veth, ip, fix_mtu);
         (pod.join(), host)
     });
     pod.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
@@ -297,7 +321,7 @@ fn wire(
 
 /// Runs on its own thread: enters the pod namespace and wires the pod side with a netlink socket
 /// opened there.
-fn configure_pod(ns: &File, ifname: &str, ip: Ipv4Addr) -> Result<()> {
+fn configure_pod(ns: &File, ifname: &str, ip: Ipv4Addr, mtu: Option<u32>) -> Result<()> {
     netns::enter(ns)
         .map_err(|e| CniError::io(format!("entering the pod network namespace: {e}")))?;
     // Without this the kernel runs IPv6 DAD on the new link and the link-local address stays
@@ -310,7 +334,11 @@ fn configure_pod(ns: &File, ifname: &str, ip: Ipv4Addr) -> Result<()> {
         .map_err(nl_err)?
         .ok_or_else(|| CniError::io(format!("{ifname} vanished from the pod namespace")))?;
     let i = link.index;
-    nl.apply(vec![
+    let mut reqs = Vec::with_capacity(6);
+    if let Some(mtu) = mtu {
+        reqs.push(netlink::set_mtu(i, ifname, mtu));
+    }
+    reqs.extend([
         netlink::add_addr_v4(i, ifname, ip, 32),
         netlink::set_up(i, ifname),
         netlink::add_route_v4(i, ifname, POD_GATEWAY, 32, None, RouteMode::Append),
@@ -325,26 +353,35 @@ fn configure_pod(ns: &File, ifname: &str, ip: Ipv4Addr) -> Result<()> {
         // The host veth answers for the gateway; a permanent entry means no ARP round trip before
         // the pod's first packet and nothing that can go stale.
         netlink::add_permanent_neigh_v4(i, ifname, POD_GATEWAY, HOST_VETH_MAC),
-    ])
-    .map_err(nl_err)
+    ]);
+    nl.apply(reqs).map_err(nl_err)
 }
 
 /// Node side: the host veth is already up (created so); route the pod's address to it so the node
 /// itself (kubelet probes) can reach the pod.
-fn configure_host(nl: &mut Netlink, host_veth: &str, ip: Ipv4Addr) -> Result<Link> {
+fn configure_host(
+    nl: &mut Netlink,
+    host_veth: &str,
+    ip: Ipv4Addr,
+    mtu: Option<u32>,
+) -> Result<Link> {
     let link = nl
         .link_by_name(host_veth)
         .map_err(nl_err)?
         .ok_or_else(|| CniError::io(format!("host veth {host_veth} vanished after creation")))?;
-    nl.apply(vec![netlink::add_route_v4(
+    let mut reqs = Vec::with_capacity(2);
+    if let Some(mtu) = mtu {
+        reqs.push(netlink::set_mtu(link.index, host_veth, mtu));
+    }
+    reqs.push(netlink::add_route_v4(
         link.index,
         host_veth,
         ip,
         32,
         None,
         RouteMode::Replace,
-    )])
-    .map_err(nl_err)?;
+    ));
+    nl.apply(reqs).map_err(nl_err)?;
     Ok(link)
 }
 

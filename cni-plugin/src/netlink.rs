@@ -467,6 +467,17 @@ pub fn set_up(index: u32, name: &str) -> Req {
     }
 }
 
+pub fn set_mtu(index: u32, name: &str, mtu: u32) -> Req {
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    msg.attributes.push(LinkAttribute::Mtu(mtu));
+    Req {
+        op: format!("setting the MTU of {name} to {mtu}"),
+        msg: RouteNetlinkMessage::SetLink(msg),
+        flags: 0,
+    }
+}
+
 pub fn add_addr_v4(index: u32, name: &str, ip: Ipv4Addr, prefix_len: u8) -> Req {
     let mut msg = AddressMessage::default();
     msg.header.family = AddressFamily::Inet;

@@ -21,6 +21,18 @@ pub enum Bench {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
     },
+    /// Throughput (iperf3, one stream) and TCP request/response latency, eBPF vs kernel routing.
+    Dataplane {
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 4)]
+        seconds: u32,
+        /// Interleaved repetitions per path; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Round trips per latency measurement.
+        #[arg(long, default_value_t = 5000)]
+        round_trips: usize,
+    },
 }
 
 pub fn run(what: Bench) -> Result<()> {
@@ -30,6 +42,11 @@ pub fn run(what: Bench) -> Result<()> {
             pods,
             concurrency,
         } => cni(rounds, pods, concurrency),
+        Bench::Dataplane {
+            seconds,
+            reps,
+            round_trips,
+        } => crate::bench_dp::run(seconds, reps, round_trips),
     }
 }
 

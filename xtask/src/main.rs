@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask setup|test|demo|clean|bench`.
 
 mod bench;
+mod bench_dp;
 mod demo;
 mod setup;
 
@@ -42,6 +43,9 @@ enum Cmd {
     Clean,
     /// Benchmarks that print figures.
     Bench {
+        /// Skip set-up and build (use the binaries already in target/release).
+        #[arg(long)]
+        no_setup: bool,
         #[command(subcommand)]
         what: bench::Bench,
     },
@@ -84,9 +88,11 @@ fn real_main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { what } => {
-            setup::run()?;
-            build_release()?;
+        Cmd::Bench { no_setup, what } => {
+            if !no_setup {
+                setup::run()?;
+                build_release()?;
+            }
             bench::run(what)
         }
     }

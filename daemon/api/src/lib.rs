@@ -276,6 +276,18 @@ pub fn call(
     body: RequestBody,
     timeout: Duration,
 ) -> Result<ResponseBody, ClientError> {
+    send(socket, body, timeout)?.receive()
+}
+
+/// A request that has been sent and whose answer has not been read yet.
+pub struct Pending {
+    stream: UnixStream,
+    path: String,
+}
+
+/// Sends a request without waiting for the answer, so the caller can do independent work (the plugin
+/// creates the veth pair while the daemon commits the allocation to disk).
+pub fn send(socket: &Path, body: RequestBody, timeout: Duration) -> Result<Pending, ClientError> {
     let path = socket.display().to_string();
     let stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
         path: path.clone(),
@@ -290,20 +302,30 @@ pub fn call(
     let mut line = serde_json::to_vec(&Request::new(body))?;
     line.push(b'\n');
     (&stream).write_all(&line).map_err(io)?;
-    let mut reader = BufReader::new(&stream);
-    let mut answer = String::new();
-    let n = reader.read_line(&mut answer).map_err(io)?;
-    if n == 0 {
-        return Err(io(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "connection closed before an answer",
-        )));
+    Ok(Pending { stream, path })
+}
+
+impl Pending {
+    pub fn receive(self) -> Result<ResponseBody, ClientError> {
+        let io = |source| ClientError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut reader = BufReader::new(&self.stream);
+        let mut answer = String::new();
+        let n = reader.read_line(&mut answer).map_err(io)?;
+        if n == 0 {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed before an answer",
+            )));
+        }
+        let resp: Response = serde_json::from_str(&answer)?;
+        if resp.version != PROTOCOL_VERSION {
+            return Err(ClientError::Version { got: resp.version });
+        }
+        Ok(resp.body)
     }
-    let resp: Response = serde_json::from_str(&answer)?;
-    if resp.version != PROTOCOL_VERSION {
-        return Err(ClientError::Version { got: resp.version });
-    }
-    Ok(resp.body)
 }
 
 #[cfg(test)]
