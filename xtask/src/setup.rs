@@ -51,6 +51,23 @@ fn apt_packages() -> Result<()> {
 }
 
 fn rust_components() -> Result<()> {
+    // The eBPF crate builds with the toolchain literally named `nightly` (see ebpf-toolchain notes);
+    // install it only when a machine lacks it.
+    let has_nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_nightly {
+        sh(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
     let out = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output();
