@@ -55,9 +55,21 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     };
     info!(dataplane = %fwd.describe(), mtu, "dataplane ready");
 
+    let policy = match &config.manifests_dir {
+        Some(dir) => {
+            let source = Arc::new(crate::policy::ManifestDir::new(dir.clone()));
+            if let Err(e) = source.poll() {
+                warn!(error = %e, dir = %dir.display(), "cluster manifests rejected; keeping none until they are fixed");
+            }
+            source.spawn_watcher(Duration::from_millis(50));
+            Some(source)
+        }
+        None => None,
+    };
     let metrics = Arc::new(Metrics::default());
     let service = Arc::new(Service {
         ipam,
+        policy,
         fwd: Mutex::new(fwd),
         config: config.clone(),
         metrics: metrics.clone(),

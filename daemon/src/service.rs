@@ -59,6 +59,8 @@ impl Forwarding for KernelRoutes {
 
 pub struct Service {
     pub ipam: Arc<Ipam>,
+    /// Cluster state for NetworkPolicy (standalone: the watched manifest directory).
+    pub policy: Option<Arc<crate::policy::ManifestDir>>,
     pub fwd: Mutex<Box<dyn Forwarding>>,
     pub config: DaemonConfig,
     pub metrics: Arc<Metrics>,
@@ -100,6 +102,9 @@ impl Service {
                     allocations: l.iter().map(|r| to_allocation(r, self.mtu)).collect(),
                 })
                 .map_err(ipam_err),
+            RequestBody::Policy { namespace, name } => self
+                .explain_policy(&namespace, &name)
+                .map(|text| ResponseBody::Text { text }),
             RequestBody::Counters => self
                 .lock_fwd()
                 .counters()
@@ -109,6 +114,30 @@ impl Service {
                 }),
         };
         result.unwrap_or_else(ResponseBody::Error)
+    }
+
+    fn explain_policy(&self, namespace: &str, name: &str) -> Result<String, ApiError> {
+        use crate::policy::StateSource as _;
+        let source = self.policy.as_ref().ok_or_else(|| {
+            ApiError::new(
+                code::INVALID_CONFIG,
+                "no cluster state: set `manifests_dir` in the vpcnetd config to read NetworkPolicies",
+            )
+        })?;
+        let state = source
+            .snapshot()
+            .map_err(|e| ApiError::new(code::INVALID_CONFIG, format!("cluster state: {e}")))?;
+        let pod = crate::policy::model::ObjRef::new(namespace, name);
+        let mut text = crate::policy::explain(&state, &pod)
+            .map_err(|e| ApiError::new(code::UNKNOWN_CONTAINER, e.to_string()))?;
+        if let Some(e) = source.last_error() {
+            text.push_str(&format!(
+                "\nwarning: the newest manifests were rejected, the last good state is shown: {e}\n"
+            ));
+        }
+        // Say so plainly until the dataplane enforces policy: an operator must not assume isolation.
+        text.push_str("\nnote: this node's dataplane does not enforce NetworkPolicy yet; this is what the policies say.\n");
+        Ok(text)
     }
 
     fn lock_fwd(&self) -> std::sync::MutexGuard<'_, Box<dyn Forwarding>> {

@@ -93,7 +93,7 @@ impl Cluster {
     pub fn build(spec: ClusterSpec) -> Result<Cluster> {
         let prefix = run_prefix();
         let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(dir.join("manifests"))?;
         let ns = |role: &str| Netns::create(&format!("{prefix}-{role}"));
         let fabric = ns("fabric")?;
         let router = ns("router")?;
@@ -233,6 +233,7 @@ impl Cluster {
             "bpf_dir": node.bpf_dir,
             "dataplane": if self.spec.dataplane { "ebpf" } else { "kernel" },
             "reconcile_interval_secs": 5,
+            "manifests_dir": self.manifests_dir(),
             "ipam": {
                 "cooldown_secs": self.spec.cooldown_secs,
                 "default_network": "vpc-a",
@@ -264,6 +265,21 @@ impl Cluster {
             }
         });
         serde_json::to_string_pretty(&config).unwrap_or_default()
+    }
+
+    /// The standalone cluster state every node's daemon reads (Namespace, Pod, NetworkPolicy YAML).
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    /// Writes (or replaces) one manifest file atomically, as `kubectl apply` of a file would.
+    pub fn apply_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        let dir = self.manifests_dir();
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, dir.join(file))?;
+        Ok(())
     }
 
     /// Leaves namespaces, daemons and pins in place when the cluster is dropped.

@@ -121,6 +121,11 @@ pub enum RequestBody {
     List,
     /// Dataplane counters (for `vpcnetctl`).
     Counters,
+    /// Which NetworkPolicies select a pod and what they allow, in words (for `vpcnetctl`).
+    Policy {
+        namespace: String,
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +228,7 @@ pub enum ResponseBody {
     Status(StatusInfo),
     List { allocations: Vec<Allocation> },
     Counters(CountersInfo),
+    Text { text: String },
     Error(ApiError),
 }
 

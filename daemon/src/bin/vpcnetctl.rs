@@ -24,6 +24,8 @@ enum Cmd {
     List,
     /// Dataplane counters: per endpoint, and drops per reason.
     Counters,
+    /// Which NetworkPolicies select a pod and what they allow: `vpcnetctl policy <namespace>/<pod>`.
+    Policy { pod: String },
 }
 
 fn main() {
@@ -39,6 +41,15 @@ fn real_main() -> Result<()> {
         Cmd::Status => RequestBody::Status,
         Cmd::List => RequestBody::List,
         Cmd::Counters => RequestBody::Counters,
+        Cmd::Policy { pod } => {
+            let Some((namespace, name)) = pod.split_once('/') else {
+                bail!("expected <namespace>/<pod>, got {pod:?}");
+            };
+            RequestBody::Policy {
+                namespace: namespace.into(),
+                name: name.into(),
+            }
+        }
     };
     let resp = vpcnet_api::call(&cli.socket, body, Duration::from_secs(10))?;
     if cli.json {
@@ -86,6 +97,7 @@ fn real_main() -> Result<()> {
                 println!("{reason:<24} {n:>10}");
             }
         }
+        ResponseBody::Text { text } => print!("{text}"),
         ResponseBody::Error(e) => bail!("vpcnetd: {} (code {})", e.msg, e.code),
         other => bail!("unexpected answer: {other:?}"),
     }
