@@ -234,6 +234,8 @@ impl Cluster {
             "dataplane": if self.spec.dataplane { "ebpf" } else { "kernel" },
             "reconcile_interval_secs": 5,
             "manifests_dir": self.manifests_dir(),
+            // Loopback of the node's own namespace: every node can use the same port.
+            "metrics_addr": "127.0.0.1:9962",
             "ipam": {
                 "cooldown_secs": self.spec.cooldown_secs,
                 "default_network": "vpc-a",
