@@ -201,9 +201,6 @@ fn cmd_add(env: &Env, conf: &NetConf) -> Result<String> {
     };
 
     let mut nl = Netlink::open().map_err(nl_err)?;
-    // A previous ADD for this attachment that died half-way may have left its veth behind; the
-    // name is ours by construction, so it is safe to remove.
-    nl.del_link(&plan.host_veth).map_err(nl_err)?;
 
     let socket = conf.socket().display().to_string();
     let req = RequestBody::Allocate(AllocateRequest {
@@ -252,15 +249,26 @@ fn cmd_add(env: &Env, conf: &NetConf) -> Result<String> {
 }
 
 fn create_veth(nl: &mut Netlink, plan: &AddPlan<'_>, mtu: u32) -> Result<()> {
-    nl.create_veth(&VethSpec {
+    let spec = VethSpec {
         host: &plan.host_veth,
         host_mac: HOST_VETH_MAC,
         peer: plan.ifname,
         peer_mac: plan.pod_mac,
         mtu,
         peer_netns: plan.ns.as_raw_fd(),
-    })
-    .map_err(|e| {
+    };
+    let mut result = nl.create_veth(&spec);
+    // A previous ADD for this attachment that died half-way may have left its host veth behind.
+    // The name is ours by construction, so remove it and try once more; checking only after
+    // EEXIST keeps the common path at one netlink round trip.
+    if let Err(e) = &result
+        && e.is(libc::EEXIST)
+        && nl.link_by_name(&plan.host_veth).map_err(nl_err)?.is_some()
+    {
+        nl.del_link(&plan.host_veth).map_err(nl_err)?;
+        result = nl.create_veth(&spec);
+    }
+    result.map_err(|e| {
         if e.is(libc::EEXIST) {
             CniError::io(format!(
                 "{e}: interface {} already exists in {}",

@@ -325,6 +325,7 @@ fn answer(body: RequestBody, state: &Mutex<State>) -> ResponseBody {
             allocations: st.allocations.values().cloned().collect(),
         },
         RequestBody::Counters => ResponseBody::Error(ApiError::new(199, "fake: no counters")),
+        RequestBody::Policy { .. } => ResponseBody::Error(ApiError::new(199, "fake: no policy")),
     }
 }
 
