@@ -11,6 +11,12 @@ fn main() -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("{}", root.display()))?;
     let root = root.to_str().context("non-UTF-8 path to ebpf/programs")?;
+    // aya-build watches only the programs crate; the shared map layouts must trigger a rebuild too,
+    // or the daemon could embed programs built against stale struct definitions.
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../ebpf/common").display()
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "vpcnet-ebpf",

@@ -181,8 +181,9 @@ impl Topology {
         }
     }
 
-    fn build() -> (Topology, BTreeMap<&'static str, Endpoint>) {
-        let prefix = format!("vpcndp{:x}", std::process::id() & 0xfffff);
+    /// `tag` keeps the namespaces of tests running in parallel (same process id) apart.
+    fn build(tag: &str) -> (Topology, BTreeMap<&'static str, Endpoint>) {
+        let prefix = format!("vpcn{tag}{:x}", std::process::id() & 0xfffff);
         let mut t = Topology {
             prefix,
             namespaces: Vec::new(),
@@ -345,29 +346,52 @@ impl Topology {
     /// the server saw.
     fn peer_seen(&self, server: &str, addr: Ipv4Addr, client: &str) -> Ipv4Addr {
         let sa = SocketAddr::from((addr, 7000));
+        self.peer_seen_via(server, sa, client, sa, None)
+            .unwrap_or_else(|e| panic!("{client} -> {sa}: {e}"))
+    }
+
+    /// A one-shot TCP server on `bind` in `server` answers with the peer address it saw;
+    /// `client` connects to `connect` (from `src_port` when given) and reads the answer. The
+    /// client only gets it if every reply came back from `connect` — through NAT that means
+    /// de-NATed by conntrack. Never hangs: the server gives up after 4 s.
+    fn peer_seen_via(
+        &self,
+        server: &str,
+        bind: SocketAddr,
+        client: &str,
+        connect: SocketAddr,
+        src_port: Option<u16>,
+    ) -> Result<Ipv4Addr, String> {
         let (tx, rx) = std::sync::mpsc::channel();
         let server_ns = self.ns(server);
         let client_ns = self.ns(client);
         std::thread::scope(|s| {
-            let srv = s.spawn(|| {
+            s.spawn(|| {
                 in_ns(&server_ns, move || {
-                    let l = TcpListener::bind(sa).expect("bind");
+                    let l = TcpListener::bind(bind).expect("bind");
+                    l.set_nonblocking(true).unwrap();
                     tx.send(()).unwrap();
-                    let (mut c, peer) = l.accept().expect("accept");
-                    c.write_all(peer.ip().to_string().as_bytes()).unwrap();
+                    let deadline = Instant::now() + Duration::from_secs(4);
+                    while Instant::now() < deadline {
+                        match l.accept() {
+                            Ok((mut c, peer)) => {
+                                c.set_nonblocking(false).unwrap();
+                                let _ = c.write_all(peer.ip().to_string().as_bytes());
+                                return;
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                        }
+                    }
                 })
             });
             rx.recv().unwrap();
-            let seen = in_ns(&client_ns, move || {
-                let mut c = TcpStream::connect_timeout(&sa, Duration::from_secs(3))
-                    .unwrap_or_else(|e| panic!("connect {sa}: {e}"));
+            in_ns(&client_ns, move || {
+                let mut c = connect_from(connect, src_port).map_err(|e| format!("connect: {e}"))?;
                 c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
                 let mut s = String::new();
-                c.read_to_string(&mut s).expect("read");
-                s.parse().expect("address")
-            });
-            srv.join().unwrap();
-            seen
+                c.read_to_string(&mut s).map_err(|e| format!("read: {e}"))?;
+                s.parse().map_err(|e| format!("answer {s:?}: {e}"))
+            })
         })
     }
 
@@ -383,6 +407,53 @@ impl Topology {
                 it.next()?.parse::<u64>().ok()
             })
             .sum()
+    }
+}
+
+/// `TcpStream::connect_timeout`, optionally from a fixed source port (to reuse a 5-tuple).
+fn connect_from(to: SocketAddr, src_port: Option<u16>) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let Some(port) = src_port else {
+        return TcpStream::connect_timeout(&to, Duration::from_secs(3));
+    };
+    let SocketAddr::V4(to) = to else {
+        unreachable!("IPv4 only")
+    };
+    let sin = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor owned by the TcpStream built at once.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        // Bounds the blocking connect below.
+        stream.set_write_timeout(Some(Duration::from_secs(3)))?;
+        let local = sin(Ipv4Addr::UNSPECIFIED, port);
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin(*to.ip(), to.port());
+        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
     }
 }
 
@@ -444,7 +515,7 @@ impl Phases {
 fn dataplane_end_to_end() {
     require_root();
     let mut ph = Phases::new();
-    let (topo, eps) = Topology::build();
+    let (topo, eps) = Topology::build("dp");
     ph.done("topology");
 
     // --- start + endpoints -------------------------------------------------------------------
@@ -798,8 +869,10 @@ fn dataplane_end_to_end() {
         in_ns(&topo.ns(role), || {
             dataplane::uninstall(&pin_dir, "eth0").expect("uninstall");
             dataplane::uninstall(&pin_dir, "eth0").expect("uninstall is idempotent");
-            let (_, progs) = SchedClassifier::query_tcx("eth0", TcAttachType::Ingress).unwrap();
-            assert!(progs.is_empty(), "programs left on the uplink");
+            for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let (_, progs) = SchedClassifier::query_tcx("eth0", dir).unwrap();
+                assert!(progs.is_empty(), "programs left on the uplink");
+            }
         });
         assert!(!pin_dir.exists(), "pins left in {}", pin_dir.display());
         let qdiscs = run(&mut topo.exec(role, &["tc", "qdisc", "show"]));
@@ -813,18 +886,22 @@ fn dataplane_end_to_end() {
     }
     in_ns(&n1, || {
         for veth in ["vpcp1000000000", "vpcp2000000000", "vpcp4000000000"] {
-            let (_, progs) = SchedClassifier::query_tcx(veth, TcAttachType::Ingress).unwrap();
-            assert!(progs.is_empty(), "program left on {veth}");
+            for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let (_, progs) = SchedClassifier::query_tcx(veth, dir).unwrap();
+                assert!(progs.is_empty(), "program left on {veth}");
+            }
         }
     });
-    let filters = run(&mut topo.exec(
-        "n2",
-        &["tc", "filter", "show", "dev", "vpcp3000000000", "ingress"],
-    ));
-    assert!(
-        filters.stdout.is_empty(),
-        "classic filter left on p3's veth"
-    );
+    for dir in ["ingress", "egress"] {
+        let filters = run(&mut topo.exec(
+            "n2",
+            &["tc", "filter", "show", "dev", "vpcp3000000000", dir],
+        ));
+        assert!(
+            filters.stdout.is_empty(),
+            "classic {dir} filter left on p3's veth"
+        );
+    }
     // Without the programs nobody answers ARP for the pods: forget what the fabric learned.
     for role in ["vpc", "n2", "rtr"] {
         topo.ip(role, "neigh flush all");
@@ -854,4 +931,143 @@ fn uninstall_of_nothing_is_ok() {
     in_ns(&ns, || {
         dataplane::uninstall(&pin_dir, "lo").expect("nothing to remove is not an error")
     });
+}
+
+/// Flows the kernel NATs keep going through the kernel both ways (conntrack's reverse NAT):
+/// a portmap-style hostPort (VPC host → node1:8080, DNAT → p2:80) and kube-proxy-style Services
+/// (pod → virtual IP, DNAT → a backend pod on the other node, or on the same node). The DNAT rules
+/// live in a table of the test's own in node1's netns; node2 uses classic filters, so both attach
+/// modes of the observers are exercised.
+#[test]
+fn kernel_nat_flows_are_reverse_natted() {
+    require_root();
+    let mut ph = Phases::new();
+    let (topo, eps) = Topology::build("dn");
+    let mut dp1 = topo.start("node1");
+    let mut dp2 = topo.start("node2");
+    let n1 = topo.ns("n1");
+    let n2 = topo.ns("n2");
+    for name in ["p1", "p2"] {
+        let ep = eps[name].clone();
+        let dp = &mut dp1;
+        in_ns(&n1, || dp.add_endpoint(&ep).expect("add_endpoint"));
+    }
+    {
+        let ep = eps["p3"].clone();
+        let dp = &mut dp2;
+        in_ns(&n2, || dp.add_endpoint(&ep).expect("add_endpoint"));
+    }
+    ph.done("topology + start");
+
+    const VIP_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+    const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+    let rules = format!(
+        "table ip vpcnt_test {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr {NODE1} tcp dport 8080 dnat to {P2}:80
+    ip daddr {VIP_REMOTE} tcp dport 80 dnat to {P3}:80
+    ip daddr {VIP_LOCAL} tcp dport 80 dnat to {P2}:80
+  }}
+}}
+"
+    );
+    let mut nft = topo
+        .exec("n1", &["nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft rules");
+
+    let sa = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
+    // hostPort: the client gets its answer from node1:8080, the pod sees the client (no SNAT).
+    let hits = node_count(&dp1, "kernel-flow-hits");
+    assert_eq!(
+        topo.peer_seen_via("p2", sa(P2, 80), "vpc", sa(NODE1, 8080), None),
+        Ok(VPC_HOST),
+        "hostPort through DNAT"
+    );
+    assert!(node_count(&dp1, "kernel-flow-hits") > hits);
+    // Service, backend on the other node: the reply arrives on node1's uplink.
+    assert_eq!(
+        topo.peer_seen_via("p3", sa(P3, 80), "p1", sa(VIP_REMOTE, 80), None),
+        Ok(P1),
+        "Service with a remote backend"
+    );
+    // Service, backend on the same node.
+    assert_eq!(
+        topo.peer_seen_via("p2", sa(P2, 80), "p1", sa(VIP_LOCAL, 80), None),
+        Ok(P1),
+        "Service with a local backend"
+    );
+    ph.done("DNAT flows");
+
+    // A new connection reusing a hostPort flow's 5-tuple without NAT (straight to the pod) is
+    // the programs' again: the recorded entry is stale and must not capture it.
+    let stale = node_count(&dp1, "kernel-flow-stale");
+    assert_eq!(
+        topo.peer_seen_via("p2", sa(P2, 80), "vpc", sa(NODE1, 8080), Some(41000)),
+        Ok(VPC_HOST)
+    );
+    assert_eq!(
+        topo.peer_seen_via("p2", sa(P2, 80), "vpc", sa(P2, 80), Some(41000)),
+        Ok(VPC_HOST),
+        "direct connection reusing the tuple of a closed NAT flow"
+    );
+    assert!(node_count(&dp1, "kernel-flow-stale") > stale);
+    // And the eBPF paths are untouched.
+    assert_eq!(topo.peer_seen("p3", P3, "p1"), P1);
+    assert_eq!(topo.peer_seen("p2", P2, "p1"), P1);
+    assert_eq!(topo.peer_seen("p1", P1, "vpc"), VPC_HOST);
+    assert_eq!(topo.guard_drops("n1"), 0, "guard drops on node1");
+    assert_eq!(topo.guard_drops("n2"), 0, "guard drops on node2");
+    eprintln!(
+        "[dataplane] node1 counters: {:?}",
+        dp1.node_counters().unwrap()
+    );
+    eprintln!(
+        "[dataplane] node2 counters: {:?}",
+        dp2.node_counters().unwrap()
+    );
+    ph.done("tuple reuse + eBPF paths");
+
+    // Throughput of the eBPF paths (informational): pod to pod on a node, pod to pod across.
+    if Command::new("iperf3").arg("--version").output().is_ok() {
+        for (server, ip, client) in [("p2", P2, "p1"), ("p3", P3, "p1")] {
+            let mut srv = topo
+                .exec(server, &["iperf3", "-s", "-1", "-B", &ip.to_string()])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let out = topo
+                .exec(client, &["iperf3", "-c", &ip.to_string(), "-t", "3", "-J"])
+                .output()
+                .unwrap();
+            let _ = srv.wait();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let gbps = text
+                .split("\"sum_received\"")
+                .nth(1)
+                .and_then(|t| t.split("\"bits_per_second\":").nth(1))
+                .and_then(|t| t.split([',', '\n', '}']).next())
+                .and_then(|t| t.trim().parse::<f64>().ok())
+                .map(|b| b / 1e9);
+            eprintln!("[dataplane] iperf3 {client} -> {server}: {gbps:?} Gbit/s");
+        }
+        ph.done("iperf3");
+    }
+
+    for (role, node) in [("n1", "node1"), ("n2", "node2")] {
+        let pin_dir = topo.pin_dir(node);
+        in_ns(&topo.ns(role), || {
+            dataplane::uninstall(&pin_dir, "eth0").expect("uninstall")
+        });
+    }
+    drop((dp1, dp2));
 }

@@ -163,15 +163,9 @@ fn gc_removes_all_but_the_valid_attachments() {
 
 #[test]
 fn chained_with_portmap_a_host_port_reaches_the_pod() {
-    // Kernel-route mode: on the eBPF path the pod's reply to a DNATed flow is redirected by the
-    // programs and misses conntrack's reverse NAT (known gap, tracked for the dataplane).
-    let mut c = Cluster::build(ClusterSpec {
-        nodes: 1,
-        cooldown_secs: 30,
-        dataplane: false,
-    })
-    .unwrap();
-    c.node_mut(0).start_daemon().unwrap();
+    // eBPF dataplane: the pod's replies to the DNATed flow must go back through the kernel
+    // (conntrack's reverse NAT), which the programs learn from the host veth's egress.
+    let c = cluster(1);
     let node = &c.node(0).ns;
     let pod_ns = Netns::create(&format!("{}-pm", c.prefix)).unwrap();
     let id = "portmapcontainer01";

@@ -9,8 +9,41 @@
 //!   uplink with the pod's own source address; node addresses and internet destinations →
 //!   `TC_ACT_OK`.
 //! * uplink ingress (`uplink_ingress`): packets for a local pod go straight into it.
+//! * except **kernel flows**: a packet of a flow the kernel carried is handed to the kernel
+//!   (`TC_ACT_OK`) by both programs — see below.
 //!
 //! TTL is decremented on every forwarded hop (drop `ttl-exceeded` at ≤ 1).
+//!
+//! # Kernel flows (NAT done by the kernel: portmap hostPorts, kube-proxy Services)
+//! Rule: a flow the kernel has NAT state for keeps going through the kernel in both directions.
+//! Otherwise the redirect helpers skip conntrack's reverse NAT: a hostPort client
+//! (→ node:8080, DNAT → pod:80) would get the pod's SYN-ACK from pod:80, and a pod talking to a
+//! ClusterIP would get the backend's reply from the backend's address.
+//!
+//! The programs learn those flows from where the kernel puts packets, into the LRU map
+//! `KERNEL_FLOWS` (reply 5-tuple → expiry), through two observer programs that never drop:
+//! * `endpoint_egress` on each host veth (towards the pod): only packets the *kernel* delivers
+//!   pass there (`bpf_redirect_peer` skips the host veth's egress), so the reply tuple of every
+//!   TCP/UDP packet seen there is recorded. `endpoint_ingress` looks the pod's packets up and
+//!   passes hits to the kernel: hostPort replies, local Service backends' replies.
+//! * `uplink_egress` on the uplink: pod-sourced packets the kernel forwarded (Service DNATed to
+//!   a remote backend, post-DNAT tuple) are recorded; the programs' own redirects are told apart
+//!   by an `skb->mark` bit ([`vpcnet_common::SKB_MARK_REDIRECTED`]) that `endpoint_ingress` sets
+//!   and `uplink_egress` clears. `uplink_ingress` passes packets for a pod that match to the
+//!   kernel: the backend's replies get de-NATed to the ClusterIP.
+//!
+//! Why not conntrack itself (`bpf_skb_ct_lookup`): aya 0.14's loader cannot relocate kfunc calls,
+//! and a conntrack lookup on every pod packet costs more than one hash lookup — the only
+//! per-packet cost this adds to the pod↔pod / pod↔VPC path (plus reading the ports). Recording
+//! everything the kernel carried is safe because the reply of such a packet is always the
+//! kernel's (NAT, masquerade, node-local traffic); the nft forward chain accepts it with
+//! `ct status dnat/snat`. Entries expire after an idle timeout refreshed by both directions
+//! (TCP: conntrack's established timeout, UDP: 180 s) and the LRU bounds the map
+//! ([`vpcnet_common::MAX_KERNEL_FLOWS`]); a TCP SYN on the fast path only matches an entry whose
+//! flow the kernel saw open (a SYN within the last 60 s, after its last FIN/RST), so a new
+//! connection reusing a stale tuple is never captured (the entry is dropped,
+//! `kernel-flow-stale`). Counters: `kernel-flow-hits`, `kernel-flows-recorded`,
+//! `kernel-flow-record-failed`. Not covered: ICMP errors of NATed flows, non-first fragments. The observers follow their side's attach mode (TCX or classic).
 //!
 //! # Choices
 //! * **Masquerade** is nftables (table `ip vpcnet` in the node netns): internet traffic is the
@@ -36,8 +69,10 @@
 //!
 //! # Pins (under `pin_dir`)
 //! Maps by name (`ENDPOINTS`, `ENDPOINT_STATS`, `ROUTES`, `PEERS`, `CONFIG`, `DROPS`,
-//! `NODE_STATS`), `link_uplink` and `link_ep_<a>_<b>_<c>_<d>` (TCX links; bpffs names cannot contain dots), `tc-classic` marker when the
-//! fallback is in use.
+//! `NODE_STATS`, `KERNEL_FLOWS`), TCX links `link_uplink`/`link_uplink_out` and
+//! `link_ep_<a>_<b>_<c>_<d>`/`link_out_<a>_<b>_<c>_<d>` (ingress/egress; bpffs names cannot
+//! contain dots), `tc-classic` (and `tc-classic-egress`) markers when the uplink uses the
+//! fallback.
 
 mod nft;
 mod plan;
@@ -55,17 +90,29 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vpcnet_common::{
-    DROP_REASON_NAMES, EP_FLAG_TC_CLASSIC, EndpointInfo, EndpointStats, NODE_COUNTER_NAMES,
-    NodeConfig, PeerKey, RouteKey, RouteValue, ip_key,
+    DROP_REASON_NAMES, DROP_REASONS, EP_FLAG_EGRESS_TC_CLASSIC, EP_FLAG_TC_CLASSIC, EndpointInfo,
+    EndpointStats, FlowKey, FlowValue, MAX_ENDPOINTS, MAX_KERNEL_FLOWS, MAX_PEERS, MAX_ROUTES,
+    NODE_COUNTER_NAMES, NODE_COUNTERS, NodeConfig, PeerKey, RouteKey, RouteValue, ip_key,
 };
 
 pub use nft::{HOST_VETH_PREFIX, TABLE as NFT_TABLE};
 
 const PROG_UPLINK: &str = "uplink_ingress";
 const PROG_ENDPOINT: &str = "endpoint_ingress";
+const PROG_UPLINK_EGRESS: &str = "uplink_egress";
+const PROG_ENDPOINT_EGRESS: &str = "endpoint_egress";
+const PROGRAMS: [&str; 4] = [
+    PROG_UPLINK,
+    PROG_ENDPOINT,
+    PROG_UPLINK_EGRESS,
+    PROG_ENDPOINT_EGRESS,
+];
 const LINK_UPLINK: &str = "link_uplink";
+const LINK_UPLINK_EGRESS: &str = "link_uplink_out";
 const LINK_EP_PREFIX: &str = "link_ep_";
+const LINK_EP_EGRESS_PREFIX: &str = "link_out_";
 const CLASSIC_MARKER: &str = "tc-classic";
+const CLASSIC_MARKER_EGRESS: &str = "tc-classic-egress";
 /// Priority/handle of vpcnet's filters in classic mode, fixed so a restart replaces them in place.
 const CLASSIC_PRIORITY: u16 = 1;
 const CLASSIC_HANDLE: TcHandle = TcHandle::new(0, 0x7663);
@@ -77,18 +124,36 @@ const M_PEERS: &str = "PEERS";
 const M_CONFIG: &str = "CONFIG";
 const M_DROPS: &str = "DROPS";
 const M_NODE_STATS: &str = "NODE_STATS";
+const M_KERNEL_FLOWS: &str = "KERNEL_FLOWS";
 
-/// (map, key size, value size) as this build's programs expect them. A pin with another layout
-/// (left by an incompatible older release) is replaced rather than reused, since a program reading
-/// a differently-shaped value would misforward.
-const MAP_LAYOUTS: [(&str, usize, usize); 7] = [
-    (M_ENDPOINTS, 4, size_of::<EndpointInfo>()),
-    (M_ENDPOINT_STATS, 4, size_of::<EndpointStats>()),
-    (M_ROUTES, 4 + size_of::<RouteKey>(), size_of::<RouteValue>()),
-    (M_PEERS, size_of::<PeerKey>(), 4),
-    (M_CONFIG, 4, size_of::<NodeConfig>()),
-    (M_DROPS, 4, 8),
-    (M_NODE_STATS, 4, 8),
+/// (map, key size, value size, max entries) as this build's programs expect them. A pin with
+/// another layout (left by an incompatible older release) is replaced rather than reused, since a
+/// program reading a differently-shaped value would misforward (and a counter array too short
+/// for a new counter would silently not count).
+const MAP_LAYOUTS: [(&str, usize, usize, u32); 8] = [
+    (M_ENDPOINTS, 4, size_of::<EndpointInfo>(), MAX_ENDPOINTS),
+    (
+        M_ENDPOINT_STATS,
+        4,
+        size_of::<EndpointStats>(),
+        MAX_ENDPOINTS,
+    ),
+    (
+        M_ROUTES,
+        4 + size_of::<RouteKey>(),
+        size_of::<RouteValue>(),
+        MAX_ROUTES,
+    ),
+    (M_PEERS, size_of::<PeerKey>(), 4, MAX_PEERS),
+    (M_CONFIG, 4, size_of::<NodeConfig>(), 1),
+    (M_DROPS, 4, 8, DROP_REASONS),
+    (M_NODE_STATS, 4, 8, NODE_COUNTERS),
+    (
+        M_KERNEL_FLOWS,
+        size_of::<FlowKey>(),
+        size_of::<FlowValue>(),
+        MAX_KERNEL_FLOWS,
+    ),
 ];
 
 #[derive(Debug, Clone)]
@@ -186,7 +251,7 @@ pub struct Timings {
     pub load: Duration,
     /// Verifier load of both programs.
     pub verify: Duration,
-    /// Attaching (or updating) the uplink program.
+    /// Attaching (or updating) the uplink programs (observer and forwarder).
     pub uplink_attach: Duration,
     /// Last `add_endpoint`: map entries + link, end to end.
     pub last_add_endpoint: Duration,
@@ -225,9 +290,27 @@ impl std::fmt::Debug for Dataplane {
     }
 }
 
+/// Which side of an interface a program sits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// The forwarding programs (`uplink_ingress`, `endpoint_ingress`).
+    In,
+    /// The kernel-flow observers (`uplink_egress`, `endpoint_egress`).
+    Out,
+}
+
+impl Dir {
+    fn tc(self) -> TcAttachType {
+        match self {
+            Dir::In => TcAttachType::Ingress,
+            Dir::Out => TcAttachType::Egress,
+        }
+    }
+}
+
 enum LinkTarget<'a> {
-    Uplink,
-    Endpoint(Ipv4Addr, &'a str),
+    Uplink(Dir),
+    Endpoint(Ipv4Addr, &'a str, Dir),
 }
 
 impl Dataplane {
@@ -290,7 +373,7 @@ impl Dataplane {
             },
         };
         let t = Instant::now();
-        for name in [PROG_UPLINK, PROG_ENDPOINT] {
+        for name in PROGRAMS {
             dp.program(name)?.load()?;
         }
         dp.timings.verify = t.elapsed();
@@ -314,7 +397,19 @@ impl Dataplane {
         nft::apply(&plan, &cfg.uplink)?;
 
         let t = Instant::now();
-        let mode = dp.attach(LinkTarget::Uplink, uplink_ifindex, dp.uplink_mode)?;
+        // The observer first: flows the kernel carries from now on are recorded before the
+        // forwarding program can look for them.
+        let egress_wanted = if cfg.pin_dir.join(CLASSIC_MARKER_EGRESS).exists() {
+            AttachMode::Classic
+        } else {
+            dp.uplink_mode
+        };
+        let egress = dp.attach(LinkTarget::Uplink(Dir::Out), uplink_ifindex, egress_wanted)?;
+        if egress == AttachMode::Classic && egress_wanted != AttachMode::Classic {
+            std::fs::write(dp.pin_dir.join(CLASSIC_MARKER_EGRESS), b"")
+                .map_err(io_err("writing the classic-mode marker"))?;
+        }
+        let mode = dp.attach(LinkTarget::Uplink(Dir::In), uplink_ifindex, dp.uplink_mode)?;
         if mode != dp.uplink_mode {
             std::fs::write(dp.pin_dir.join(CLASSIC_MARKER), b"")
                 .map_err(io_err("writing the classic-mode marker"))?;
@@ -385,7 +480,7 @@ impl Dataplane {
                 ifindex: ep.host_ifindex,
                 mac: ep.pod_mac,
                 network_id: ep.network_id,
-                flags: flags_for(mode),
+                flags: flags_for(mode, mode),
                 policy_id: old.map_or(0, |o| o.policy_id),
             };
             // The entry goes in before the program: its first packet must find its source.
@@ -394,13 +489,9 @@ impl Dataplane {
         };
         let ta = Instant::now();
         let wanted = mode_of(&info);
-        match self.attach(
-            LinkTarget::Endpoint(ep.ip, &ifname),
-            ep.host_ifindex,
-            wanted,
-        ) {
-            Ok(mode) if mode != wanted => {
-                info.flags = flags_for(mode);
+        match self.attach_endpoint(ep.ip, &ifname, ep.host_ifindex, wanted) {
+            Ok(flags) if flags != info.flags => {
+                info.flags = flags;
                 let mut eps: HashMap<_, u32, EndpointInfo> =
                     HashMap::try_from(self.map_mut(M_ENDPOINTS)?)?;
                 eps.insert(key, info, 0)?;
@@ -408,6 +499,8 @@ impl Dataplane {
             Ok(_) => {}
             Err(e) => {
                 if !existed {
+                    let _ = sys::detach_and_unpin(&self.ep_pin(ep.ip));
+                    let _ = sys::detach_and_unpin(&self.ep_egress_pin(ep.ip));
                     let _ = self.remove_entries(key);
                 }
                 return Err(e);
@@ -425,17 +518,26 @@ impl Dataplane {
             let eps: HashMap<_, u32, EndpointInfo> = HashMap::try_from(self.map(M_ENDPOINTS)?)?;
             eps.get(&key, 0).ok()
         };
-        let pin = self.ep_pin(ip);
-        sys::detach_and_unpin(&pin).map_err(io_err(format!("detaching {}", pin.display())))?;
+        for pin in [self.ep_pin(ip), self.ep_egress_pin(ip)] {
+            sys::detach_and_unpin(&pin).map_err(io_err(format!("detaching {}", pin.display())))?;
+        }
         if let Some(info) = info
-            && mode_of(&info) == AttachMode::Classic
             && let Some(name) = sys::ifname(info.ifindex)
         {
-            let _ = aya::programs::tc::qdisc_detach_program(
-                &name,
-                TcAttachType::Ingress,
-                PROG_ENDPOINT,
-            );
+            if mode_of(&info) == AttachMode::Classic {
+                let _ = aya::programs::tc::qdisc_detach_program(
+                    &name,
+                    TcAttachType::Ingress,
+                    PROG_ENDPOINT,
+                );
+            }
+            if egress_mode_of(&info) == AttachMode::Classic {
+                let _ = aya::programs::tc::qdisc_detach_program(
+                    &name,
+                    TcAttachType::Egress,
+                    PROG_ENDPOINT_EGRESS,
+                );
+            }
         }
         self.remove_entries(key)
     }
@@ -521,12 +623,52 @@ impl Dataplane {
     }
 
     fn ep_pin(&self, ip: Ipv4Addr) -> PathBuf {
-        // bpffs refuses names with dots.
-        let o = ip.octets();
-        self.pin_dir.join(format!(
-            "{LINK_EP_PREFIX}{}_{}_{}_{}",
-            o[0], o[1], o[2], o[3]
-        ))
+        self.pin_dir.join(format!("{LINK_EP_PREFIX}{}", pin_ip(ip)))
+    }
+
+    fn ep_egress_pin(&self, ip: Ipv4Addr) -> PathBuf {
+        self.pin_dir
+            .join(format!("{LINK_EP_EGRESS_PREFIX}{}", pin_ip(ip)))
+    }
+
+    /// Attaches (or updates) both programs of an endpoint: the observer first (so flows the
+    /// kernel delivers are recorded before the forwarding program looks), then the forwarding
+    /// program, the observer in the mode the forwarding program ended up with. Returns the
+    /// `EndpointInfo::flags` describing the result.
+    fn attach_endpoint(
+        &mut self,
+        ip: Ipv4Addr,
+        ifname: &str,
+        ifindex: u32,
+        mode: AttachMode,
+    ) -> Result<u32, DataplaneError> {
+        let egress = self.attach(LinkTarget::Endpoint(ip, ifname, Dir::Out), ifindex, mode)?;
+        let egress_updated = self.timings.last_endpoint_updated;
+        let ingress = self.attach(LinkTarget::Endpoint(ip, ifname, Dir::In), ifindex, mode)?;
+        let egress = if ingress != egress {
+            // TCX refused the forwarding program: keep both on one mechanism.
+            self.detach_endpoint_egress(ip, ifname, egress);
+            self.attach(LinkTarget::Endpoint(ip, ifname, Dir::Out), ifindex, ingress)?
+        } else {
+            egress
+        };
+        self.timings.last_endpoint_updated &= egress_updated;
+        Ok(flags_for(ingress, egress))
+    }
+
+    fn detach_endpoint_egress(&self, ip: Ipv4Addr, ifname: &str, mode: AttachMode) {
+        match mode {
+            AttachMode::Tcx => {
+                let _ = sys::detach_and_unpin(&self.ep_egress_pin(ip));
+            }
+            AttachMode::Classic => {
+                let _ = aya::programs::tc::qdisc_detach_program(
+                    ifname,
+                    TcAttachType::Egress,
+                    PROG_ENDPOINT_EGRESS,
+                );
+            }
+        }
     }
 
     fn remove_entries(&mut self, key: u32) -> Result<(), DataplaneError> {
@@ -548,17 +690,32 @@ impl Dataplane {
         ifindex: u32,
         mode: AttachMode,
     ) -> Result<AttachMode, DataplaneError> {
-        let (prog_name, pin, ifname) = match target {
-            LinkTarget::Uplink => (
+        let (prog_name, pin, ifname, dir) = match target {
+            LinkTarget::Uplink(Dir::In) => (
                 PROG_UPLINK,
                 self.pin_dir.join(LINK_UPLINK),
                 self.uplink.clone(),
+                Dir::In,
             ),
-            LinkTarget::Endpoint(ip, name) => (PROG_ENDPOINT, self.ep_pin(ip), name.to_string()),
+            LinkTarget::Uplink(Dir::Out) => (
+                PROG_UPLINK_EGRESS,
+                self.pin_dir.join(LINK_UPLINK_EGRESS),
+                self.uplink.clone(),
+                Dir::Out,
+            ),
+            LinkTarget::Endpoint(ip, name, Dir::In) => {
+                (PROG_ENDPOINT, self.ep_pin(ip), name.to_string(), Dir::In)
+            }
+            LinkTarget::Endpoint(ip, name, Dir::Out) => (
+                PROG_ENDPOINT_EGRESS,
+                self.ep_egress_pin(ip),
+                name.to_string(),
+                Dir::Out,
+            ),
         };
         self.timings.last_endpoint_updated = false;
         if mode == AttachMode::Classic {
-            self.attach_classic(prog_name, &ifname)?;
+            self.attach_classic(prog_name, &ifname, dir)?;
             return Ok(AttachMode::Classic);
         }
         if let Ok(info) = sys::pinned_link_info(&pin) {
@@ -582,7 +739,7 @@ impl Dataplane {
         let prog = self.program(prog_name)?;
         let attached = prog.attach_with_options(
             &ifname,
-            TcAttachType::Ingress,
+            dir.tc(),
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         );
         match attached {
@@ -593,7 +750,7 @@ impl Dataplane {
             }
             Err(e) => {
                 tracing::warn!(error = %e, interface = %ifname, "TCX attach failed; falling back to clsact");
-                self.attach_classic(prog_name, &ifname)?;
+                self.attach_classic(prog_name, &ifname, dir)?;
                 Ok(AttachMode::Classic)
             }
         }
@@ -605,6 +762,7 @@ impl Dataplane {
         &mut self,
         prog_name: &'static str,
         ifname: &str,
+        dir: Dir,
     ) -> Result<(), DataplaneError> {
         match aya::programs::tc::qdisc_add_clsact(ifname) {
             Ok(()) => {}
@@ -614,19 +772,14 @@ impl Dataplane {
             Err(e) => return Err(e.into()),
         }
         let prog = self.program(prog_name)?;
-        let existing = SchedClassifierLink::attached(
-            ifname,
-            TcAttachType::Ingress,
-            CLASSIC_PRIORITY,
-            CLASSIC_HANDLE,
-            None,
-        )
-        .map_err(io_err(format!("interface {ifname}")))?;
+        let existing =
+            SchedClassifierLink::attached(ifname, dir.tc(), CLASSIC_PRIORITY, CLASSIC_HANDLE, None)
+                .map_err(io_err(format!("interface {ifname}")))?;
         let id = match prog.attach_to_link(existing) {
             Ok(id) => id,
             Err(_) => prog.attach_with_options(
                 ifname,
-                TcAttachType::Ingress,
+                dir.tc(),
                 TcAttachOptions::Netlink(NlOptions {
                     priority: CLASSIC_PRIORITY,
                     handle: CLASSIC_HANDLE,
@@ -660,18 +813,12 @@ impl Dataplane {
                 });
             match name {
                 Some(name) => {
-                    match self.attach(LinkTarget::Endpoint(ip, &name), info.ifindex, mode) {
-                        Ok(actual) if actual != mode => {
+                    // Also attaches the observer of an endpoint added by a release without it.
+                    match self.attach_endpoint(ip, &name, info.ifindex, mode) {
+                        Ok(flags) if flags != info.flags => {
                             let mut eps: HashMap<_, u32, EndpointInfo> =
                                 HashMap::try_from(self.map_mut(M_ENDPOINTS)?)?;
-                            eps.insert(
-                                key,
-                                EndpointInfo {
-                                    flags: flags_for(actual),
-                                    ..info
-                                },
-                                0,
-                            )?;
+                            eps.insert(key, EndpointInfo { flags, ..info }, 0)?;
                         }
                         Ok(_) => {}
                         Err(e) => {
@@ -682,6 +829,7 @@ impl Dataplane {
                 None => {
                     tracing::warn!(%ip, ifindex = info.ifindex, "host veth gone; endpoint forgotten");
                     let _ = sys::detach_and_unpin(&self.ep_pin(ip));
+                    let _ = sys::detach_and_unpin(&self.ep_egress_pin(ip));
                     self.remove_entries(key)?;
                 }
             }
@@ -690,7 +838,9 @@ impl Dataplane {
             .map_err(io_err(format!("reading {}", self.pin_dir.display())))?;
         for entry in dir.flatten() {
             let fname = entry.file_name().to_string_lossy().into_owned();
-            if let Some(ip) = fname.strip_prefix(LINK_EP_PREFIX)
+            if let Some(ip) = fname
+                .strip_prefix(LINK_EP_PREFIX)
+                .or_else(|| fname.strip_prefix(LINK_EP_EGRESS_PREFIX))
                 && !ip
                     .replace('_', ".")
                     .parse()
@@ -765,11 +915,30 @@ fn mode_of(info: &EndpointInfo) -> AttachMode {
     }
 }
 
-fn flags_for(mode: AttachMode) -> u32 {
-    match mode {
-        AttachMode::Classic => EP_FLAG_TC_CLASSIC,
-        AttachMode::Tcx => 0,
+/// Attach mode of an endpoint's observer (`endpoint_egress`).
+fn egress_mode_of(info: &EndpointInfo) -> AttachMode {
+    if info.flags & EP_FLAG_EGRESS_TC_CLASSIC != 0 {
+        AttachMode::Classic
+    } else {
+        AttachMode::Tcx
     }
+}
+
+fn flags_for(ingress: AttachMode, egress: AttachMode) -> u32 {
+    let mut flags = 0;
+    if ingress == AttachMode::Classic {
+        flags |= EP_FLAG_TC_CLASSIC;
+    }
+    if egress == AttachMode::Classic {
+        flags |= EP_FLAG_EGRESS_TC_CLASSIC;
+    }
+    flags
+}
+
+/// An address as it appears in pin names (bpffs refuses names with dots).
+fn pin_ip(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("{}_{}_{}_{}", o[0], o[1], o[2], o[3])
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), DataplaneError> {
@@ -799,18 +968,22 @@ fn set_ip_forward() -> Result<(), DataplaneError> {
 
 /// Removes map pins whose key/value sizes differ from this build's, so the loader recreates them.
 fn drop_incompatible_pins(pin_dir: &Path) {
-    for (name, key, value) in MAP_LAYOUTS {
+    for (name, key, value, max_entries) in MAP_LAYOUTS {
         let path = pin_dir.join(name);
         if !path.exists() {
             continue;
         }
         match MapInfo::from_pin(&path) {
-            Ok(info) if info.key_size() as usize == key && info.value_size() as usize == value => {}
+            Ok(info)
+                if info.key_size() as usize == key
+                    && info.value_size() as usize == value
+                    && info.max_entries() == max_entries => {}
             Ok(info) => {
                 tracing::warn!(
                     map = name,
                     key_size = info.key_size(),
                     value_size = info.value_size(),
+                    max_entries = info.max_entries(),
                     "pinned map has another layout; recreating it (its entries are lost)"
                 );
                 let _ = std::fs::remove_file(&path);
@@ -823,23 +996,32 @@ fn drop_incompatible_pins(pin_dir: &Path) {
     }
 }
 
-/// Interfaces carrying a classic vpcnet filter, with the program's name: the uplink when the node
-/// fell back to clsact, and every endpoint recorded with [`EP_FLAG_TC_CLASSIC`].
-fn classic_attachments(pin_dir: &Path, uplink: &str) -> Vec<(String, &'static str)> {
+/// Interfaces carrying a classic vpcnet filter, with its side and the program's name: the uplink
+/// when the node fell back to clsact, and every endpoint recorded with [`EP_FLAG_TC_CLASSIC`] /
+/// [`EP_FLAG_EGRESS_TC_CLASSIC`].
+fn classic_attachments(pin_dir: &Path, uplink: &str) -> Vec<(String, Dir, &'static str)> {
     let mut out = Vec::new();
     if pin_dir.join(CLASSIC_MARKER).exists() {
-        out.push((uplink.to_string(), PROG_UPLINK));
+        out.push((uplink.to_string(), Dir::In, PROG_UPLINK));
+        // The observer follows the forwarding program's mode.
+        out.push((uplink.to_string(), Dir::Out, PROG_UPLINK_EGRESS));
+    } else if pin_dir.join(CLASSIC_MARKER_EGRESS).exists() {
+        out.push((uplink.to_string(), Dir::Out, PROG_UPLINK_EGRESS));
     }
     if let Ok(m) = MapData::from_pin(pin_dir.join(M_ENDPOINTS)) {
         let map = aya::maps::Map::HashMap(m);
         if let Ok(eps) = HashMap::<_, u32, EndpointInfo>::try_from(&map) {
-            out.extend(
-                eps.iter()
-                    .filter_map(Result::ok)
-                    .filter(|(_, v)| mode_of(v) == AttachMode::Classic)
-                    .filter_map(|(_, v)| sys::ifname(v.ifindex))
-                    .map(|n| (n, PROG_ENDPOINT)),
-            );
+            for (_, v) in eps.iter().filter_map(Result::ok) {
+                let Some(name) = sys::ifname(v.ifindex) else {
+                    continue;
+                };
+                if mode_of(&v) == AttachMode::Classic {
+                    out.push((name.clone(), Dir::In, PROG_ENDPOINT));
+                }
+                if egress_mode_of(&v) == AttachMode::Classic {
+                    out.push((name, Dir::Out, PROG_ENDPOINT_EGRESS));
+                }
+            }
         }
     }
     out
@@ -856,7 +1038,7 @@ pub fn detach_programs(pin_dir: &Path, uplink: &str) -> Result<(), Vec<Dataplane
 
 fn detach_all(
     pin_dir: &Path,
-    classic: &[(String, &'static str)],
+    classic: &[(String, Dir, &'static str)],
 ) -> Result<(), Vec<DataplaneError>> {
     let mut errors = Vec::new();
     match std::fs::read_dir(pin_dir) {
@@ -873,8 +1055,8 @@ fn detach_all(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => errors.push(io_err(format!("reading {}", pin_dir.display()))(e)),
     }
-    for (ifname, prog) in classic {
-        match aya::programs::tc::qdisc_detach_program(ifname, TcAttachType::Ingress, prog) {
+    for (ifname, dir, prog) in classic {
+        match aya::programs::tc::qdisc_detach_program(ifname, dir.tc(), prog) {
             Ok(()) => {}
             Err(aya::programs::tc::TcError::IoError(e))
                 if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -913,7 +1095,8 @@ pub fn uninstall(pin_dir: &Path, uplink: &str) -> Result<(), Vec<DataplaneError>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => errors.push(io_err(format!("reading {}", pin_dir.display()))(e)),
     }
-    for (ifname, _) in &classic {
+    let ifnames: BTreeSet<&String> = classic.iter().map(|(n, _, _)| n).collect();
+    for ifname in ifnames {
         // aya has no qdisc delete; tc is part of iproute2, which every node has.
         match std::process::Command::new("tc")
             .args(["qdisc", "del", "dev", ifname, "clsact"])

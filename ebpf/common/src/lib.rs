@@ -55,7 +55,17 @@ pub enum NodeCounter {
     PodToKernel = 3,
     /// Uplink to a local pod (`bpf_redirect_peer`).
     UplinkToPod = 4,
-    MaxCounter = 5,
+    /// A pod's packet (host-veth ingress) or a packet for a pod (uplink ingress) handed to the
+    /// kernel because its flow is in `KERNEL_FLOWS` (the kernel holds NAT state for it).
+    KernelFlowHits = 5,
+    /// New `KERNEL_FLOWS` entries written by the egress recorders.
+    KernelFlowsRecorded = 6,
+    /// `KERNEL_FLOWS` inserts the kernel refused (LRU free list exhausted under contention).
+    KernelFlowRecordFailed = 7,
+    /// A TCP SYN on a recorded tuple that the kernel had not seen open: a new connection reusing
+    /// a stale entry's 5-tuple, so the entry was removed and the packet forwarded by the programs.
+    KernelFlowStale = 8,
+    MaxCounter = 9,
 }
 
 pub const NODE_COUNTERS: u32 = NodeCounter::MaxCounter as u32;
@@ -66,6 +76,10 @@ pub const NODE_COUNTER_NAMES: [&str; NODE_COUNTERS as usize] = [
     "pod-to-uplink",
     "pod-to-kernel",
     "uplink-to-pod",
+    "kernel-flow-hits",
+    "kernel-flows-recorded",
+    "kernel-flow-record-failed",
+    "kernel-flow-stale",
 ];
 
 /// Value of `ENDPOINTS`, keyed by the pod address ([`ip_key`]).
@@ -84,6 +98,9 @@ pub struct EndpointInfo {
 /// `EndpointInfo::flags`: the endpoint program sits on the host veth as a classic clsact filter
 /// (not a pinned TCX link). Recorded in the pinned map so a restarted daemon knows how to update it.
 pub const EP_FLAG_TC_CLASSIC: u32 = 1;
+/// `EndpointInfo::flags`: the observer program (`endpoint_egress`) sits on the host veth's egress
+/// as a classic clsact filter. Normally set together with [`EP_FLAG_TC_CLASSIC`].
+pub const EP_FLAG_EGRESS_TC_CLASSIC: u32 = 2;
 
 /// Per-endpoint traffic counters (`ENDPOINT_STATS`, per CPU, keyed like `ENDPOINTS`). `tx` is what
 /// the pod sent, `rx` what was delivered to it by the programs.
@@ -153,6 +170,51 @@ pub struct PeerKey {
     pub dst: u16,
 }
 
+/// `KERNEL_FLOWS` key: a TCP/UDP 5-tuple exactly as the packets the lookup is done for carry it
+/// (addresses and ports in network byte order). The recorders store the *reverse* of the packet
+/// they see, i.e. the tuple of the reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// IPPROTO_TCP (6) or IPPROTO_UDP (17).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `KERNEL_FLOWS` value. Times are `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// The entry is ignored from this moment on (idle timeout, refreshed by traffic both ways).
+    pub expires_ns: u64,
+    /// Last time a recorder saw a TCP SYN of this flow go through the kernel (0 = never).
+    pub syn_ns: u64,
+    /// Last time a TCP FIN or RST of this flow was seen, either way (0 = never).
+    pub fin_ns: u64,
+}
+
+/// Idle timeout of a TCP `KERNEL_FLOWS` entry: conntrack's default for established flows
+/// (`nf_conntrack_tcp_timeout_established`), so an entry never expires before the kernel's NAT
+/// state does. Stale entries cannot capture a new connection (see [`KERNEL_FLOW_SYN_WINDOW_NS`]).
+pub const KERNEL_FLOW_TCP_TIMEOUT_NS: u64 = 432_000 * 1_000_000_000;
+/// Idle timeout of a UDP entry: a little above conntrack's `nf_conntrack_udp_timeout_stream`
+/// (120 s), so the kernel's NAT state goes first.
+pub const KERNEL_FLOW_UDP_TIMEOUT_NS: u64 = 180 * 1_000_000_000;
+/// A TCP SYN (or SYN-ACK) looked up on the fast path matches an entry only if a recorder saw a
+/// SYN of the flow pass through the kernel this recently, and after the flow's last FIN/RST;
+/// otherwise the tuple is being reused by a connection the kernel never saw open, and the entry
+/// is dropped. 60 s covers the whole SYN-ACK retransmission schedule (1+2+4+8+16 s).
+pub const KERNEL_FLOW_SYN_WINDOW_NS: u64 = 60 * 1_000_000_000;
+
+/// `skb->mark` bit `endpoint_ingress` sets on the packets it `bpf_redirect_neigh`s to the uplink,
+/// so `uplink_egress` can tell them from pod packets the kernel forwarded (and clears it again:
+/// the bit never leaves the node nor reaches netfilter, which redirected packets bypass).
+pub const SKB_MARK_REDIRECTED: u32 = 0x0400_0000;
+
 /// The map key of an IPv4 address given as its four octets.
 pub const fn ip_key(octets: [u8; 4]) -> u32 {
     u32::from_ne_bytes(octets)
@@ -161,6 +223,8 @@ pub const fn ip_key(octets: [u8; 4]) -> u32 {
 pub const MAX_ENDPOINTS: u32 = 16384;
 pub const MAX_ROUTES: u32 = 16384;
 pub const MAX_PEERS: u32 = 4096;
+/// Flows the kernel has NAT state for, per node (LRU: the least recently used entry makes room).
+pub const MAX_KERNEL_FLOWS: u32 = 65536;
 
 #[cfg(feature = "user")]
 mod user {
@@ -172,6 +236,8 @@ mod user {
     unsafe impl aya::Pod for super::RouteValue {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
 }
 
 #[cfg(test)]
@@ -187,5 +253,7 @@ mod tests {
         assert_eq!(size_of::<RouteValue>(), 8);
         assert_eq!(size_of::<NodeConfig>(), 12);
         assert_eq!(size_of::<PeerKey>(), 4);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<FlowValue>(), 24);
     }
 }

@@ -10,19 +10,55 @@
 //!   pods directly, like secondary IPs of a cloud NIC) and steers traffic for local pods straight
 //!   into them.
 //!
+//! * `endpoint_egress` (host veth, towards the pod) and `uplink_egress` (uplink, out of the node)
+//!   never forward or drop anything: they record flows the *kernel* carried to or from a pod in
+//!   `KERNEL_FLOWS`, so the two forwarding programs hand the other direction of those flows to the
+//!   kernel too (see "Kernel flows" below).
+//!
 //! Every `TC_ACT_SHOT` is counted in `DROPS` under a reason. All maps are pinned (the loader gives
 //! the directory), so a daemon restart or program upgrade keeps every entry and counter.
+//!
+//! # Kernel flows
+//! A flow the kernel has NAT state for must go through the kernel both ways: portmap hostPorts
+//! (client → node:8080, DNAT to pod:80) and kube-proxy Services (pod → ClusterIP, DNAT to a
+//! backend) only work if the replies pass conntrack's reverse NAT. The programs cannot see
+//! conntrack (aya 0.14 cannot emit the `bpf_skb_ct_lookup` kfunc call, and a conntrack lookup on
+//! every packet would cost more than a hash lookup), so they learn those flows from where the
+//! kernel puts their packets:
+//! * the kernel delivers a packet to a pod only through the host veth's egress — the programs'
+//!   own deliveries (`bpf_redirect_peer`) skip it. `endpoint_egress` records the reply tuple of
+//!   every TCP/UDP packet there; `endpoint_ingress` passes a pod packet matching one to the kernel
+//!   (portmap: the pod's SYN-ACK gets de-NATed to node:8080; local Service backend: the backend's
+//!   reply gets de-NATed to the ClusterIP).
+//! * the kernel forwards a pod's packet out of the uplink with the pod's source only when it did
+//!   not come through `bpf_redirect_neigh` — those carry [`SKB_MARK_REDIRECTED`], set by
+//!   `endpoint_ingress` and cleared by `uplink_egress`. `uplink_egress` records the reply tuple of
+//!   unmarked pod-sourced packets (Service DNATed to a remote backend, post-DNAT tuple);
+//!   `uplink_ingress` passes a packet for a pod matching one to the kernel.
+//!
+//! Recording everything the kernel carried is safe: the reply of a kernel-carried packet always
+//! belongs to the kernel (NAT, masquerade, node-local traffic). Entries expire after an idle
+//! timeout (refreshed by both directions, at most once a second per flow) and the map is an LRU.
+//! A stale entry must not capture a new connection that reuses its 5-tuple without the kernel:
+//! a SYN looked up on the fast path only matches when a recorder saw a SYN of the flow within
+//! [`KERNEL_FLOW_SYN_WINDOW_NS`] and after its last FIN/RST; otherwise the entry is deleted
+//! (`kernel-flow-stale`).
+//! Limits: TCP and UDP only (no ICMP errors of NATed flows, no non-first fragments).
 
 use aya_ebpf::{
-    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::generated::{
+        bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+    },
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use vpcnet_common::{
-    DROP_REASONS, DropReason, EndpointInfo, EndpointStats, MAX_ENDPOINTS, MAX_PEERS, MAX_ROUTES,
-    NODE_COUNTERS, NODE_SCOPE, NodeConfig, NodeCounter, PeerKey, ROUTE_DIRECT, ROUTE_HOST,
-    ROUTE_ISOLATED, ROUTE_LOCAL_BLOCK, RouteKey, RouteValue,
+    DROP_REASONS, DropReason, EndpointInfo, EndpointStats, FlowKey, FlowValue,
+    KERNEL_FLOW_SYN_WINDOW_NS, KERNEL_FLOW_TCP_TIMEOUT_NS, KERNEL_FLOW_UDP_TIMEOUT_NS,
+    MAX_ENDPOINTS, MAX_KERNEL_FLOWS, MAX_PEERS, MAX_ROUTES, NODE_COUNTERS, NODE_SCOPE, NodeConfig,
+    NodeCounter, PeerKey, ROUTE_DIRECT, ROUTE_HOST, ROUTE_ISOLATED, ROUTE_LOCAL_BLOCK, RouteKey,
+    RouteValue, SKB_MARK_REDIRECTED,
 };
 
 #[map]
@@ -46,6 +82,10 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASONS, 0);
 #[map]
 static NODE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(NODE_COUNTERS, 0);
 
+/// Reply tuples of flows the kernel carried (see "Kernel flows" in the crate docs).
+#[map]
+static KERNEL_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(MAX_KERNEL_FLOWS, 0);
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
@@ -54,6 +94,8 @@ const OFF_ETH_SRC: usize = 6;
 const OFF_ETH_PROTO: usize = 12;
 
 const OFF_IP_VER_IHL: usize = ETH_HLEN;
+/// frag_off(2) ttl(1) protocol(1), read as one word.
+const OFF_IP_FRAG: usize = ETH_HLEN + 6;
 const OFF_IP_TTL: usize = ETH_HLEN + 8;
 const OFF_IP_CSUM: usize = ETH_HLEN + 10;
 const OFF_IP_SRC: usize = ETH_HLEN + 12;
@@ -77,6 +119,18 @@ const PACKET_HOST: u32 = 0;
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
+/// Observers return this: "no opinion" — the next TCX program / classic filter runs, the packet
+/// passes when none is left.
+const TC_ACT_UNSPEC: i32 = -1;
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const OFF_TCP_FLAGS: usize = 13;
+/// A flow's expiry is rewritten at most this often (keeps a busy flow's cache line shared).
+const REFRESH_NS: u64 = 1_000_000_000;
 
 type Verdict = Result<i32, DropReason>;
 
@@ -144,19 +198,158 @@ fn peered(a: u16, b: u16) -> bool {
     a == b || unsafe { PEERS.get(PeerKey { src: a, dst: b }) }.is_some()
 }
 
-/// Validates the IPv4 header enough for the fields this program reads and rewrites.
+/// Validates the IPv4 header enough for the fields this program reads and rewrites; returns the
+/// header length.
 #[inline(always)]
-fn check_ipv4(ctx: &TcContext) -> Result<(), DropReason> {
+fn check_ipv4(ctx: &TcContext) -> Result<usize, DropReason> {
     let ver_ihl: u8 = ctx
         .load(OFF_IP_VER_IHL)
         .map_err(|_| DropReason::Malformed)?;
     if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
         return Err(DropReason::Malformed);
     }
-    if (ctx.len() as usize) < ETH_HLEN + ((ver_ihl & 0x0f) as usize) * 4 {
+    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    if (ctx.len() as usize) < ETH_HLEN + ihl {
         return Err(DropReason::Malformed);
     }
-    Ok(())
+    Ok(ihl)
+}
+
+/// A TCP/UDP packet's 5-tuple as it travels, and its TCP flags (0 for UDP).
+struct Flow {
+    key: FlowKey,
+    tcp_flags: u8,
+}
+
+impl Flow {
+    #[inline(always)]
+    fn reversed(&self) -> FlowKey {
+        FlowKey {
+            src: self.key.dst,
+            dst: self.key.src,
+            sport: self.key.dport,
+            dport: self.key.sport,
+            proto: self.key.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    #[inline(always)]
+    fn timeout(&self) -> u64 {
+        if self.key.proto == IPPROTO_TCP {
+            KERNEL_FLOW_TCP_TIMEOUT_NS
+        } else {
+            KERNEL_FLOW_UDP_TIMEOUT_NS
+        }
+    }
+}
+
+/// The flow of an IPv4 packet (header of `ihl` bytes, already validated) when it is TCP or UDP
+/// and carries its ports (not a non-first fragment).
+#[inline(always)]
+fn flow_of(ctx: &TcContext, ihl: usize, src: u32, dst: u32) -> Option<Flow> {
+    let w: [u8; 4] = ctx.load(OFF_IP_FRAG).ok()?;
+    let proto = w[3];
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    if (w[0] & 0x1f) != 0 || w[1] != 0 {
+        return None;
+    }
+    let l4 = ETH_HLEN + ihl;
+    let ports: [u16; 2] = ctx.load(l4).ok()?;
+    let tcp_flags = if proto == IPPROTO_TCP {
+        ctx.load::<u8>(l4 + OFF_TCP_FLAGS).ok()?
+    } else {
+        0
+    };
+    Some(Flow {
+        key: FlowKey {
+            src,
+            dst,
+            sport: ports[0],
+            dport: ports[1],
+            proto,
+            _pad: [0; 3],
+        },
+        tcp_flags,
+    })
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// True when the packet's flow is one the kernel carried (and must keep carrying): a live
+/// `KERNEL_FLOWS` entry. Refreshes the entry's expiry; drops it when a SYN shows the tuple is
+/// being reused by a connection the kernel never saw open.
+#[inline(always)]
+fn is_kernel_flow(flow: &Flow) -> bool {
+    let Some(v) = KERNEL_FLOWS.get_ptr_mut(flow.key) else {
+        return false;
+    };
+    let now = now_ns();
+    // SAFETY: a value of the map; concurrent writers only store recent times, any of which is
+    // fine (a torn or lost refresh delays expiry by at most a second's worth).
+    let (expires, syn_ns, fin_ns) = unsafe { ((*v).expires_ns, (*v).syn_ns, (*v).fin_ns) };
+    if expires <= now {
+        return false;
+    }
+    if flow.tcp_flags & TCP_SYN != 0
+        && (syn_ns <= fin_ns || now.saturating_sub(syn_ns) > KERNEL_FLOW_SYN_WINDOW_NS)
+    {
+        let _ = KERNEL_FLOWS.remove(flow.key);
+        count_node(NodeCounter::KernelFlowStale);
+        return false;
+    }
+    let fresh = now + flow.timeout();
+    // SAFETY: as above.
+    unsafe {
+        if fresh > expires + REFRESH_NS {
+            (*v).expires_ns = fresh;
+        }
+        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            (*v).fin_ns = now;
+        }
+    }
+    count_node(NodeCounter::KernelFlowHits);
+    true
+}
+
+/// Records the reply tuple of a packet the kernel carried.
+#[inline(always)]
+fn record_kernel_flow(flow: &Flow) {
+    let key = flow.reversed();
+    let now = now_ns();
+    let expires = now + flow.timeout();
+    let syn = flow.tcp_flags & TCP_SYN != 0;
+    let fin = flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    if let Some(v) = KERNEL_FLOWS.get_ptr_mut(key) {
+        // SAFETY: see is_kernel_flow.
+        unsafe {
+            if syn {
+                (*v).syn_ns = now;
+            }
+            if fin {
+                (*v).fin_ns = now;
+            }
+            if expires > (*v).expires_ns + REFRESH_NS {
+                (*v).expires_ns = expires;
+            }
+        }
+        return;
+    }
+    let value = FlowValue {
+        expires_ns: expires,
+        syn_ns: if syn { now } else { 0 },
+        fin_ns: if fin { now } else { 0 },
+    };
+    match KERNEL_FLOWS.insert(key, value, 0) {
+        Ok(()) => count_node(NodeCounter::KernelFlowsRecorded),
+        Err(_) => count_node(NodeCounter::KernelFlowRecordFailed),
+    }
 }
 
 /// One routing hop: TTL - 1 with the header checksum patched incrementally.
@@ -205,7 +398,7 @@ fn try_endpoint_ingress(ctx: &mut TcContext) -> Verdict {
         // none of it and forwards none of it (pods have no other addresses).
         return Ok(TC_ACT_OK);
     }
-    check_ipv4(ctx)?;
+    let ihl = check_ipv4(ctx)?;
     let src: u32 = ctx.load(OFF_IP_SRC).map_err(|_| DropReason::Malformed)?;
     let dst: u32 = ctx.load(OFF_IP_DST).map_err(|_| DropReason::Malformed)?;
 
@@ -219,6 +412,13 @@ fn try_endpoint_ingress(ctx: &mut TcContext) -> Verdict {
         return Err(DropReason::Spoofed);
     }
     count_endpoint(src, ctx.len(), false);
+
+    // The reply of a flow the kernel NATed (hostPort, Service): conntrack must reverse it.
+    if let Some(flow) = flow_of(ctx, ihl, src, dst)
+        && is_kernel_flow(&flow)
+    {
+        return Ok(TC_ACT_OK);
+    }
 
     // SAFETY: as above.
     if let Some(dst_ep) = unsafe { ENDPOINTS.get(dst) }.copied() {
@@ -243,6 +443,10 @@ fn try_endpoint_ingress(ctx: &mut TcContext) -> Verdict {
             let cfg = config()?;
             decrement_ttl(ctx)?;
             count_node(NodeCounter::PodToUplink);
+            // Tells uplink_egress this one is ours, not kernel-forwarded.
+            // SAFETY: reading a field of the context.
+            let mark = unsafe { (*ctx.skb.skb).mark };
+            ctx.set_mark(mark | SKB_MARK_REDIRECTED);
             // SAFETY: NULL params ask the kernel for a FIB lookup of the destination; it then
             // resolves the neighbour and fills in both MACs itself.
             let ret =
@@ -296,8 +500,15 @@ fn uplink_ipv4(ctx: &mut TcContext) -> Verdict {
         }
         return Ok(TC_ACT_OK);
     };
-    check_ipv4(ctx)?;
+    let ihl = check_ipv4(ctx)?;
     let src: u32 = ctx.load(OFF_IP_SRC).map_err(|_| DropReason::Malformed)?;
+    // A reply of a flow the kernel forwarded out for a pod (Service DNAT to a remote backend):
+    // conntrack must reverse it before the pod sees it.
+    if let Some(flow) = flow_of(ctx, ihl, src, dst)
+        && is_kernel_flow(&flow)
+    {
+        return Ok(TC_ACT_OK);
+    }
     // The wire carries no network id, so the receiving side enforces isolation too: a source
     // inside another, unpeered network's subnets is refused whatever the sender's node did.
     if route(ep.network_id, src) == Some(ROUTE_ISOLATED) {
@@ -305,6 +516,54 @@ fn uplink_ipv4(ctx: &mut TcContext) -> Verdict {
     }
     count_node(NodeCounter::UplinkToPod);
     deliver(ctx, dst, &ep)
+}
+
+/// Host veth egress (towards the pod): every packet here was delivered by the kernel (the
+/// programs' deliveries skip this hook), so its flow is the kernel's. Never drops.
+#[classifier]
+pub fn endpoint_egress(ctx: TcContext) -> i32 {
+    record_ipv4(&ctx);
+    TC_ACT_UNSPEC
+}
+
+/// Uplink egress: records pod-sourced packets the kernel forwarded (unmarked); clears the mark of
+/// the programs' own redirects. Never drops.
+#[classifier]
+pub fn uplink_egress(ctx: TcContext) -> i32 {
+    // SAFETY: reading a field of the context.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & SKB_MARK_REDIRECTED != 0 {
+        ctx.set_mark(mark & !SKB_MARK_REDIRECTED);
+        return TC_ACT_UNSPEC;
+    }
+    let Ok(src) = ctx.load::<u32>(OFF_IP_SRC) else {
+        return TC_ACT_UNSPEC;
+    };
+    // Node-originated and masqueraded traffic (source = a node address) is not a pod's.
+    // SAFETY: presence check only.
+    if unsafe { ENDPOINTS.get(src) }.is_some() {
+        record_ipv4(&ctx);
+    }
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn record_ipv4(ctx: &TcContext) {
+    let Ok(proto) = ctx.load::<u16>(OFF_ETH_PROTO) else {
+        return;
+    };
+    if u16::from_be(proto) != ETH_P_IP {
+        return;
+    }
+    let Ok(ihl) = check_ipv4(ctx) else {
+        return;
+    };
+    let (Ok(src), Ok(dst)) = (ctx.load::<u32>(OFF_IP_SRC), ctx.load::<u32>(OFF_IP_DST)) else {
+        return;
+    };
+    if let Some(flow) = flow_of(ctx, ihl, src, dst) {
+        record_kernel_flow(&flow);
+    }
 }
 
 /// Answers "who has <pod ip>" with the uplink's MAC, rewriting the request in place.
