@@ -534,6 +534,11 @@ pub fn clean_leftovers() -> Vec<String> {
             }
         }
     }
+    // The shared root itself, once empty (never from a test's teardown: a parallel test may be about
+    // to create its node directory in it).
+    if std::fs::remove_dir(BPF_ROOT).is_ok() {
+        removed.push(format!("empty {BPF_ROOT}"));
+    }
     // Root-namespace links are never created by the harness; remove any with the prefix anyway, in
     // case a crashed experiment left one.
     if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {

@@ -127,8 +127,17 @@ pub fn build_release() -> Result<()> {
     sh(cargo().args(["build", "--release", "--bins"]))
 }
 
+fn pin_dirs() -> Vec<PathBuf> {
+    std::fs::read_dir(vpcnet_tests::cluster::BPF_ROOT)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
 fn test(extra: &[String]) -> Result<()> {
     let start = Instant::now();
+    // What exists before the run (a kept demo cluster, say) is not the tests' leftovers.
+    let namespaces_before = vpcnet_tests::netns::project_namespaces();
+    let pins_before = pin_dirs();
     sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
     // Default members only (no --workspace): the eBPF crate cannot build for the host.
     // Clippy in release mode shares the build-script run (and so the nested eBPF build) with the
@@ -168,10 +177,23 @@ fn test(extra: &[String]) -> Result<()> {
         cmd.arg("--").args(extra);
     }
     sh(&mut cmd)?;
-    let leftovers = vpcnet_tests::netns::project_namespaces();
+    let leftovers: Vec<_> = vpcnet_tests::netns::project_namespaces()
+        .into_iter()
+        .filter(|n| !namespaces_before.contains(n))
+        .collect();
     if !leftovers.is_empty() {
         bail!("tests left namespaces behind: {leftovers:?}");
     }
+    let pins: Vec<_> = pin_dirs()
+        .into_iter()
+        .filter(|p| !pins_before.contains(p))
+        .collect();
+    if !pins.is_empty() {
+        bail!("tests left pinned BPF objects behind: {pins:?}");
+    }
+    // Only now, with every test finished, is removing the shared pin root race-free (it fails
+    // harmlessly when something else still lives there).
+    let _ = std::fs::remove_dir(vpcnet_tests::cluster::BPF_ROOT);
     println!(
         "\nall checks passed in {:.0} s",
         start.elapsed().as_secs_f64()
