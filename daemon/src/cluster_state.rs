@@ -1,98 +1,40 @@
-//! Cluster state in standalone mode: a directory of ordinary Kubernetes YAML manifests.
+//! Address selection from cluster state: the `vpcnet.io/subnet` and `vpcnet.io/ip` annotations.
 //!
-//! Only what address selection needs is read here (annotations of pods and namespaces); the policy
-//! engine will grow this into a watched model fed by either this directory or the API server.
+//! Reads the same watched state the policy layer uses (one parser, one watcher), never the files
+//! themselves: an ADD must not re-parse every manifest.
 
-use serde::Deserialize;
-use std::collections::BTreeMap;
-use std::path::Path;
+use crate::policy::ClusterState;
+use crate::policy::model::ObjRef;
 
 pub const ANNOTATION_SUBNET: &str = "vpcnet.io/subnet";
 pub const ANNOTATION_IP: &str = "vpcnet.io/ip";
 
-#[derive(Debug, Deserialize)]
-struct Object {
-    #[serde(default)]
-    kind: String,
-    #[serde(default)]
-    metadata: Metadata,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Metadata {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-}
-
-/// What the manifests say about one pod's addressing.
+/// What the cluster state says about one pod's addressing.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PodAddressing {
     pub subnet: Option<String>,
     pub ip: Option<String>,
 }
 
-/// Looks up `namespace/name` in the manifests under `dir`. The pod's own annotation wins over its
-/// namespace's. Unreadable files are skipped with a warning: one bad manifest must not stop ADDs.
-pub fn pod_addressing(dir: &Path, namespace: &str, name: &str) -> PodAddressing {
-    let mut pod = None;
-    let mut ns = None;
-    for obj in objects(dir) {
-        match obj.kind.as_str() {
-            "Pod"
-                if obj.metadata.name == name
-                    && obj.metadata.namespace.as_deref().unwrap_or("default") == namespace =>
-            {
-                pod = Some(obj.metadata.annotations)
-            }
-            "Namespace" if obj.metadata.name == namespace => ns = Some(obj.metadata.annotations),
-            _ => {}
-        }
-    }
-    let get = |key: &str| {
-        pod.as_ref()
-            .and_then(|a| a.get(key).cloned())
-            .or_else(|| ns.as_ref().and_then(|a| a.get(key).cloned()))
-    };
+/// The pod's own annotation wins over its namespace's.
+pub fn pod_addressing(state: &ClusterState, namespace: &str, name: &str) -> PodAddressing {
+    let pod = state.pod(&ObjRef::new(namespace, name));
+    let ns = state.namespace(namespace);
+    let subnet = pod
+        .and_then(|p| p.annotations.get(ANNOTATION_SUBNET))
+        .or_else(|| ns.and_then(|n| n.annotations.get(ANNOTATION_SUBNET)))
+        .cloned();
     PodAddressing {
-        subnet: get(ANNOTATION_SUBNET),
+        subnet,
         // A fixed address is a property of one pod, never inherited from its namespace.
-        ip: pod.as_ref().and_then(|a| a.get(ANNOTATION_IP).cloned()),
+        ip: pod.and_then(|p| p.annotations.get(ANNOTATION_IP)).cloned(),
     }
-}
-
-fn objects(dir: &Path) -> Vec<Object> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in entries.flatten() {
-        let path = e.path();
-        if !matches!(
-            path.extension().and_then(|x| x.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            match Object::deserialize(doc) {
-                Ok(o) => out.push(o),
-                Err(e) => tracing::warn!(file = %path.display(), error = %e, "skipping manifest"),
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{ManifestDir, StateSource as _};
 
     #[test]
     fn pod_annotation_wins_over_namespace_and_ip_is_not_inherited() {
@@ -119,14 +61,14 @@ metadata: { name: b, namespace: x }
 "#,
         )
         .unwrap();
-        let a = pod_addressing(dir.path(), "x", "a");
+        let source = ManifestDir::new(dir.path());
+        source.poll().unwrap();
+        let state = source.snapshot().unwrap();
+        let a = pod_addressing(&state, "x", "a");
         assert_eq!(a.subnet.as_deref(), Some("pod-subnet"));
         assert_eq!(a.ip, None);
-        let b = pod_addressing(dir.path(), "x", "b");
+        let b = pod_addressing(&state, "x", "b");
         assert_eq!(b.subnet.as_deref(), Some("ns-subnet"));
-        assert_eq!(
-            pod_addressing(dir.path(), "y", "a"),
-            PodAddressing::default()
-        );
+        assert_eq!(pod_addressing(&state, "y", "a"), PodAddressing::default());
     }
 }

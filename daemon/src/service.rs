@@ -149,9 +149,16 @@ impl Service {
     fn allocate(&self, req: &AllocateRequest) -> Result<Allocation, ApiError> {
         let _span = tracing::info_span!("allocate", container = %req.key.container_id, ifname = %req.key.ifname,
             pod = %format!("{}/{}", req.pod.namespace, req.pod.name)).entered();
-        let addressing = match (&self.config.manifests_dir, req.pod.name.is_empty()) {
-            (Some(dir), false) => {
-                cluster_state::pod_addressing(dir, &req.pod.namespace, &req.pod.name)
+        // The watched snapshot (no file I/O on the ADD path); no state yet means no annotations.
+        let addressing = match (&self.policy, req.pod.name.is_empty()) {
+            (Some(source), false) => {
+                use crate::policy::StateSource as _;
+                source
+                    .snapshot()
+                    .map(|state| {
+                        cluster_state::pod_addressing(&state, &req.pod.namespace, &req.pod.name)
+                    })
+                    .unwrap_or_default()
             }
             _ => Default::default(),
         };

@@ -12,6 +12,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",                    // ip netns / link / route in the harness
     "iputils-ping",                // ICMP probes
     "iperf3",                      // throughput benchmarks
+    "iptables",                    // portmap, chained after vpcnet in the tests, programs it
     "containernetworking-plugins", // reference plugins (bridge, host-local, portmap, ...)
     "nftables",                    // masquerade of internet egress
     "procps",                      // sysctl

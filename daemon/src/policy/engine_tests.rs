@@ -55,6 +55,7 @@ pub(crate) fn base_cluster() -> ClusterState {
                 ip: Some(pod_ip(i, j)),
                 node: Some(format!("node-{}", j % 2)),
                 ports,
+                annotations: Default::default(),
             });
         }
     }

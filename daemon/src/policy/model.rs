@@ -111,6 +111,8 @@ pub struct Namespace {
     pub name: String,
     /// Includes [`NAMESPACE_NAME_LABEL`].
     pub labels: Labels,
+    /// Kept for address selection (`vpcnet.io/subnet`), not used by policy.
+    pub annotations: Labels,
 }
 
 impl Namespace {
@@ -118,7 +120,11 @@ impl Namespace {
         let name = name.into();
         let mut labels = labels;
         labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
-        Self { name, labels }
+        Self {
+            name,
+            labels,
+            annotations: Labels::new(),
+        }
     }
 
     pub fn from_k8s(ns: &core::Namespace) -> Result<Self, PolicyError> {
@@ -130,10 +136,10 @@ impl Namespace {
                 reason: "metadata.name is missing".into(),
             });
         }
-        Ok(Self::new(
-            name,
-            ns.metadata.labels.clone().unwrap_or_default(),
-        ))
+        Ok(Self {
+            annotations: ns.metadata.annotations.clone().unwrap_or_default(),
+            ..Self::new(name, ns.metadata.labels.clone().unwrap_or_default())
+        })
     }
 }
 
@@ -152,6 +158,8 @@ pub struct Pod {
     pub ip: Option<Ipv4Addr>,
     pub node: Option<String>,
     pub ports: Vec<ContainerPort>,
+    /// Kept for address selection (`vpcnet.io/subnet`, `vpcnet.io/ip`), not used by policy.
+    pub annotations: Labels,
 }
 
 impl Pod {
@@ -237,6 +245,7 @@ impl Pod {
         ports.dedup();
         Ok(Pod {
             labels: pod.metadata.labels.clone().unwrap_or_default(),
+            annotations: pod.metadata.annotations.clone().unwrap_or_default(),
             node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
             namespace,
             name,

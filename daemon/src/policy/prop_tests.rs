@@ -238,6 +238,7 @@ fn build(
             ip: Some(Ipv4Addr::new(10, 0, g.subnet, i as u8 + 1)),
             node: Some("n".into()),
             ports,
+            annotations: Default::default(),
         });
     }
     for (i, p) in policies.iter().enumerate() {
