@@ -205,24 +205,30 @@ impl Service {
             })?;
             let records = self.ipam.list().map_err(ipam_err)?;
             let state = cluster_state::with_local_allocations(&state, &records, &self.config.node);
-            let mut fwd = self.lock_fwd();
-            if !fwd.enforces_policy() {
-                return Ok((SyncStats::default(), state.generation()));
-            }
-            let compiler = sync.compiler.get_or_insert_with(|| {
-                let mut c = crate::policy::compile::Compiler::new(Some(self.config.node.clone()));
-                // Keep the numbers the pinned maps use, so a restart rewrites nothing that
-                // did not change.
-                if let Some(applied) = fwd.applied_policy() {
-                    c.seed(applied.ip_identity.iter().filter_map(|(ip, id)| {
-                        let pod = state.pod_by_ip(*ip)?;
-                        Some((crate::policy::compile::IdentityKey::of(&state, pod), *id))
-                    }));
+            let compiler = match &mut sync.compiler {
+                Some(c) => c,
+                slot @ None => {
+                    let fwd = self.lock_fwd();
+                    if !fwd.enforces_policy() {
+                        return Ok((SyncStats::default(), state.generation()));
+                    }
+                    let mut c =
+                        crate::policy::compile::Compiler::new(Some(self.config.node.clone()));
+                    // Keep the numbers the pinned maps use, so a restart rewrites nothing that
+                    // did not change.
+                    if let Some(applied) = fwd.applied_policy() {
+                        c.seed(applied.ip_identity.iter().filter_map(|(ip, id)| {
+                            let pod = state.pod_by_ip(*ip)?;
+                            Some((crate::policy::compile::IdentityKey::of(&state, pod), *id))
+                        }));
+                    }
+                    slot.insert(c)
                 }
-                c
-            });
+            };
+            // Compiled without the dataplane lock: ADDs keep installing endpoints meanwhile (the
+            // plan is computed against the maps' mirror under the lock).
             let compiled = compiler.compile(&state);
-            let stats = fwd.sync_policy(&compiled).map_err(|e| {
+            let stats = self.lock_fwd().sync_policy(&compiled).map_err(|e| {
                 ApiError::new(code::DATAPLANE, format!("programming NetworkPolicy: {e}"))
             })?;
             Ok((stats, state.generation()))
