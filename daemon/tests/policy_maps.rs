@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use vpcnet_daemon::dataplane::{
@@ -110,10 +110,10 @@ spec:
     - ports: [{ protocol: SCTP }]
 "#;
 
-fn start(ns: &str, pins: &PathBuf) -> Dataplane {
+fn start(ns: &str, pins: &Path) -> Dataplane {
     let net = |s: &str| s.parse().unwrap();
     let cfg = DataplaneConfig {
-        pin_dir: pins.clone(),
+        pin_dir: pins.to_path_buf(),
         uplink: "eth0".into(),
         networks: vec![NetworkConfig {
             name: "vpc-a".into(),
