@@ -158,6 +158,9 @@ impl Service {
             .snapshot()
             .map_err(|e| ApiError::new(code::INVALID_CONFIG, format!("cluster state: {e}")))?;
         let pod = crate::policy::model::ObjRef::new(namespace, name);
+        // As the sync sees it: this node's pods with their allocated addresses.
+        let records = self.ipam.list().map_err(ipam_err)?;
+        let state = cluster_state::with_local_allocations(&state, &records, &self.config.node);
         let mut text = crate::policy::explain(&state, &pod)
             .map_err(|e| ApiError::new(code::UNKNOWN_CONTAINER, e.to_string()))?;
         if let Some(e) = source.last_error() {
