@@ -76,7 +76,7 @@ impl Forwarding for KernelRoutes {
 pub struct Service {
     pub ipam: Arc<Ipam>,
     /// Cluster state for NetworkPolicy (standalone: the watched manifest directory).
-    pub policy: Option<Arc<crate::policy::ManifestDir>>,
+    pub policy: Option<Arc<dyn crate::policy::StateSource>>,
     pub fwd: Mutex<Box<dyn Forwarding>>,
     pub config: DaemonConfig,
     pub metrics: Arc<Metrics>,
@@ -147,7 +147,6 @@ impl Service {
     }
 
     fn explain_policy(&self, namespace: &str, name: &str) -> Result<String, ApiError> {
-        use crate::policy::StateSource as _;
         let source = self.policy.as_ref().ok_or_else(|| {
             ApiError::new(
                 code::INVALID_CONFIG,
@@ -193,7 +192,6 @@ impl Service {
     /// it) and takes the dataplane's policy maps there. A no-op without a cluster state source.
     /// Without a readable state the maps keep what they enforce (new pods stay closed).
     pub fn sync_policy(&self) -> Result<SyncStats, ApiError> {
-        use crate::policy::StateSource as _;
         let Some(source) = &self.policy else {
             return Ok(SyncStats::default());
         };
@@ -296,15 +294,12 @@ impl Service {
             pod = %format!("{}/{}", req.pod.namespace, req.pod.name)).entered();
         // The watched snapshot (no file I/O on the ADD path); no state yet means no annotations.
         let addressing = match (&self.policy, req.pod.name.is_empty()) {
-            (Some(source), false) => {
-                use crate::policy::StateSource as _;
-                source
-                    .snapshot()
-                    .map(|state| {
-                        cluster_state::pod_addressing(&state, &req.pod.namespace, &req.pod.name)
-                    })
-                    .unwrap_or_default()
-            }
+            (Some(source), false) => source
+                .snapshot()
+                .map(|state| {
+                    cluster_state::pod_addressing(&state, &req.pod.namespace, &req.pod.name)
+                })
+                .unwrap_or_default(),
             _ => Default::default(),
         };
         let annotated_ip = match &addressing.ip {
