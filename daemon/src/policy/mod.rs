@@ -31,6 +31,8 @@ pub mod source;
 mod engine_tests;
 #[cfg(test)]
 mod prop_tests;
+#[cfg(test)]
+mod scenarios;
 
 use std::path::PathBuf;
 
