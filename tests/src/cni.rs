@@ -164,32 +164,13 @@ impl Cluster {
         name: &str,
         edit: impl FnOnce(&mut Value),
     ) -> Result<Pod> {
-        self.add_pod_as(name, node, namespace, name, edit)
-    }
-
-    /// Like `add_pod`, for clusters that reuse pod names across Kubernetes namespaces (x/a, y/a):
-    /// the pod's network namespace and container ID are named after `<namespace>-<name>`.
-    pub fn add_namespaced_pod(&self, node: usize, namespace: &str, name: &str) -> Result<Pod> {
-        self.add_pod_as(
-            &format!("{namespace}-{name}"),
-            node,
-            namespace,
-            name,
-            |_| {},
-        )
-    }
-
-    /// ADD with `role` naming the pod's network namespace (`<prefix>-<role>`) and container ID.
-    fn add_pod_as(
-        &self,
-        role: &str,
-        node: usize,
-        namespace: &str,
-        name: &str,
-        edit: impl FnOnce(&mut Value),
-    ) -> Result<Pod> {
-        let ns = Netns::create(&format!("{}-{role}", self.prefix))?;
-        let container_id = format!("{:x}{}", md5ish(&format!("{}{role}", self.prefix)), role);
+        // Pods of different namespaces may share a name (x/a, y/a).
+        let ns = Netns::create(&format!("{}-{namespace}-{name}", self.prefix))?;
+        let container_id = format!(
+            "{:x}{}",
+            md5ish(&format!("{}{namespace}/{name}", self.prefix)),
+            name
+        );
         let mut config = net_config(self.node(node), "1.1.0");
         edit(&mut config);
         let env = CniEnv::new("ADD", &container_id, &ns.path().to_string_lossy(), "eth0")

@@ -138,7 +138,7 @@ fn fixture() -> Fixture {
     for (n, ns) in NAMESPACES.iter().enumerate() {
         for (p, name) in PODS.iter().enumerate() {
             let pod = cluster
-                .add_namespaced_pod(n, ns, name)
+                .add_pod(n, ns, name)
                 .unwrap_or_else(|e| panic!("ADD {ns}/{name}: {e:#}"));
             assert_eq!(
                 pod.ip,
