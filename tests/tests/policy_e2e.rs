@@ -35,7 +35,8 @@ const PROBES: [(Proto, u16); 4] = [
 ];
 /// What a dropped probe costs: a scenario's pass takes about this long.
 const DENY_TIMEOUT: Duration = Duration::from_millis(400);
-/// The daemons pick a changed file up within ~100 ms; probing earlier only costs a pass.
+/// The daemons pick a changed file up within ~100 ms; the restart test, which cannot ask a
+/// stopped daemon what it applied, waits this long before probing (probing earlier costs a pass).
 const SETTLE: Duration = Duration::from_millis(250);
 /// Generous for a noisy 2-core machine; a converged scenario takes about a second.
 const CONVERGE: Duration = Duration::from_secs(8);
@@ -425,6 +426,49 @@ impl Fixture {
             .unwrap();
     }
 
+    /// Writes the policies and waits until every node's daemon enforces a cluster state newer
+    /// than the one it enforced before (a content change always makes a new generation). Returns
+    /// how long that took.
+    fn apply_and_wait(
+        &self,
+        label: &str,
+        policies: &[(&str, &str, &str)],
+    ) -> Result<Duration, String> {
+        let before = self.enforced_generations();
+        let start = Instant::now();
+        self.apply_policies(label, policies);
+        loop {
+            let now = self.enforced_generations();
+            if now.iter().zip(&before).all(|(n, b)| n.is_some() && n != b) {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > CONVERGE {
+                return Err(format!(
+                    "scenario {label:?}: the daemons did not all apply the new policies within \
+                     {CONVERGE:?}: enforced cluster state generations {before:?} before, {now:?} now"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What `vpcnetctl policy` reports as the cluster state generation each node's dataplane
+    /// enforces (`None`: not applied, or the last update failed).
+    fn enforced_generations(&self) -> Vec<Option<u64>> {
+        self.cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                let text = n.ctl(&["policy", "x/a"]).ok()?;
+                let (_, rest) = text.split_once("cluster state generation ")?;
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
     fn logs(&self) -> String {
         let mut s = String::new();
         for n in &self.cluster.nodes {
@@ -627,13 +671,29 @@ fn truth_tables_enforced_by_the_dataplane() {
         .filter(|s| s.name.contains(&only))
         .collect();
     assert!(!run.is_empty(), "no scenario matches {only:?}");
+    // The fixture starts without policies; an unchanged set makes no new generation to wait for.
+    let mut current: &[(&str, &str, &str)] = &[];
     for sc in &run {
         let expect = expectations(sc);
-        fx.apply_policies(sc.name, sc.policies);
-        std::thread::sleep(SETTLE);
-        match fx.converge(sc.name, &cells_for(&expect), CONVERGE) {
-            Ok(p) => eprintln!("ok   {:<80} {} passes, {:.2?}", sc.name, p.count, p.elapsed),
-            Err(report) => {
+        let applied = if sc.policies == current {
+            fx.apply_policies(sc.name, sc.policies);
+            Ok(Duration::ZERO)
+        } else {
+            fx.apply_and_wait(sc.name, sc.policies)
+        };
+        current = sc.policies;
+        // Probed even when the daemons did not report the change: the matrix tells more.
+        match (applied, fx.converge(sc.name, &cells_for(&expect), CONVERGE)) {
+            (Ok(applied), Ok(p)) => eprintln!(
+                "ok   {:<76} applied in {:>7.1?}, {} probe passes, {:.2?}",
+                sc.name, applied, p.count, p.elapsed
+            ),
+            (applied, probed) => {
+                let report = [applied.err(), probed.err()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 eprintln!("FAIL {report}");
                 failures.push(report);
             }
