@@ -10,7 +10,16 @@
 //! pods (kubelet probes are always allowed). SCTP expectations are left to the unit tests.
 //!
 //! All scenarios run in turn on one cluster, each replacing the same `policies.yaml`, so moving
-//! from one to the next also exercises policy updates and deletions.
+//! from one to the next also exercises policy updates and deletions. After each write the test
+//! waits until every daemon reports (`vpcnetctl policy`) that its dataplane enforces the new
+//! cluster state generation, then probes; mismatching cells are re-probed until a deadline, and a
+//! scenario passes only on a full pass without a wrong cell. A failure shows the expected and
+//! observed matrices. `VPCNET_POLICY_SCENARIOS=<text>` runs only the scenarios whose name contains
+//! it.
+//!
+//! A second test kills node 1's daemon with SIGKILL and restarts it under a default-deny policy
+//! with one allow, probing without pause: the pinned maps keep enforcing while it is down, the
+//! restart opens no window, and a policy changed while it was down is enforced after it returns.
 
 #[path = "../../daemon/src/policy/scenarios.rs"]
 mod scenarios;
@@ -35,9 +44,6 @@ const PROBES: [(Proto, u16); 4] = [
 ];
 /// What a dropped probe costs: a scenario's pass takes about this long.
 const DENY_TIMEOUT: Duration = Duration::from_millis(400);
-/// The daemons pick a changed file up within ~100 ms; the restart test, which cannot ask a
-/// stopped daemon what it applied, waits this long before probing (probing earlier costs a pass).
-const SETTLE: Duration = Duration::from_millis(250);
 /// Generous for a noisy 2-core machine; a converged scenario takes about a second.
 const CONVERGE: Duration = Duration::from_secs(8);
 const POLICY_FILE: &str = "policies.yaml";
@@ -754,9 +760,10 @@ fn enforcement_survives_a_daemon_crash_and_catches_up_after_restart() {
     let before_cells = cells_for(&before);
     let fail = |what: &str, e: String, fx: &Fixture| -> ! { panic!("{what}: {e}\n{}", fx.logs()) };
 
-    fx.apply_policies("restart: before", RESTART_BEFORE);
-    std::thread::sleep(SETTLE);
-    if let Err(e) = fx.converge("restart: before", &before_cells, CONVERGE) {
+    if let Err(e) = fx
+        .apply_and_wait("restart: before", RESTART_BEFORE)
+        .and_then(|_| fx.converge("restart: before", &before_cells, CONVERGE))
+    {
         fail("before the crash", e, &fx);
     }
 
