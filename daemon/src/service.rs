@@ -158,6 +158,9 @@ impl Service {
             .snapshot()
             .map_err(|e| ApiError::new(code::INVALID_CONFIG, format!("cluster state: {e}")))?;
         let pod = crate::policy::model::ObjRef::new(namespace, name);
+        // As the sync sees it: this node's pods with their allocated addresses.
+        let records = self.ipam.list().map_err(ipam_err)?;
+        let state = cluster_state::with_local_allocations(&state, &records, &self.config.node);
         let mut text = crate::policy::explain(&state, &pod)
             .map_err(|e| ApiError::new(code::UNKNOWN_CONTAINER, e.to_string()))?;
         if let Some(e) = source.last_error() {
@@ -205,24 +208,30 @@ impl Service {
             })?;
             let records = self.ipam.list().map_err(ipam_err)?;
             let state = cluster_state::with_local_allocations(&state, &records, &self.config.node);
-            let mut fwd = self.lock_fwd();
-            if !fwd.enforces_policy() {
-                return Ok((SyncStats::default(), state.generation()));
-            }
-            let compiler = sync.compiler.get_or_insert_with(|| {
-                let mut c = crate::policy::compile::Compiler::new(Some(self.config.node.clone()));
-                // Keep the numbers the pinned maps use, so a restart rewrites nothing that
-                // did not change.
-                if let Some(applied) = fwd.applied_policy() {
-                    c.seed(applied.ip_identity.iter().filter_map(|(ip, id)| {
-                        let pod = state.pod_by_ip(*ip)?;
-                        Some((crate::policy::compile::IdentityKey::of(&state, pod), *id))
-                    }));
+            let compiler = match &mut sync.compiler {
+                Some(c) => c,
+                slot @ None => {
+                    let fwd = self.lock_fwd();
+                    if !fwd.enforces_policy() {
+                        return Ok((SyncStats::default(), state.generation()));
+                    }
+                    let mut c =
+                        crate::policy::compile::Compiler::new(Some(self.config.node.clone()));
+                    // Keep the numbers the pinned maps use, so a restart rewrites nothing that
+                    // did not change.
+                    if let Some(applied) = fwd.applied_policy() {
+                        c.seed(applied.ip_identity.iter().filter_map(|(ip, id)| {
+                            let pod = state.pod_by_ip(*ip)?;
+                            Some((crate::policy::compile::IdentityKey::of(&state, pod), *id))
+                        }));
+                    }
+                    slot.insert(c)
                 }
-                c
-            });
+            };
+            // Compiled without the dataplane lock: ADDs keep installing endpoints meanwhile (the
+            // plan is computed against the maps' mirror under the lock).
             let compiled = compiler.compile(&state);
-            let stats = fwd.sync_policy(&compiled).map_err(|e| {
+            let stats = self.lock_fwd().sync_policy(&compiled).map_err(|e| {
                 ApiError::new(code::DATAPLANE, format!("programming NetworkPolicy: {e}"))
             })?;
             Ok((stats, state.generation()))
