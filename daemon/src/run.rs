@@ -143,7 +143,13 @@ async fn sync_policy_once(service: &Arc<Service>) {
         return;
     }
     let s = service.clone();
-    match tokio::task::spawn_blocking(move || s.sync_policy()).await {
+    let result = tokio::task::spawn_blocking(move || {
+        let r = s.sync_policy();
+        trim_heap();
+        r
+    })
+    .await;
+    match result {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
             warn!(error = %e, "NetworkPolicy sync failed; the dataplane keeps the previous policy")
@@ -175,5 +181,15 @@ async fn reconcile_once(service: &Arc<Service>, netlink: &NodeNetlink) {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => warn!(error = %e, "reconcile failed"),
         Err(e) => warn!(error = %e, "reconcile task failed"),
+    }
+}
+
+/// Hands memory freed after a cluster state was parsed and compiled back to the kernel: the
+/// daemon idles between changes, and a large state's transient peak would otherwise stay resident.
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: plain libc call without arguments that reference memory.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

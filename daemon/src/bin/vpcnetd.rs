@@ -23,6 +23,16 @@ enum Cmd {
 }
 
 fn main() {
+    // Parsing a large cluster state on the blocking pool's threads would otherwise leave each
+    // thread's malloc arena at its peak: measured +50 MB per change of a 10,000-rule policy.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        // A fixed threshold (glibc raises it after every large free otherwise): the file texts
+        // and parse buffers of a big state are mmapped and go back to the kernel when freed.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
