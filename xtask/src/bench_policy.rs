@@ -1,0 +1,726 @@
+//! `cargo xtask bench policy`: what NetworkPolicy enforcement costs on the datapath, and how soon a
+//! manifest change is enforced.
+//!
+//! 1. Throughput (iperf3, one stream) and TCP request/response latency from a client pod to a server
+//!    pod on the same node and on the other node, with no policy, then with one policy selecting the
+//!    servers whose rules (100, 10,000, …) all miss the client but one. Variants are interleaved and
+//!    repeated; medians are printed against the no-policy figures.
+//! 2. Manifest change → enforcement: the client probes each server with UDP datagrams every
+//!    millisecond, each from a source port not used before in the run (so conntrack cannot carry a
+//!    verdict over), while the policy file is replaced atomically by one that denies the client, then
+//!    by one that allows it again, and so on. The time from the rename to the first probe of the run
+//!    that shows the new verdict is the figure; once with no other policy, once with the largest
+//!    rule set in force beside the flipped policy.
+//!
+//! Every pod is declared in the manifests directory (labels, and `vpcnet.io/ip` so both daemons know
+//! every address) before its CNI ADD.
+
+use crate::bench::{ms, percentile};
+use crate::bench_dp::{iperf, median, rr};
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vpcnet_tests::cni::Pod;
+use vpcnet_tests::probe::WhoAmI;
+use vpcnet_tests::{Cluster, ClusterSpec, Netns};
+
+const NS: &str = "bench";
+const OTHERS_NS: &str = "bench-others";
+/// Pods that exist only in the manifests, each with its own labels: remote identities for the
+/// filler rules (their addresses are outside every node's block and never receive traffic).
+const PHANTOMS: usize = 50;
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 10);
+/// (label, node index, address) of the servers; node i's block is 10.20.{i+1}.0/24.
+const SERVERS: [(&str, usize, Ipv4Addr); 2] = [
+    ("same node", 0, Ipv4Addr::new(10, 20, 1, 20)),
+    ("across nodes", 1, Ipv4Addr::new(10, 20, 2, 20)),
+];
+/// Ports bench_dp's helpers use.
+const IPERF_PORT: u16 = 5201;
+const RR_PORT: u16 = 5202;
+/// The change-to-enforcement probes go to one of these UDP ports (more 5-tuples before one repeats).
+const PROBE_PORTS: std::ops::RangeInclusive<u16> = 5300..=5303;
+/// Isolated throughput variant i allows the client on UDP `MARKER_BASE + i` and on no other marker,
+/// so probing the markers tells which variant the dataplane enforces.
+const MARKER_BASE: u16 = 5310;
+/// Client source ports of the change-to-enforcement probes, used in turn.
+const PROBE_SRC_PORTS: std::ops::Range<u16> = 10000..65000;
+const POLICY_FILE: &str = "bench-policy.yaml";
+const FLIP_FILE: &str = "bench-flip.yaml";
+const PODS_FILE: &str = "bench-pods.yaml";
+
+/// How long a probe waits for its answer before it counts as unanswered.
+const PROBE_WAIT: Duration = Duration::from_millis(20);
+const PROBE_PERIOD: Duration = Duration::from_millis(1);
+/// A new verdict counts as established once it has held this long.
+const STABLE: Duration = Duration::from_millis(200);
+/// Longest wait for one policy change to show; past it the latency part gives up.
+const FLIP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a throughput variant to be enforced (compiling 10,000 rules included).
+const VARIANT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args)]
+pub struct Options {
+    #[command(flatten)]
+    traffic: crate::bench::Traffic,
+    /// Rule counts of the policy variants, each compared with no policy.
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 10000])]
+    rules: Vec<usize>,
+    /// Policy changes per measured cluster state, alternating deny and allow.
+    #[arg(long, default_value_t = 100)]
+    changes: usize,
+    /// Only the change-to-enforcement part.
+    #[arg(long)]
+    skip_throughput: bool,
+    /// Only the throughput and request/response part.
+    #[arg(long)]
+    skip_latency: bool,
+}
+
+struct Bed {
+    // Drop order: servers first, then the pods' namespaces, then the cluster (daemons, fabric).
+    _whoami: Vec<WhoAmI>,
+    client: Pod,
+    servers: Vec<(&'static str, Pod)>,
+    cluster: Cluster,
+}
+
+pub fn run(o: Options) -> Result<()> {
+    let mut rules = o.rules.clone();
+    rules.retain(|r| *r > 0);
+    rules.sort();
+    rules.dedup();
+    println!(
+        "\n== NetworkPolicy: 2 nodes, client pod {CLIENT_IP} on node1, servers {} ==",
+        SERVERS
+            .iter()
+            .map(|(l, _, ip)| format!("{ip} ({l})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let bed = setup()?;
+    if !o.skip_throughput {
+        throughput(&bed, &rules, &o)?;
+    }
+    if !o.skip_latency {
+        let mut backgrounds = vec![0];
+        backgrounds.extend(rules.last().copied());
+        change_to_enforcement(&bed, &backgrounds, o.changes)?;
+    }
+    Ok(())
+}
+
+fn setup() -> Result<Bed> {
+    let mut cluster = Cluster::build(ClusterSpec {
+        nodes: 2,
+        cooldown_secs: 30,
+        dataplane: true,
+    })?;
+    cluster.apply_manifest(PODS_FILE, &pods_manifest().to_string())?;
+    for i in 0..2 {
+        cluster.node_mut(i).start_daemon()?;
+    }
+    // The daemons must know the pods (and their annotated addresses) before the ADDs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in &cluster.nodes {
+        while n.ctl(&["policy", &format!("{NS}/client")]).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not load {PODS_FILE}; log:\n{}",
+                    n.name,
+                    n.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let add = |node: usize, name: &str, want: Ipv4Addr| -> Result<Pod> {
+        let pod = cluster.add_pod_with(node, NS, name, |_| {})?;
+        if pod.ip != want {
+            bail!("{name} got {} instead of its annotated {want}", pod.ip);
+        }
+        Ok(pod)
+    };
+    let client = add(0, "client", CLIENT_IP)?;
+    let mut servers = Vec::new();
+    let mut whoami = Vec::new();
+    for (i, (label, node, ip)) in SERVERS.iter().enumerate() {
+        let pod = add(*node, &format!("server{i}"), *ip)?;
+        for port in PROBE_PORTS.chain(MARKER_BASE..MARKER_BASE + 8) {
+            whoami.push(WhoAmI::start(&pod.ns, SocketAddrV4::new(*ip, port))?);
+        }
+        servers.push((*label, pod));
+    }
+    Ok(Bed {
+        _whoami: whoami,
+        client,
+        servers,
+        cluster,
+    })
+}
+
+fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace",
+           "metadata": {"name": name, "labels": {"bench": name}}})
+}
+
+fn pod(namespace: &str, name: &str, ip: Ipv4Addr, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": namespace, "labels": labels,
+                        "annotations": {"vpcnet.io/ip": ip.to_string()}}})
+}
+
+fn pods_manifest() -> Value {
+    let mut items = vec![namespace(NS), namespace(OTHERS_NS)];
+    items.push(pod(NS, "client", CLIENT_IP, json!({"app": "client"})));
+    for (i, (_, _, ip)) in SERVERS.iter().enumerate() {
+        items.push(pod(
+            NS,
+            &format!("server{i}"),
+            *ip,
+            json!({"app": "server"}),
+        ));
+    }
+    for j in 0..PHANTOMS {
+        let ip = Ipv4Addr::new(10, 20, 200, j as u8 + 1);
+        items.push(pod(
+            OTHERS_NS,
+            &format!("p{j}"),
+            ip,
+            json!({"role": format!("r{j}")}),
+        ));
+    }
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
+}
+
+fn addr(base: Ipv4Addr, offset: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(base) + offset as u32)
+}
+
+/// Filler rule `k`: never matches the client's traffic, and spreads over every kind of compiled
+/// entry: /32 and /28 address prefixes, single ports and port ranges, TCP and UDP, remote pod
+/// identities in another namespace, and the client's own identity on ports it does not use.
+fn filler_rule(k: usize) -> Value {
+    let tcp = |port: usize| json!([{"protocol": "TCP", "port": port}]);
+    if k % 97 == 96 {
+        return json!({"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                      "ports": tcp(40000 + k % 20000)});
+    }
+    match k % 4 {
+        0 => {
+            json!({"from": [{"ipBlock": {"cidr": format!("{}/32", addr(Ipv4Addr::new(10, 200, 0, 0), k))}}],
+                    "ports": tcp(6000 + k % 2000)})
+        }
+        1 => {
+            json!({"from": [{"ipBlock": {"cidr": format!("{}/32", addr(Ipv4Addr::new(10, 200, 0, 0), k))}}],
+                    "ports": [{"protocol": "UDP", "port": 7000 + (k % 500) * 4, "endPort": 7003 + (k % 500) * 4}]})
+        }
+        2 => {
+            json!({"from": [{"ipBlock": {"cidr": format!("{}/28", addr(Ipv4Addr::new(10, 202, 0, 0), 16 * k))}}],
+                    "ports": tcp(8000 + k % 100)})
+        }
+        _ => json!({"from": [{"namespaceSelector": {"matchLabels": {"bench": OTHERS_NS}},
+                              "podSelector": {"matchLabels": {"role": format!("r{}", k % PHANTOMS)}}}],
+                    "ports": tcp(20000 + k / 4)}),
+    }
+}
+
+/// One policy selecting the servers with `rules` ingress rules: `rules - 1` fillers, then one
+/// allowing the client on `ports` ((protocol, port, endPort)).
+fn policy(name: &str, rules: usize, ports: &[(&str, u16, u16)]) -> Value {
+    let mut ingress: Vec<Value> = (0..rules.saturating_sub(1)).map(filler_rule).collect();
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(proto, port, end)| {
+            if port == end {
+                json!({"protocol": proto, "port": port})
+            } else {
+                json!({"protocol": proto, "port": port, "endPort": end})
+            }
+        })
+        .collect();
+    ingress.push(
+        json!({"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": ports}),
+    );
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": name, "namespace": NS},
+           "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"],
+                    "ingress": ingress}})
+}
+
+/// The policy of throughput variant `i` (1-based among the isolated variants) with `rules` rules.
+fn variant_policy(i: usize, rules: usize) -> Value {
+    policy(
+        "bench",
+        rules,
+        &[
+            ("TCP", IPERF_PORT, IPERF_PORT),
+            ("TCP", RR_PORT, RR_PORT),
+            ("UDP", MARKER_BASE + i as u16, MARKER_BASE + i as u16),
+        ],
+    )
+}
+
+/// Puts throughput variant `i` with `rules` rules (0: no policy file at all) in place.
+fn write_variant(c: &Cluster, i: usize, rules: usize) -> Result<()> {
+    if rules == 0 {
+        match std::fs::remove_file(c.manifests_dir().join(POLICY_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    } else {
+        c.apply_manifest(POLICY_FILE, &variant_policy(i, rules).to_string())
+    }
+}
+
+/// One UDP datagram from an ephemeral port; whether an answer came within `wait`.
+fn udp_answered(from: &Netns, to: SocketAddrV4, wait: Duration) -> Result<bool> {
+    from.run(move || -> std::io::Result<bool> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(wait))?;
+        s.connect(to)?;
+        s.send(b"m")?;
+        let mut buf = [0u8; 64];
+        Ok(s.recv(&mut buf).is_ok())
+    })?
+    .context("marker probe")
+}
+
+/// Waits until every (server, UDP port) answers the client or not as `want` says, three passes in
+/// a row. Returns whether it did within `timeout`.
+fn wait_verdicts(bed: &Bed, want: &[(Ipv4Addr, u16, bool)], timeout: Duration) -> Result<bool> {
+    let deadline = Instant::now() + timeout;
+    let mut good = 0;
+    while Instant::now() < deadline {
+        let mut all = true;
+        for (ip, port, answered) in want {
+            let got = udp_answered(
+                &bed.client.ns,
+                SocketAddrV4::new(*ip, *port),
+                Duration::from_millis(30),
+            )?;
+            all &= got == *answered;
+        }
+        good = if all { good + 1 } else { 0 };
+        if good == 3 {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(false)
+}
+
+fn throughput(bed: &Bed, rules: &[usize], o: &Options) -> Result<()> {
+    // Variant 0 is "no policy"; variant i ≥ 1 has rules[i - 1] rules and marker MARKER_BASE + i.
+    let variants: Vec<usize> = std::iter::once(0).chain(rules.iter().copied()).collect();
+    println!(
+        "\n== throughput and TCP request/response with 0 / {} rules selecting the server, interleaved, median of {} ==",
+        rules
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(" / "),
+        o.traffic.reps
+    );
+    // [variant][path] → per-rep figures
+    let n = bed.servers.len();
+    let mut gbps = vec![vec![Vec::new(); n]; variants.len()];
+    let mut p50 = gbps.clone();
+    let mut p99 = gbps.clone();
+    let mut enforced: Option<bool> = None;
+    for rep in 0..o.traffic.reps {
+        for j in 0..variants.len() {
+            // Rotate the order so no variant always runs right after the same one.
+            let v = (j + rep) % variants.len();
+            let rules = variants[v];
+            write_variant(&bed.cluster, v, rules)?;
+            let want: Vec<(Ipv4Addr, u16, bool)> = bed
+                .servers
+                .iter()
+                .flat_map(|(_, p)| {
+                    (1..variants.len())
+                        .map(move |m| (p.ip, MARKER_BASE + m as u16, rules == 0 || m == v))
+                })
+                .collect();
+            let start = Instant::now();
+            if enforced == Some(false) {
+                std::thread::sleep(Duration::from_secs(1));
+            } else if wait_verdicts(bed, &want, VARIANT_TIMEOUT)? {
+                if rules > 0 && enforced.is_none() {
+                    enforced = Some(true);
+                }
+                println!(
+                    "  rep {} variant {rules:>5} rules: in force after {:.0} ms",
+                    rep + 1,
+                    ms(start.elapsed())
+                );
+            } else if enforced == Some(true) {
+                bail!(
+                    "the {rules}-rule variant was not in force {VARIANT_TIMEOUT:?} after its manifest was written"
+                );
+            } else {
+                enforced = Some(false);
+                println!(
+                    "  WARNING: the {rules}-rule policy was not enforced {VARIANT_TIMEOUT:?} after it was written \
+                     (marker ports answered regardless): this dataplane does not enforce NetworkPolicy, so the \
+                     variants below differ only in the daemon's work, not in the datapath"
+                );
+            }
+            // Let the daemons finish whatever the change started (compiling, re-reading files).
+            std::thread::sleep(Duration::from_secs(2));
+            for (k, (_, server)) in bed.servers.iter().enumerate() {
+                gbps[v][k].push(iperf(
+                    &bed.client.ns,
+                    &server.ns,
+                    server.ip,
+                    o.traffic.seconds,
+                )?);
+                let rtts = rr(&bed.client.ns, &server.ns, server.ip, o.traffic.round_trips)?;
+                p50[v][k].push(percentile(&rtts, 0.5).as_secs_f64() * 1e6);
+                p99[v][k].push(percentile(&rtts, 0.99).as_secs_f64() * 1e6);
+            }
+        }
+    }
+    write_variant(&bed.cluster, 0, 0)?;
+    println!(
+        "{:<14} {:>7} {:>9} {:>9}   {:>10} {:>10} {:>9}",
+        "path", "rules", "Gb/s", "% of 0", "rr p50", "rr p99", "% of 0"
+    );
+    for (k, (label, _)) in bed.servers.iter().enumerate() {
+        let base_t = median(gbps[0][k].clone());
+        let base_l = median(p50[0][k].clone());
+        for (v, rules) in variants.iter().enumerate() {
+            let t = median(gbps[v][k].clone());
+            let l50 = median(p50[v][k].clone());
+            let l99 = median(p99[v][k].clone());
+            println!(
+                "{:<14} {:>7} {:>9.2} {:>8.1}%   {:>8.1}µs {:>8.1}µs {:>8.1}%",
+                if v == 0 { *label } else { "" },
+                rules,
+                t,
+                t / base_t * 100.0,
+                l50,
+                l99,
+                l50 / base_l * 100.0
+            );
+        }
+    }
+    println!(
+        "(goal: throughput ≥ 97 % of no policy; rr % = p50 / no-policy p50; per-rep Gb/s: {})",
+        variants
+            .iter()
+            .enumerate()
+            .map(|(v, r)| format!(
+                "{r}: {}",
+                gbps[v]
+                    .iter()
+                    .map(|reps| reps
+                        .iter()
+                        .map(|g| format!("{g:.2}"))
+                        .collect::<Vec<_>>()
+                        .join("/"))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    if enforced == Some(false) {
+        println!("(NOT ENFORCED: see the warning above)");
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct Probe {
+    sent: Instant,
+    answered: bool,
+}
+
+/// UDP probes from the client to one server every [`PROBE_PERIOD`], each from a fresh socket on
+/// the next source port of [`PROBE_SRC_PORTS`] and to the next port of [`PROBE_PORTS`], so no
+/// 5-tuple repeats within a run (a conntrack entry of an earlier, allowed probe cannot answer for
+/// a later one). Stops on drop.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Probe>>>,
+    thread: Option<JoinHandle<Result<std::io::Result<()>>>>,
+}
+
+impl Prober {
+    fn start(ns: &Netns, to: Ipv4Addr, first_src: u16) -> Result<Prober> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (s, l) = (stop.clone(), log.clone());
+        let thread = ns.spawn(move || probe_loop(to, first_src, &s, &l))?;
+        Ok(Prober {
+            stop,
+            log,
+            thread: Some(thread),
+        })
+    }
+
+    /// Takes the probes decided since the last call (in the order they were decided).
+    fn drain(&self) -> Vec<Probe> {
+        std::mem::take(&mut *self.log.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn check(&mut self) -> Result<()> {
+        if self.thread.as_ref().is_some_and(|t| t.is_finished())
+            && let Some(t) = self.thread.take()
+        {
+            match t.join() {
+                Ok(Ok(Ok(()))) => bail!("prober stopped early"),
+                Ok(Ok(Err(e))) => return Err(e).context("prober"),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => bail!("prober panicked"),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn probe_loop(
+    to: Ipv4Addr,
+    first_src: u16,
+    stop: &AtomicBool,
+    log: &Mutex<Vec<Probe>>,
+) -> std::io::Result<()> {
+    let mut pending: VecDeque<(Instant, UdpSocket)> = VecDeque::new();
+    let mut src = first_src;
+    let mut dst = *PROBE_PORTS.start();
+    let mut buf = [0u8; 64];
+    let mut next = Instant::now();
+    let record = |sent, answered| {
+        log.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Probe { sent, answered })
+    };
+    while !stop.load(Ordering::Relaxed) {
+        src = if src + 1 >= PROBE_SRC_PORTS.end {
+            PROBE_SRC_PORTS.start
+        } else {
+            src + 1
+        };
+        dst = if dst == *PROBE_PORTS.end() {
+            *PROBE_PORTS.start()
+        } else {
+            dst + 1
+        };
+        // A port still held (only after a full wrap-around) is skipped, not waited for.
+        if let Ok(s) = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, src)) {
+            s.set_nonblocking(true)?;
+            s.connect(SocketAddrV4::new(to, dst))?;
+            let sent = Instant::now();
+            match s.send(b"p") {
+                Ok(_) => pending.push_back((sent, s)),
+                Err(_) => record(sent, false),
+            }
+        }
+        pending.retain(|(sent, s)| match s.recv(&mut buf) {
+            Ok(_) => {
+                record(*sent, true);
+                false
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if sent.elapsed() > PROBE_WAIT {
+                    record(*sent, false);
+                    false
+                } else {
+                    true
+                }
+            }
+            Err(_) => {
+                record(*sent, false);
+                false
+            }
+        });
+        next += PROBE_PERIOD;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now;
+        }
+    }
+    Ok(())
+}
+
+/// Outcome of one change on one path.
+struct Observed {
+    /// From the rename to the first probe of the final run showing the new verdict.
+    latency: Duration,
+    /// Probes that showed the old verdict after the first one showing the new.
+    flaps: usize,
+}
+
+/// Waits until the probes sent after `t0` show `answered` steadily for [`STABLE`].
+fn observe(p: &mut Prober, t0: Instant, answered: bool) -> Result<Option<Observed>> {
+    let mut probes: Vec<Probe> = Vec::new();
+    loop {
+        p.check()?;
+        probes.extend(p.drain().into_iter().filter(|x| x.sent >= t0));
+        probes.sort_by_key(|x| x.sent);
+        // Every probe sent before this is decided; judge only those.
+        let decided_until = Instant::now() - PROBE_WAIT - PROBE_PERIOD;
+        let decided = &probes[..probes.partition_point(|x| x.sent < decided_until)];
+        if let Some(first_new) = decided.iter().position(|x| x.answered == answered) {
+            // Start of the final run of probes showing the new verdict.
+            let settled = decided
+                .iter()
+                .rposition(|x| x.answered != answered)
+                .map_or(0, |i| i + 1);
+            if settled < decided.len() && decided[settled].sent + STABLE < decided_until {
+                return Ok(Some(Observed {
+                    latency: decided[settled].sent.saturating_duration_since(t0),
+                    flaps: decided[first_new..settled]
+                        .iter()
+                        .filter(|x| x.answered != answered)
+                        .count(),
+                }));
+            }
+        }
+        if t0.elapsed() > FLIP_TIMEOUT {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A small deterministic generator for the pauses between changes (no dependency for it).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+fn change_to_enforcement(bed: &Bed, backgrounds: &[usize], flips: usize) -> Result<()> {
+    println!(
+        "\n== manifest change → enforcement: {flips} atomic replacements of one policy file, alternating \
+         deny/allow; UDP probe every {} ms per path, fresh 5-tuple each, unanswered after {} ms ==",
+        PROBE_PERIOD.as_millis(),
+        PROBE_WAIT.as_millis()
+    );
+    let allow = policy(
+        "bench-flip",
+        1,
+        &[("UDP", *PROBE_PORTS.start(), *PROBE_PORTS.end())],
+    )
+    .to_string();
+    let mut deny = policy("bench-flip", 1, &[("UDP", 1, 1)]);
+    deny["spec"]["ingress"][0]["from"] = json!([{"ipBlock": {"cidr": "192.0.2.1/32"}}]);
+    let deny = deny.to_string();
+    // Each path's probes start their source ports in their own half of the range.
+    let half = (PROBE_SRC_PORTS.end - PROBE_SRC_PORTS.start) / 2;
+    let mut probers: Vec<Prober> = bed
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(k, (_, s))| {
+            Prober::start(
+                &bed.client.ns,
+                s.ip,
+                PROBE_SRC_PORTS.start + half * k as u16,
+            )
+        })
+        .collect::<Result<_>>()?;
+    let mut rng = Lcg(0x5eed);
+    println!(
+        "{:<30} {:<14} {:<6} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "cluster state", "path", "to", "p50", "p90", "p99", "max", "flaps"
+    );
+    for &background in backgrounds {
+        write_variant(&bed.cluster, backgrounds.len(), background)?;
+        bed.cluster.apply_manifest(FLIP_FILE, &allow)?;
+        let want: Vec<_> = bed
+            .servers
+            .iter()
+            .map(|(_, s)| (s.ip, *PROBE_PORTS.start(), true))
+            .collect();
+        if !wait_verdicts(bed, &want, VARIANT_TIMEOUT)? {
+            bail!(
+                "the client cannot reach the servers' probe port with the allowing policy in place"
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        // [path][deny, allow]
+        let mut lat = vec![[Vec::new(), Vec::new()]; probers.len()];
+        let mut flaps = vec![[0usize; 2]; probers.len()];
+        for f in 0..flips {
+            let answered = f % 2 == 1;
+            let t0 = Instant::now();
+            bed.cluster
+                .apply_manifest(FLIP_FILE, if answered { &allow } else { &deny })?;
+            for (k, p) in probers.iter_mut().enumerate() {
+                match observe(p, t0, answered)? {
+                    Some(o) => {
+                        lat[k][answered as usize].push(o.latency);
+                        flaps[k][answered as usize] += o.flaps;
+                    }
+                    None => {
+                        let _ = std::fs::remove_file(bed.cluster.manifests_dir().join(FLIP_FILE));
+                        bail!(
+                            "change {} ({}) not observed on the {} path within {FLIP_TIMEOUT:?}: the dataplane \
+                             does not enforce NetworkPolicy (or applies changes far too slowly); \
+                             giving up the change-to-enforcement measurement",
+                            f + 1,
+                            if answered { "allow" } else { "deny" },
+                            bed.servers[k].0
+                        );
+                    }
+                }
+            }
+            // A random pause so the changes do not lock onto the daemons' polling phase.
+            std::thread::sleep(Duration::from_millis(20 + rng.below(80)));
+        }
+        let state = if background == 0 {
+            "no other policy".to_string()
+        } else {
+            format!("+ {background}-rule policy")
+        };
+        for (k, (label, _)) in bed.servers.iter().enumerate() {
+            for (d, dir) in ["deny", "allow"].iter().enumerate() {
+                let mut v = lat[k][d].clone();
+                v.sort();
+                println!(
+                    "{:<30} {:<14} {:<6} {:>6.1}ms {:>6.1}ms {:>6.1}ms {:>6.1}ms {:>6}",
+                    if k == 0 && d == 0 { state.as_str() } else { "" },
+                    if d == 0 { *label } else { "" },
+                    dir,
+                    ms(percentile(&v, 0.5)),
+                    ms(percentile(&v, 0.9)),
+                    ms(percentile(&v, 0.99)),
+                    ms(v.last().copied().unwrap_or_default()),
+                    flaps[k][d]
+                );
+            }
+        }
+    }
+    std::fs::remove_file(bed.cluster.manifests_dir().join(FLIP_FILE))?;
+    write_variant(&bed.cluster, 0, 0)?;
+    println!(
+        "(goal: p99 ≤ 100 ms; {} changes per row; flaps = probes showing the old verdict after one showed the new)",
+        flips / 2
+    );
+    Ok(())
+}
