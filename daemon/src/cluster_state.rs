@@ -4,7 +4,7 @@
 //! themselves: an ADD must not re-parse every manifest.
 
 use crate::policy::ClusterState;
-use crate::policy::model::ObjRef;
+use crate::policy::model::{ObjRef, Pod};
 
 pub const ANNOTATION_SUBNET: &str = "vpcnet.io/subnet";
 pub const ANNOTATION_IP: &str = "vpcnet.io/ip";
@@ -29,6 +29,57 @@ pub fn pod_addressing(state: &ClusterState, namespace: &str, name: &str) -> PodA
         // A fixed address is a property of one pod, never inherited from its namespace.
         ip: pod.and_then(|p| p.annotations.get(ANNOTATION_IP)).cloned(),
     }
+}
+
+/// The cluster state as this node's policy sync sees it:
+/// - every local allocation is a pod on this node with the allocated address (IPAM knows it
+///   before the API's `status.podIP` does);
+/// - an allocation whose pod the state does not know yet stands for a pod without labels in its
+///   namespace — so a namespace's default-deny covers it from its first packet;
+/// - a pod the state places on this node without a local allocation has no endpoint here.
+pub fn with_local_allocations(
+    state: &ClusterState,
+    records: &[vpcnet_ipam::Record],
+    node: &str,
+) -> ClusterState {
+    let mut out = state.clone();
+    let mut local = std::collections::BTreeSet::new();
+    for r in records {
+        let name = if r.pod.name.is_empty() {
+            // Not a Kubernetes pod (no K8S_POD_NAME): a name no policy can select.
+            format!("container-{}", r.key.container_id)
+        } else {
+            r.pod.name.clone()
+        };
+        let key = ObjRef::new(&r.pod.namespace, &name);
+        if !local.insert(key.clone()) {
+            continue; // One address per pod: the first interface's.
+        }
+        let mut pod = out.pod(&key).cloned().unwrap_or_else(|| Pod {
+            namespace: r.pod.namespace.clone(),
+            name,
+            labels: Default::default(),
+            ip: None,
+            node: None,
+            ports: Vec::new(),
+            annotations: Default::default(),
+        });
+        if pod.ip != Some(r.ip) || pod.node.as_deref() != Some(node) {
+            pod.ip = Some(r.ip);
+            pod.node = Some(node.to_string());
+            out.upsert_pod(pod);
+        }
+    }
+    let strays: Vec<Pod> = out
+        .pods()
+        .filter(|p| p.node.as_deref() == Some(node) && !local.contains(&p.key()))
+        .cloned()
+        .collect();
+    for mut p in strays {
+        p.node = None;
+        out.upsert_pod(p);
+    }
+    out
 }
 
 #[cfg(test)]

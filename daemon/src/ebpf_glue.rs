@@ -1,7 +1,10 @@
 //! Connects the service to the eBPF dataplane module.
 
 use crate::config::{DaemonConfig, EndpointAttach};
-use crate::dataplane::{AttachMode, Dataplane, DataplaneConfig, Endpoint, StartOptions};
+use crate::dataplane::{
+    AttachMode, Dataplane, DataplaneConfig, Endpoint, PolicyMode, StartOptions, SyncStats,
+};
+use crate::policy::Compiled;
 use crate::service::{EndpointSpec, Forwarding};
 use anyhow::Context as _;
 use std::net::Ipv4Addr;
@@ -35,10 +38,24 @@ impl Forwarding for Ebpf {
     }
     fn describe(&self) -> String {
         format!(
-            "eBPF (uplink {:?}, endpoints {:?})",
+            "eBPF (uplink {:?}, endpoints {:?}, NetworkPolicy {})",
             self.0.attach_mode(),
-            self.0.endpoint_attach_mode()
+            self.0.endpoint_attach_mode(),
+            if self.enforces_policy() {
+                "enforced"
+            } else {
+                "off: no cluster state configured"
+            }
         )
+    }
+    fn enforces_policy(&self) -> bool {
+        self.0.policy_mode() == PolicyMode::Enforce
+    }
+    fn applied_policy(&self) -> Option<&Compiled> {
+        Some(self.0.applied_policy())
+    }
+    fn sync_policy(&mut self, new: &Compiled) -> Result<SyncStats, String> {
+        self.0.sync_policy(new).map_err(|e| e.to_string())
     }
 }
 
@@ -63,7 +80,20 @@ pub fn forwarding(config: &DaemonConfig, _ipam: &Ipam) -> anyhow::Result<Box<dyn
         EndpointAttach::Classic => AttachMode::Classic,
         EndpointAttach::Tcx => AttachMode::Tcx,
     };
-    let dp = Dataplane::start_with(dataplane_config(config), StartOptions { endpoint_attach })?;
+    // Without a cluster state nothing can select a pod; with one, pods are closed until the
+    // policy layer has described them.
+    let policy = if config.manifests_dir.is_some() {
+        PolicyMode::Enforce
+    } else {
+        PolicyMode::Open
+    };
+    let dp = Dataplane::start_with(
+        dataplane_config(config),
+        StartOptions {
+            endpoint_attach,
+            policy,
+        },
+    )?;
     Ok(Box::new(Ebpf(dp)))
 }
 

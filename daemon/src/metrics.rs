@@ -3,11 +3,11 @@
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[derive(Default)]
 pub struct Metrics {
     pub allocations: Counter,
     pub alloc_failures: Counter,
@@ -17,6 +17,36 @@ pub struct Metrics {
     pub queued_releases: Counter,
     pub requests: Counter,
     pub live_allocations: Gauge,
+    pub policy_syncs: Counter,
+    pub policy_sync_failures: Counter,
+    pub policy_ops: Counter,
+    pub policy_sync_seconds: Histogram,
+    pub conntrack_live: Gauge,
+    pub conntrack_created: Gauge,
+    pub conntrack_insert_failed: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            allocations: Counter::default(),
+            alloc_failures: Counter::default(),
+            releases: Counter::default(),
+            gc_released: Counter::default(),
+            reconcile_released: Counter::default(),
+            queued_releases: Counter::default(),
+            requests: Counter::default(),
+            live_allocations: Gauge::default(),
+            policy_syncs: Counter::default(),
+            policy_sync_failures: Counter::default(),
+            policy_ops: Counter::default(),
+            // 0.1 ms .. ~3 s
+            policy_sync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            conntrack_live: Gauge::default(),
+            conntrack_created: Gauge::default(),
+            conntrack_insert_failed: Gauge::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -57,6 +87,41 @@ impl Metrics {
             "ipam_live_allocations",
             "Allocations currently held on this node",
             self.live_allocations.clone(),
+        );
+        r.register(
+            "policy_syncs",
+            "NetworkPolicy syncs applied to the dataplane",
+            self.policy_syncs.clone(),
+        );
+        r.register(
+            "policy_sync_failures",
+            "NetworkPolicy syncs that failed (the previous policy stays enforced)",
+            self.policy_sync_failures.clone(),
+        );
+        r.register(
+            "policy_map_ops",
+            "Policy map operations applied",
+            self.policy_ops.clone(),
+        );
+        r.register(
+            "policy_sync_seconds",
+            "Time from reading the cluster state to the dataplane enforcing it",
+            self.policy_sync_seconds.clone(),
+        );
+        r.register(
+            "conntrack_entries",
+            "Live connection-tracking entries of policy-selected pods",
+            self.conntrack_live.clone(),
+        );
+        r.register(
+            "conntrack_created",
+            "Connection-tracking entries created (dataplane counter)",
+            self.conntrack_created.clone(),
+        );
+        r.register(
+            "conntrack_insert_failures",
+            "Connection-tracking inserts the kernel refused (dataplane counter)",
+            self.conntrack_insert_failed.clone(),
         );
         r
     }

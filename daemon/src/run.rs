@@ -74,6 +74,8 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         config: config.clone(),
         metrics: metrics.clone(),
         mtu,
+        policy_sync: Default::default(),
+        policy_dirty: tokio::sync::Notify::new(),
     });
 
     // Before serving: queued releases first (their addresses were freed by pods that are gone), then
@@ -81,6 +83,23 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     let s = service.clone();
     tokio::task::spawn_blocking(move || s.replay_release_queue()).await?;
     reconcile_once(&service, &netlink).await;
+    // The pinned maps kept enforcing the previous policy; bring them to the current state before
+    // the first ADD, then follow every change.
+    sync_policy_once(&service).await;
+    if let Some(source) = service.policy.clone() {
+        let s = service.clone();
+        tokio::spawn(async move {
+            use crate::policy::StateSource as _;
+            let mut states = source.subscribe();
+            loop {
+                tokio::select! {
+                    changed = states.changed() => if changed.is_err() { return },
+                    _ = s.policy_dirty.notified() => {}
+                }
+                sync_policy_once(&s).await;
+            }
+        });
+    }
 
     let listener = crate::server::bind(&config.socket)
         .with_context(|| format!("binding {}", config.socket.display()))?;
@@ -106,6 +125,8 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
                 let s = service.clone();
                 let _ = tokio::task::spawn_blocking(move || s.replay_release_queue()).await;
                 reconcile_once(&service, &netlink).await;
+                // Also retries a sync that failed, and catches anything a notification missed.
+                sync_policy_once(&service).await;
             }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
@@ -115,6 +136,20 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     info!("stopping; the dataplane keeps forwarding");
     let _ = std::fs::remove_file(&config.socket);
     Ok(())
+}
+
+async fn sync_policy_once(service: &Arc<Service>) {
+    if service.policy.is_none() {
+        return;
+    }
+    let s = service.clone();
+    match tokio::task::spawn_blocking(move || s.sync_policy()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, "NetworkPolicy sync failed; the dataplane keeps the previous policy")
+        }
+        Err(e) => warn!(error = %e, "NetworkPolicy sync task failed"),
+    }
 }
 
 async fn reconcile_once(service: &Arc<Service>, netlink: &NodeNetlink) {
@@ -131,6 +166,7 @@ async fn reconcile_once(service: &Arc<Service>, netlink: &NodeNetlink) {
         if let Ok(list) = s.ipam.list() {
             s.metrics.live_allocations.set(list.len() as i64);
         }
+        s.refresh_dataplane_metrics();
         r
     })
     .await

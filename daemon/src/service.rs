@@ -3,7 +3,9 @@
 
 use crate::cluster_state;
 use crate::config::DaemonConfig;
+use crate::dataplane::SyncStats;
 use crate::metrics::Metrics;
+use crate::policy::Compiled;
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -31,6 +33,18 @@ pub trait Forwarding: Send {
     fn endpoints(&self) -> Result<Vec<Ipv4Addr>, String>;
     fn counters(&self) -> Result<CountersInfo, String>;
     fn describe(&self) -> String;
+    /// Whether NetworkPolicy is enforced (the eBPF dataplane with a cluster state source).
+    fn enforces_policy(&self) -> bool {
+        false
+    }
+    /// What the policy maps hold now.
+    fn applied_policy(&self) -> Option<&Compiled> {
+        None
+    }
+    /// Takes the policy maps to `new` without a moment of wider access.
+    fn sync_policy(&mut self, _new: &Compiled) -> Result<SyncStats, String> {
+        Ok(SyncStats::default())
+    }
 }
 
 /// Plain kernel routing: the plugin's host routes do the forwarding; nothing to program.
@@ -50,6 +64,8 @@ impl Forwarding for KernelRoutes {
         Ok(CountersInfo {
             endpoints: Vec::new(),
             drops: Vec::new(),
+            node: Vec::new(),
+            conntrack: None,
         })
     }
     fn describe(&self) -> String {
@@ -65,6 +81,20 @@ pub struct Service {
     pub config: DaemonConfig,
     pub metrics: Arc<Metrics>,
     pub mtu: u32,
+    /// Identity numbering across policy syncs (taken before `fwd`).
+    pub policy_sync: Mutex<PolicySync>,
+    /// Wakes the policy sync loop (a pod went away).
+    pub policy_dirty: tokio::sync::Notify,
+}
+
+/// State of the policy sync between runs.
+#[derive(Default)]
+pub struct PolicySync {
+    /// `None` until seeded from what the pinned maps hold.
+    compiler: Option<crate::policy::compile::Compiler>,
+    /// Generation of the cluster state last applied.
+    pub generation: Option<u64>,
+    pub last_error: Option<String>,
 }
 
 fn ipam_err(e: IpamError) -> ApiError {
@@ -135,9 +165,115 @@ impl Service {
                 "\nwarning: the newest manifests were rejected, the last good state is shown: {e}\n"
             ));
         }
-        // Say so plainly until the dataplane enforces policy: an operator must not assume isolation.
-        text.push_str("\nnote: this node's dataplane does not enforce NetworkPolicy yet; this is what the policies say.\n");
+        let enforced = self.lock_fwd().enforces_policy();
+        if enforced {
+            let sync = self.policy_sync.lock().unwrap_or_else(|p| p.into_inner());
+            match (&sync.last_error, sync.generation) {
+                (Some(e), _) => text.push_str(&format!(
+                    "\nwarning: the last NetworkPolicy update failed; the dataplane enforces the one before: {e}\n"
+                )),
+                (None, Some(g)) => text.push_str(&format!(
+                    "\nEnforced by this node's eBPF dataplane (cluster state generation {g}).\n"
+                )),
+                (None, None) => text.push_str(
+                    "\nnote: no cluster state applied yet; new pods on this node are closed until one is.\n",
+                ),
+            }
+        } else {
+            // An operator must not assume isolation that is not there.
+            text.push_str("\nnote: this node's dataplane (kernel routes) does not enforce NetworkPolicy; this is what the policies say.\n");
+        }
         Ok(text)
+    }
+
+    /// Compiles the current cluster state for this node (with the local allocations laid over
+    /// it) and takes the dataplane's policy maps there. A no-op without a cluster state source.
+    /// Without a readable state the maps keep what they enforce (new pods stay closed).
+    pub fn sync_policy(&self) -> Result<SyncStats, ApiError> {
+        use crate::policy::StateSource as _;
+        let Some(source) = &self.policy else {
+            return Ok(SyncStats::default());
+        };
+        let started = std::time::Instant::now();
+        let mut sync = self.policy_sync.lock().unwrap_or_else(|p| p.into_inner());
+        let result: Result<(SyncStats, u64), ApiError> = (|| {
+            let state = source.snapshot().map_err(|e| {
+                ApiError::new(
+                    code::INVALID_CONFIG,
+                    format!("no cluster state to enforce NetworkPolicy from: {e}"),
+                )
+            })?;
+            let records = self.ipam.list().map_err(ipam_err)?;
+            let state = cluster_state::with_local_allocations(&state, &records, &self.config.node);
+            let mut fwd = self.lock_fwd();
+            if !fwd.enforces_policy() {
+                return Ok((SyncStats::default(), state.generation()));
+            }
+            let compiler = sync.compiler.get_or_insert_with(|| {
+                let mut c = crate::policy::compile::Compiler::new(Some(self.config.node.clone()));
+                // Keep the numbers the pinned maps use, so a restart rewrites nothing that
+                // did not change.
+                if let Some(applied) = fwd.applied_policy() {
+                    c.seed(applied.ip_identity.iter().filter_map(|(ip, id)| {
+                        let pod = state.pod_by_ip(*ip)?;
+                        Some((crate::policy::compile::IdentityKey::of(&state, pod), *id))
+                    }));
+                }
+                c
+            });
+            let compiled = compiler.compile(&state);
+            let stats = fwd.sync_policy(&compiled).map_err(|e| {
+                ApiError::new(code::DATAPLANE, format!("programming NetworkPolicy: {e}"))
+            })?;
+            Ok((stats, state.generation()))
+        })();
+        match result {
+            Ok((stats, generation)) => {
+                sync.generation = Some(generation);
+                sync.last_error = None;
+                self.metrics.policy_syncs.inc();
+                self.metrics.policy_ops.inc_by(stats.ops as u64);
+                self.metrics
+                    .policy_sync_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                if stats.ops > 0 {
+                    info!(
+                        ops = stats.ops,
+                        narrowed = stats.narrowed,
+                        generation,
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "NetworkPolicy applied"
+                    );
+                }
+                Ok(stats)
+            }
+            Err(e) => {
+                self.metrics.policy_sync_failures.inc();
+                sync.last_error = Some(e.msg.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies the dataplane's conntrack figures into the Prometheus gauges.
+    pub fn refresh_dataplane_metrics(&self) {
+        let Ok(c) = self.lock_fwd().counters() else {
+            return;
+        };
+        if let Some((live, _)) = c.conntrack {
+            self.metrics.conntrack_live.set(live as i64);
+        }
+        for (name, n) in &c.node {
+            match name.as_str() {
+                "ct-created" => {
+                    self.metrics.conntrack_created.set(*n as i64);
+                }
+                "ct-insert-failed" => {
+                    self.metrics.conntrack_insert_failed.set(*n as i64);
+                }
+                _ => {}
+            }
+        }
     }
 
     fn lock_fwd(&self) -> std::sync::MutexGuard<'_, Box<dyn Forwarding>> {
@@ -230,6 +366,12 @@ impl Service {
             .network(Some(&record.network))
             .map(|n| n.id)
             .map_err(ipam_err)?;
+        // The pod's policy (and its address's identity for everyone else) goes in before its
+        // endpoint: isolated from the first packet. If it cannot, the endpoint is installed
+        // closed and the sync loop opens it when the cluster state is back.
+        if let Err(e) = self.sync_policy() {
+            warn!(error = %e, "NetworkPolicy not updated for the new pod; it stays closed until the next successful sync");
+        }
         self.lock_fwd()
             .add_endpoint(&EndpointSpec {
                 ip: req.ip,
@@ -266,6 +408,8 @@ impl Service {
         if let Some(r) = &released {
             self.metrics.releases.inc();
             info!(ip = %r.ip, "released");
+            // Its rules and identity go with the next sync; the endpoint entry is gone already.
+            self.policy_dirty.notify_one();
         }
         Ok(released.map(|r| to_allocation(&r, self.mtu)))
     }

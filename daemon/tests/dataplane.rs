@@ -292,7 +292,14 @@ impl Topology {
         };
         let cfg = self.config(node);
         in_ns(&ns, move || {
-            Dataplane::start_with(cfg, StartOptions { endpoint_attach }).expect("Dataplane::start")
+            Dataplane::start_with(
+                cfg,
+                StartOptions {
+                    endpoint_attach,
+                    ..Default::default()
+                },
+            )
+            .expect("Dataplane::start")
         })
     }
 

@@ -164,8 +164,13 @@ impl Cluster {
         name: &str,
         edit: impl FnOnce(&mut Value),
     ) -> Result<Pod> {
-        let ns = Netns::create(&format!("{}-{name}", self.prefix))?;
-        let container_id = format!("{:x}{}", md5ish(&format!("{}{name}", self.prefix)), name);
+        // Pods of different namespaces may share a name (x/a, y/a).
+        let ns = Netns::create(&format!("{}-{namespace}-{name}", self.prefix))?;
+        let container_id = format!(
+            "{:x}{}",
+            md5ish(&format!("{}{namespace}/{name}", self.prefix)),
+            name
+        );
         let mut config = net_config(self.node(node), "1.1.0");
         edit(&mut config);
         let env = CniEnv::new("ADD", &container_id, &ns.path().to_string_lossy(), "eth0")

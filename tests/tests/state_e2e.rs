@@ -61,8 +61,8 @@ spec:
     eprintln!("{after}");
     assert!(after.contains("5432") || after.contains("sql"), "{after}");
     assert!(
-        after.contains("does not enforce"),
-        "the operator is told enforcement is not active: {after}"
+        after.contains("Enforced by this node's eBPF dataplane"),
+        "the operator is told the policy is enforced: {after}"
     );
     assert!(c.node(0).ctl(&["policy", "shop/nope"]).is_err());
 }

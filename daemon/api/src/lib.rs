@@ -170,6 +170,13 @@ pub struct CountersInfo {
     pub endpoints: Vec<EndpointCounters>,
     /// Drops by reason name.
     pub drops: Vec<(String, u64)>,
+    /// Node-wide events by name (where traffic went, conntrack activity).
+    #[serde(default)]
+    pub node: Vec<(String, u64)>,
+    /// Connection-tracking entries of policy-selected pods: live, and expired but not yet
+    /// evicted. `None` without the eBPF dataplane.
+    #[serde(default)]
+    pub conntrack: Option<(u64, u64)>,
 }
 
 /// A failure the plugin can turn into CNI error JSON as-is: the daemon picks the CNI code.

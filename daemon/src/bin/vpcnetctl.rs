@@ -96,6 +96,13 @@ fn real_main() -> Result<()> {
             for (reason, n) in c.drops {
                 println!("{reason:<24} {n:>10}");
             }
+            println!("\n{:<24} {:>10}", "NODE EVENT", "COUNT");
+            for (name, n) in c.node {
+                println!("{name:<24} {n:>10}");
+            }
+            if let Some((live, expired)) = c.conntrack {
+                println!("\nconntrack entries: {live} live, {expired} expired (evicted as needed)");
+            }
         }
         ResponseBody::Text { text } => print!("{text}"),
         ResponseBody::Error(e) => bail!("vpcnetd: {} (code {})", e.msg, e.code),

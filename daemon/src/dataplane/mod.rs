@@ -76,6 +76,7 @@
 
 mod nft;
 mod plan;
+mod policy;
 mod sys;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -90,12 +91,16 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vpcnet_common::{
-    DROP_REASON_NAMES, DROP_REASONS, EP_FLAG_EGRESS_TC_CLASSIC, EP_FLAG_TC_CLASSIC, EndpointInfo,
-    EndpointStats, FlowKey, FlowValue, MAX_ENDPOINTS, MAX_KERNEL_FLOWS, MAX_PEERS, MAX_ROUTES,
-    NODE_COUNTER_NAMES, NODE_COUNTERS, NodeConfig, PeerKey, RouteKey, RouteValue, ip_key,
+    CtValue, DROP_REASON_NAMES, DROP_REASONS, EP_FLAG_EGRESS_TC_CLASSIC, EP_FLAG_TC_CLASSIC,
+    EndpointInfo, EndpointStats, FlowKey, FlowValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_IDENTITIES,
+    MAX_KERNEL_FLOWS, MAX_PEERS, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, MAX_ROUTES,
+    NODE_COUNTER_NAMES, NODE_COUNTERS, NodeConfig, POLICY_OPEN, PeerKey, PolicyCidrKey, PolicyKey,
+    RouteKey, RouteValue, ip_key,
 };
 
 pub use nft::{HOST_VETH_PREFIX, TABLE as NFT_TABLE};
+use policy::{M_CONNTRACK, M_IDENTITIES, M_POLICY, M_POLICY_CIDRS, M_POLICY_EPOCH, PolicyTables};
+pub use policy::{PolicyMode, SyncStats};
 
 const PROG_UPLINK: &str = "uplink_ingress";
 const PROG_ENDPOINT: &str = "endpoint_ingress";
@@ -130,7 +135,7 @@ const M_KERNEL_FLOWS: &str = "KERNEL_FLOWS";
 /// another layout (left by an incompatible older release) is replaced rather than reused, since a
 /// program reading a differently-shaped value would misforward (and a counter array too short
 /// for a new counter would silently not count).
-const MAP_LAYOUTS: [(&str, usize, usize, u32); 8] = [
+const MAP_LAYOUTS: [(&str, usize, usize, u32); 13] = [
     (M_ENDPOINTS, 4, size_of::<EndpointInfo>(), MAX_ENDPOINTS),
     (
         M_ENDPOINT_STATS,
@@ -153,6 +158,21 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32); 8] = [
         size_of::<FlowKey>(),
         size_of::<FlowValue>(),
         MAX_KERNEL_FLOWS,
+    ),
+    (M_POLICY, 4 + size_of::<PolicyKey>(), 4, MAX_POLICY_ENTRIES),
+    (
+        M_POLICY_CIDRS,
+        4 + size_of::<PolicyCidrKey>(),
+        4,
+        MAX_POLICY_CIDRS,
+    ),
+    (M_IDENTITIES, 4, 4, MAX_IDENTITIES),
+    (M_POLICY_EPOCH, 4, 4, 1),
+    (
+        M_CONNTRACK,
+        size_of::<FlowKey>(),
+        size_of::<CtValue>(),
+        MAX_CONNTRACK,
     ),
 ];
 
@@ -234,12 +254,15 @@ pub struct StartOptions {
     /// choice when CNI ADD latency matters more than link ownership. Either mode falls back to
     /// classic when TCX attach fails.
     pub endpoint_attach: AttachMode,
+    /// Whether NetworkPolicy decides the endpoints' policy bits (see [`PolicyMode`]).
+    pub policy: PolicyMode,
 }
 
 impl Default for StartOptions {
     fn default() -> Self {
         StartOptions {
             endpoint_attach: AttachMode::Tcx,
+            policy: PolicyMode::Open,
         }
     }
 }
@@ -271,6 +294,8 @@ pub struct Dataplane {
     endpoint_mode: AttachMode,
     nr_cpus: usize,
     timings: Timings,
+    policy_mode: PolicyMode,
+    policy: PolicyTables,
 }
 
 // The daemon keeps the dataplane behind a Mutex and calls it from spawn_blocking.
@@ -371,7 +396,15 @@ impl Dataplane {
                 load,
                 ..Timings::default()
             },
+            policy_mode: opts.policy,
+            policy: PolicyTables::default(),
         };
+        // What the pinned maps enforce now (they kept enforcing while no daemon ran); the next
+        // policy sync is planned against exactly that.
+        dp.policy = dp.read_policy()?;
+        if dp.policy_mode == PolicyMode::Open {
+            dp.open_all_endpoints()?;
+        }
         let t = Instant::now();
         for name in PROGRAMS {
             dp.program(name)?.load()?;
@@ -434,6 +467,10 @@ impl Dataplane {
         self.uplink_mode
     }
 
+    pub fn policy_mode(&self) -> PolicyMode {
+        self.policy_mode
+    }
+
     /// How new endpoints are attached.
     pub fn endpoint_attach_mode(&self) -> AttachMode {
         self.endpoint_mode
@@ -459,6 +496,7 @@ impl Dataplane {
         let key = ip_key(ep.ip.octets());
         let nr_cpus = self.nr_cpus;
         let default_mode = self.endpoint_mode;
+        let policy = self.endpoint_policy(ep.ip);
         let (existed, mut info) = {
             let mut stats: PerCpuHashMap<_, u32, EndpointStats> =
                 PerCpuHashMap::try_from(self.map_mut(M_ENDPOINT_STATS)?)?;
@@ -481,7 +519,7 @@ impl Dataplane {
                 mac: ep.pod_mac,
                 network_id: ep.network_id,
                 flags: flags_for(mode, mode),
-                policy_id: old.map_or(0, |o| o.policy_id),
+                policy,
             };
             // The entry goes in before the program: its first packet must find its source.
             eps.insert(key, info, 0)?;
@@ -539,7 +577,112 @@ impl Dataplane {
                 );
             }
         }
-        self.remove_entries(key)
+        self.remove_entries(key)?;
+        // Connections of the departed pod must not carry over to a pod that reuses its address.
+        if info.is_some() {
+            self.bump_policy_epoch()?;
+        }
+        Ok(())
+    }
+
+    /// `EndpointInfo::policy` for an endpoint being (re)installed.
+    fn endpoint_policy(&self, ip: Ipv4Addr) -> u32 {
+        match self.policy_mode {
+            PolicyMode::Open => POLICY_OPEN,
+            PolicyMode::Enforce => self.policy.flags(ip),
+        }
+    }
+
+    fn open_all_endpoints(&mut self) -> Result<(), DataplaneError> {
+        let mut eps: HashMap<_, u32, EndpointInfo> = HashMap::try_from(self.map_mut(M_ENDPOINTS)?)?;
+        let raw: Vec<(u32, EndpointInfo)> = eps.iter().collect::<Result<_, _>>()?;
+        for (k, info) in raw {
+            if info.policy != POLICY_OPEN {
+                eps.insert(
+                    k,
+                    EndpointInfo {
+                        policy: POLICY_OPEN,
+                        ..info
+                    },
+                    0,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_policy(&self) -> Result<PolicyTables, DataplaneError> {
+        PolicyTables::read(
+            &LpmTrie::try_from(self.map(M_POLICY)?)?,
+            &LpmTrie::try_from(self.map(M_POLICY_CIDRS)?)?,
+            &HashMap::try_from(self.map(M_IDENTITIES)?)?,
+            &HashMap::try_from(self.map(M_ENDPOINTS)?)?,
+        )
+    }
+
+    /// What the policy maps hold (address → identity included), as the compile layer's type.
+    pub fn applied_policy(&self) -> &crate::policy::Compiled {
+        self.policy.mirror()
+    }
+
+    /// Takes the policy maps from what they hold to `new` along [`crate::policy::compile::plan`],
+    /// phase after phase; when anything narrowed, established connections are judged again.
+    pub fn sync_policy(
+        &mut self,
+        new: &crate::policy::Compiled,
+    ) -> Result<SyncStats, DataplaneError> {
+        let plan = crate::policy::compile::plan(self.policy.mirror(), new);
+        if plan.is_empty() {
+            return Ok(SyncStats::default());
+        }
+        let mut tables = std::mem::take(&mut self.policy);
+        let result = self.with_policy_maps(|maps| tables.apply(maps, &plan));
+        self.policy = tables;
+        let stats = result?;
+        if stats.narrowed {
+            self.bump_policy_epoch()?;
+        }
+        Ok(stats)
+    }
+
+    fn with_policy_maps<T>(
+        &mut self,
+        f: impl FnOnce(&mut policy::Maps<'_>) -> Result<T, DataplaneError>,
+    ) -> Result<T, DataplaneError> {
+        let [Some(p), Some(c), Some(i), Some(e)] =
+            self.bpf
+                .maps_disjoint_mut([M_POLICY, M_POLICY_CIDRS, M_IDENTITIES, M_ENDPOINTS])
+        else {
+            return Err(DataplaneError::Missing("policy maps"));
+        };
+        let mut maps = policy::Maps {
+            policy: LpmTrie::try_from(p)?,
+            cidrs: LpmTrie::try_from(c)?,
+            identities: HashMap::try_from(i)?,
+            endpoints: HashMap::try_from(e)?,
+        };
+        f(&mut maps)
+    }
+
+    fn bump_policy_epoch(&mut self) -> Result<(), DataplaneError> {
+        let mut epoch: Array<_, u32> = Array::try_from(self.map_mut(M_POLICY_EPOCH)?)?;
+        policy::bump_epoch(&mut epoch)
+    }
+
+    /// Connection-tracking entries: (live, expired but not yet evicted).
+    pub fn conntrack_entries(&self) -> Result<(u64, u64), DataplaneError> {
+        let ct: HashMap<_, FlowKey, CtValue> = HashMap::try_from(self.map(M_CONNTRACK)?)?;
+        let now = sys::monotonic_ns();
+        let (mut live, mut expired) = (0, 0);
+        for item in ct.iter() {
+            let (_, v) = item?;
+            if v.expires_ns > now {
+                live += 1;
+            } else {
+                expired += 1;
+            }
+        }
+        Ok((live, expired))
     }
 
     pub fn endpoints(&self) -> Result<Vec<Endpoint>, DataplaneError> {
@@ -583,7 +726,12 @@ impl Dataplane {
         }
         endpoints.sort_by_key(|c| c.ip);
         let drops = self.per_cpu_sums(M_DROPS, &DROP_REASON_NAMES)?;
-        Ok(vpcnet_api::CountersInfo { endpoints, drops })
+        Ok(vpcnet_api::CountersInfo {
+            endpoints,
+            drops,
+            node: self.node_counters()?,
+            conntrack: Some(self.conntrack_entries()?),
+        })
     }
 
     /// Node-wide counters by name (ARP replies, pod-to-pod, pod-to-uplink, pod-to-kernel,

@@ -40,13 +40,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
-/// Key of entries that apply to every peer (rules without `from`/`to`).
-pub const ID_ANY: u32 = 0;
-/// The node the endpoint runs on.
-pub const ID_HOST: u32 = 1;
-/// Any address that is not a known pod. Never used as an entry key.
-pub const ID_WORLD: u32 = 2;
+/// Key of entries that apply to every peer (rules without `from`/`to`); the node the endpoint
+/// runs on; any address that is not a known pod (never used as an entry key). Shared with the
+/// eBPF programs.
+pub use vpcnet_common::{ID_ANY, ID_HOST, ID_WORLD};
 pub const FIRST_POD_ID: u32 = 256;
+/// Pod identities stay below the numbers the dataplane gives ipBlock port sets.
+pub const LAST_POD_ID: u32 = vpcnet_common::CIDR_SET_BASE - 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortRange {
@@ -237,9 +237,9 @@ impl IdentityKey {
 }
 
 /// Stable identity numbers across compilations: a key keeps its number while it exists, and a
-/// released number is not handed out again (the counter only grows; at one new label set per
-/// millisecond it lasts 49 days... per u32 wrap it restarts above the reserved range, by which
-/// time no entry can still refer to the old meaning).
+/// released number is not handed out again (the counter only grows; after two billion label sets
+/// it restarts above the reserved range, by which time no entry can still refer to the old
+/// meaning).
 #[derive(Debug, Clone)]
 pub struct IdentityAllocator {
     by_key: BTreeMap<IdentityKey, u32>,
@@ -256,6 +256,26 @@ impl Default for IdentityAllocator {
 }
 
 impl IdentityAllocator {
+    /// Adopts numbers a previous process gave out (read back from the dataplane after a restart),
+    /// so unchanged label sets keep their numbers and new ones get numbers never seen before.
+    pub fn seed(&mut self, known: impl IntoIterator<Item = (IdentityKey, u32)>) {
+        for (k, id) in known {
+            if !(FIRST_POD_ID..=LAST_POD_ID).contains(&id) {
+                continue;
+            }
+            if id >= self.next {
+                self.next = if id >= LAST_POD_ID {
+                    FIRST_POD_ID
+                } else {
+                    id + 1
+                };
+            }
+            if !self.by_key.values().any(|v| *v == id) {
+                self.by_key.entry(k).or_insert(id);
+            }
+        }
+    }
+
     fn assign(&mut self, keys: BTreeSet<IdentityKey>) -> BTreeMap<IdentityKey, u32> {
         let mut out = BTreeMap::new();
         for k in keys {
@@ -263,7 +283,11 @@ impl IdentityAllocator {
                 Some(id) => *id,
                 None => {
                     let id = self.next;
-                    self.next = self.next.checked_add(1).unwrap_or(FIRST_POD_ID);
+                    self.next = if self.next >= LAST_POD_ID {
+                        FIRST_POD_ID
+                    } else {
+                        self.next + 1
+                    };
                     id
                 }
             };
@@ -396,6 +420,11 @@ impl Compiler {
             alloc: IdentityAllocator::default(),
             node,
         }
+    }
+
+    /// See [`IdentityAllocator::seed`].
+    pub fn seed(&mut self, known: impl IntoIterator<Item = (IdentityKey, u32)>) {
+        self.alloc.seed(known)
     }
 
     pub fn compile(&mut self, state: &ClusterState) -> Compiled {

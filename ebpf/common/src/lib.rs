@@ -25,7 +25,11 @@ pub enum DropReason {
     Spoofed = 5,
     /// The node configuration map is empty: the daemon has not finished `start`.
     NotConfigured = 6,
-    MaxReason = 7,
+    /// NetworkPolicy: the destination pod is isolated for ingress and nothing allows this peer.
+    PolicyIngress = 7,
+    /// NetworkPolicy: the source pod is isolated for egress and nothing allows this destination.
+    PolicyEgress = 8,
+    MaxReason = 9,
 }
 
 pub const DROP_REASONS: u32 = DropReason::MaxReason as u32;
@@ -38,6 +42,8 @@ pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = [
     "ttl-exceeded",
     "spoofed",
     "not-configured",
+    "policy-ingress",
+    "policy-egress",
 ];
 
 /// Node-wide event counters (index into the `NODE_STATS` per-CPU array): where traffic went, so a
@@ -65,7 +71,17 @@ pub enum NodeCounter {
     /// A TCP SYN on a recorded tuple that the kernel had not seen open: a new connection reusing
     /// a stale entry's 5-tuple, so the entry was removed and the packet forwarded by the programs.
     KernelFlowStale = 8,
-    MaxCounter = 9,
+    /// New `CONNTRACK` entries (each allowed new connection writes two: one per direction).
+    CtCreated = 9,
+    /// `CONNTRACK` inserts the kernel refused. The connection's packets still pass (their policy
+    /// verdict was "allowed"); its replies are judged by policy again and may be dropped.
+    CtInsertFailed = 10,
+    /// Packets passed by a live `CONNTRACK` entry instead of a policy lookup.
+    CtHits = 11,
+    /// Packets of an established connection judged again after a policy narrowed (`POLICY_EPOCH`
+    /// moved on since the entry was written).
+    CtRevalidated = 12,
+    MaxCounter = 13,
 }
 
 pub const NODE_COUNTERS: u32 = NodeCounter::MaxCounter as u32;
@@ -80,6 +96,10 @@ pub const NODE_COUNTER_NAMES: [&str; NODE_COUNTERS as usize] = [
     "kernel-flows-recorded",
     "kernel-flow-record-failed",
     "kernel-flow-stale",
+    "ct-created",
+    "ct-insert-failed",
+    "ct-hits",
+    "ct-revalidated",
 ];
 
 /// Value of `ENDPOINTS`, keyed by the pod address ([`ip_key`]).
@@ -91,9 +111,18 @@ pub struct EndpointInfo {
     pub mac: [u8; 6],
     pub network_id: u16,
     pub flags: u32,
-    /// Reserved for the policy layer (0 = no policy).
-    pub policy_id: u32,
+    /// NetworkPolicy state: [`POLICY_INGRESS_OPEN`] / [`POLICY_EGRESS_OPEN`]. A direction whose bit
+    /// is clear is isolated: only what the policy maps allow passes (nothing, if they hold no
+    /// entry for the endpoint). So a record written without policy knowledge denies everything
+    /// — fail closed.
+    pub policy: u32,
 }
+
+/// `EndpointInfo::policy`: no NetworkPolicy selects the pod for ingress.
+pub const POLICY_INGRESS_OPEN: u32 = 1;
+/// `EndpointInfo::policy`: no NetworkPolicy selects the pod for egress.
+pub const POLICY_EGRESS_OPEN: u32 = 2;
+pub const POLICY_OPEN: u32 = POLICY_INGRESS_OPEN | POLICY_EGRESS_OPEN;
 
 /// `EndpointInfo::flags`: the endpoint program sits on the host veth as a classic clsact filter
 /// (not a pinned TCX link). Recorded in the pinned map so a restarted daemon knows how to update it.
@@ -210,6 +239,76 @@ pub const KERNEL_FLOW_UDP_TIMEOUT_NS: u64 = 180 * 1_000_000_000;
 /// is dropped. 60 s covers the whole SYN-ACK retransmission schedule (1+2+4+8+16 s).
 pub const KERNEL_FLOW_SYN_WINDOW_NS: u64 = 60 * 1_000_000_000;
 
+/// Direction byte of the policy keys.
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// Remote identities (the compile layer's numbers): entries under `ID_ANY` apply to every peer;
+/// `ID_HOST` is the local node (one of its own addresses); `ID_WORLD` is any address that is
+/// neither a known pod nor the node, and keys no entry.
+pub const ID_ANY: u32 = 0;
+pub const ID_HOST: u32 = 1;
+pub const ID_WORLD: u32 = 2;
+/// Remote "identities" at and above this value name a port set reached through `POLICY_CIDRS`
+/// (an ipBlock's prefix → this number → `POLICY` entries), never a pod.
+pub const CIDR_SET_BASE: u32 = 0x8000_0000;
+
+/// Data part of the `POLICY` LPM key: what an endpoint allows in one direction. Endpoint, remote
+/// and direction are always matched in full; after them the key may stop (prefix
+/// [`POLICY_PREFIX_ANY_PROTO`]: every protocol and port, ICMP included), stop after the protocol
+/// ([`POLICY_PREFIX_PROTO`]: every port of it), or cover an aligned block of ports
+/// (`POLICY_PREFIX_PROTO + n`, the port's first n bits). So a rule with a port range costs a few
+/// entries and the lookup one trie walk, whatever the number of rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    /// The endpoint's address ([`ip_key`]).
+    pub endpoint: u32,
+    /// Remote identity (native order; only ever matched in full).
+    pub remote: u32,
+    pub dir: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Network byte order, as in the packet: prefixes of it are port blocks.
+    pub port: u16,
+}
+
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+pub const POLICY_PREFIX_PROTO: u32 = 80;
+
+/// Data part of the `POLICY_CIDRS` LPM key (prefix `64 + cidr prefix length`). The value is the
+/// port-set number ([`CIDR_SET_BASE`] + n) to look up in `POLICY` as the remote.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyCidrKey {
+    pub endpoint: u32,
+    pub dir: u8,
+    pub _pad: [u8; 3],
+    /// As in the packet ([`ip_key`]).
+    pub addr: u32,
+}
+
+pub const POLICY_CIDR_PREFIX_BASE: u32 = 64;
+
+/// `CONNTRACK` value. The key is a [`FlowKey`] as the packet it matches carries it; ICMP echo
+/// uses the identifier as both ports so a request and its reply are each other's reverse.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_coarse_ns` after which the entry is ignored.
+    pub expires_ns: u64,
+    /// `POLICY_EPOCH` when the connection was last judged by policy.
+    pub epoch: u32,
+    /// [`CT_REPLY`] when the key is the reply direction of the connection.
+    pub flags: u32,
+}
+
+pub const CT_REPLY: u32 = 1;
+/// Idle timeouts, as Cilium's defaults: established TCP 6 h, closing TCP 10 s, others 60 s.
+pub const CT_TCP_TIMEOUT_NS: u64 = 21_600 * 1_000_000_000;
+pub const CT_CLOSING_TIMEOUT_NS: u64 = 10 * 1_000_000_000;
+pub const CT_OTHER_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
+
 /// `skb->mark` bit `endpoint_ingress` sets on the packets it `bpf_redirect_neigh`s to the uplink,
 /// so `uplink_egress` can tell them from pod packets the kernel forwarded (and clears it again:
 /// the bit never leaves the node nor reaches netfilter, which redirected packets bypass).
@@ -225,6 +324,14 @@ pub const MAX_ROUTES: u32 = 16384;
 pub const MAX_PEERS: u32 = 4096;
 /// Flows the kernel has NAT state for, per node (LRU: the least recently used entry makes room).
 pub const MAX_KERNEL_FLOWS: u32 = 65536;
+/// Policy entries per node (an LPM trie allocates only what is used).
+pub const MAX_POLICY_ENTRIES: u32 = 1 << 20;
+pub const MAX_POLICY_CIDRS: u32 = 1 << 18;
+/// Pod address → identity, cluster-wide.
+pub const MAX_IDENTITIES: u32 = 1 << 18;
+/// Connections of policy-selected local pods (two entries each; LRU: the least recently used
+/// makes room, so a full map evicts idle flows instead of refusing new ones).
+pub const MAX_CONNTRACK: u32 = 1 << 17;
 
 #[cfg(feature = "user")]
 mod user {
@@ -238,6 +345,9 @@ mod user {
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyCidrKey {}
+    unsafe impl aya::Pod for super::CtValue {}
 }
 
 #[cfg(test)]
@@ -255,5 +365,8 @@ mod tests {
         assert_eq!(size_of::<PeerKey>(), 4);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<FlowValue>(), 24);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicyCidrKey>(), 12);
+        assert_eq!(size_of::<CtValue>(), 16);
     }
 }

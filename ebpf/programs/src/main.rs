@@ -54,11 +54,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use vpcnet_common::{
-    DROP_REASONS, DropReason, EndpointInfo, EndpointStats, FlowKey, FlowValue,
-    KERNEL_FLOW_SYN_WINDOW_NS, KERNEL_FLOW_TCP_TIMEOUT_NS, KERNEL_FLOW_UDP_TIMEOUT_NS,
-    MAX_ENDPOINTS, MAX_KERNEL_FLOWS, MAX_PEERS, MAX_ROUTES, NODE_COUNTERS, NODE_SCOPE, NodeConfig,
-    NodeCounter, PeerKey, ROUTE_DIRECT, ROUTE_HOST, ROUTE_ISOLATED, ROUTE_LOCAL_BLOCK, RouteKey,
-    RouteValue, SKB_MARK_REDIRECTED,
+    CT_CLOSING_TIMEOUT_NS, CT_OTHER_TIMEOUT_NS, CT_REPLY, CT_TCP_TIMEOUT_NS, CtValue, DIR_EGRESS,
+    DIR_INGRESS, DROP_REASONS, DropReason, EndpointInfo, EndpointStats, FlowKey, FlowValue, ID_ANY,
+    ID_HOST, ID_WORLD, KERNEL_FLOW_SYN_WINDOW_NS, KERNEL_FLOW_TCP_TIMEOUT_NS,
+    KERNEL_FLOW_UDP_TIMEOUT_NS, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_IDENTITIES, MAX_KERNEL_FLOWS,
+    MAX_PEERS, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, MAX_ROUTES, NODE_COUNTERS, NODE_SCOPE,
+    NodeConfig, NodeCounter, POLICY_CIDR_PREFIX_BASE, POLICY_EGRESS_OPEN, POLICY_INGRESS_OPEN,
+    POLICY_OPEN, POLICY_PREFIX_PROTO, PeerKey, PolicyCidrKey, PolicyKey, ROUTE_DIRECT, ROUTE_HOST,
+    ROUTE_ISOLATED, ROUTE_LOCAL_BLOCK, RouteKey, RouteValue, SKB_MARK_REDIRECTED,
 };
 
 #[map]
@@ -85,6 +88,27 @@ static NODE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(NODE_COUNTERS, 0);
 /// Reply tuples of flows the kernel carried (see "Kernel flows" in the crate docs).
 #[map]
 static KERNEL_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(MAX_KERNEL_FLOWS, 0);
+
+/// What each local endpoint allows, per direction (see [`PolicyKey`]). Values are unused.
+#[map]
+static POLICY: LpmTrie<PolicyKey, u32> = LpmTrie::pinned(MAX_POLICY_ENTRIES, 0);
+
+/// ipBlock prefixes per endpoint and direction → port-set number in `POLICY`.
+#[map]
+static POLICY_CIDRS: LpmTrie<PolicyCidrKey, u32> = LpmTrie::pinned(MAX_POLICY_CIDRS, 0);
+
+/// Pod address → identity, for every pod of the cluster the daemon knows.
+#[map]
+static IDENTITIES: HashMap<u32, u32> = HashMap::pinned(MAX_IDENTITIES, 0);
+
+/// Bumped by the daemon after a policy update narrowed anything or an endpoint went away:
+/// connections judged under an older epoch are judged again on their next packet.
+#[map]
+static POLICY_EPOCH: Array<u32> = Array::pinned(1, 0);
+
+/// Connections of policy-selected local pods, both directions (see [`enforce`]).
+#[map]
+static CONNTRACK: LruHashMap<FlowKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -123,8 +147,13 @@ const TC_ACT_REDIRECT: i32 = 7;
 /// passes when none is left.
 const TC_ACT_UNSPEC: i32 = -1;
 
+const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const TCP_ACK: u8 = 0x10;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -244,38 +273,6 @@ impl Flow {
     }
 }
 
-/// The flow of an IPv4 packet (header of `ihl` bytes, already validated) when it is TCP or UDP
-/// and carries its ports (not a non-first fragment).
-#[inline(always)]
-fn flow_of(ctx: &TcContext, ihl: usize, src: u32, dst: u32) -> Option<Flow> {
-    let w: [u8; 4] = ctx.load(OFF_IP_FRAG).ok()?;
-    let proto = w[3];
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return None;
-    }
-    if (w[0] & 0x1f) != 0 || w[1] != 0 {
-        return None;
-    }
-    let l4 = ETH_HLEN + ihl;
-    let ports: [u16; 2] = ctx.load(l4).ok()?;
-    let tcp_flags = if proto == IPPROTO_TCP {
-        ctx.load::<u8>(l4 + OFF_TCP_FLAGS).ok()?
-    } else {
-        0
-    };
-    Some(Flow {
-        key: FlowKey {
-            src,
-            dst,
-            sport: ports[0],
-            dport: ports[1],
-            proto,
-            _pad: [0; 3],
-        },
-        tcp_flags,
-    })
-}
-
 #[inline(always)]
 fn now_ns() -> u64 {
     // SAFETY: plain helper call.
@@ -352,6 +349,280 @@ fn record_kernel_flow(flow: &Flow) {
     }
 }
 
+/// What policy and conntrack need of an IPv4 packet.
+struct L4 {
+    /// Ports in network byte order; ICMP echo carries its identifier as both ports; 0 where the
+    /// protocol has no ports or this fragment does not carry them.
+    key: FlowKey,
+    tcp_flags: u8,
+    /// The tuple identifies a connection (conntrack applies).
+    tracked: bool,
+    /// A packet that may open a connection: TCP SYN without ACK, any UDP/SCTP packet, an ICMP
+    /// echo request. Only these create conntrack entries, so a reply cannot open the way for
+    /// the direction it answers.
+    opens: bool,
+}
+
+impl L4 {
+    #[inline(always)]
+    fn kernel_flow(&self) -> Option<Flow> {
+        (self.tracked && (self.key.proto == IPPROTO_TCP || self.key.proto == IPPROTO_UDP))
+            .then_some(Flow {
+                key: self.key,
+                tcp_flags: self.tcp_flags,
+            })
+    }
+}
+
+#[inline(always)]
+fn l4_of(ctx: &TcContext, ihl: usize, src: u32, dst: u32) -> L4 {
+    let mut out = L4 {
+        key: FlowKey {
+            src,
+            dst,
+            sport: 0,
+            dport: 0,
+            proto: 0,
+            _pad: [0; 3],
+        },
+        tcp_flags: 0,
+        tracked: false,
+        opens: false,
+    };
+    let Ok(w) = ctx.load::<[u8; 4]>(OFF_IP_FRAG) else {
+        return out;
+    };
+    let proto = w[3];
+    out.key.proto = proto;
+    if (w[0] & 0x1f) != 0 || w[1] != 0 {
+        // A non-first fragment: no ports. Judged with port 0.
+        return out;
+    }
+    let l4 = ETH_HLEN + ihl;
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let Ok(ports) = ctx.load::<[u16; 2]>(l4) else {
+                return out;
+            };
+            out.key.sport = ports[0];
+            out.key.dport = ports[1];
+            if proto == IPPROTO_TCP {
+                let Ok(flags) = ctx.load::<u8>(l4 + OFF_TCP_FLAGS) else {
+                    return out;
+                };
+                out.tcp_flags = flags;
+                out.opens = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            } else {
+                out.opens = true;
+            }
+            out.tracked = true;
+        }
+        IPPROTO_ICMP => {
+            let (Ok(ty), Ok(id)) = (ctx.load::<u8>(l4), ctx.load::<u16>(l4 + 4)) else {
+                return out;
+            };
+            if ty == ICMP_ECHO_REQUEST || ty == ICMP_ECHO_REPLY {
+                out.key.sport = id;
+                out.key.dport = id;
+                out.tracked = true;
+                out.opens = ty == ICMP_ECHO_REQUEST;
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+#[inline(always)]
+fn policy_epoch() -> u32 {
+    POLICY_EPOCH.get(0).copied().unwrap_or(0)
+}
+
+/// Identity of a remote address: a known pod's, the node's own, or "world".
+#[inline(always)]
+fn identity_of(addr: u32) -> u32 {
+    // SAFETY: copied out at once.
+    if let Some(id) = unsafe { IDENTITIES.get(addr) } {
+        return *id;
+    }
+    if route(NODE_SCOPE, addr) == Some(ROUTE_HOST) {
+        ID_HOST
+    } else {
+        ID_WORLD
+    }
+}
+
+#[inline(always)]
+fn policy_entry(endpoint: u32, dir: u8, remote: u32, proto: u8, port: u16) -> bool {
+    let key = Key::new(
+        POLICY_PREFIX_PROTO + 16,
+        PolicyKey {
+            endpoint,
+            remote,
+            dir,
+            proto,
+            port,
+        },
+    );
+    POLICY.get(&key).is_some()
+}
+
+/// Whether `endpoint`'s rules for `dir` allow the peer at `remote` on `proto`/`port` (the
+/// destination port of the connection). Three lookups at most, whatever the number of rules:
+/// the peer's identity, "any peer", and the peer's address in the ipBlock trie.
+#[inline(always)]
+fn policy_allows(endpoint: u32, dir: u8, remote: u32, proto: u8, port: u16) -> bool {
+    let id = identity_of(remote);
+    if policy_entry(endpoint, dir, id, proto, port)
+        || policy_entry(endpoint, dir, ID_ANY, proto, port)
+    {
+        return true;
+    }
+    // The node is recognised as such, not by address: ipBlocks do not match it.
+    if id == ID_HOST {
+        return false;
+    }
+    let key = Key::new(
+        POLICY_CIDR_PREFIX_BASE + 32,
+        PolicyCidrKey {
+            endpoint,
+            dir,
+            _pad: [0; 3],
+            addr: remote,
+        },
+    );
+    match POLICY_CIDRS.get(&key) {
+        Some(set) => policy_entry(endpoint, dir, *set, proto, port),
+        None => false,
+    }
+}
+
+/// Judges a connection from `a` to `b` on `proto`/`port` at whichever of them is a local
+/// endpoint: egress at `a`, ingress at `b`.
+#[inline(always)]
+fn judge(
+    a: u32,
+    a_ep: Option<&EndpointInfo>,
+    b: u32,
+    b_ep: Option<&EndpointInfo>,
+    proto: u8,
+    port: u16,
+) -> Result<(), DropReason> {
+    if let Some(ep) = a_ep
+        && ep.policy & POLICY_EGRESS_OPEN == 0
+        && !policy_allows(a, DIR_EGRESS, b, proto, port)
+    {
+        return Err(DropReason::PolicyEgress);
+    }
+    if let Some(ep) = b_ep
+        && ep.policy & POLICY_INGRESS_OPEN == 0
+        && !policy_allows(b, DIR_INGRESS, a, proto, port)
+    {
+        return Err(DropReason::PolicyIngress);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn isolated(ep: Option<&EndpointInfo>) -> bool {
+    ep.is_some_and(|e| e.policy & POLICY_OPEN != POLICY_OPEN)
+}
+
+/// NetworkPolicy at one hook. `src_ep` / `dst_ep`: the sender / receiver when it is an endpoint
+/// of this node. Nothing is looked up for pods no policy selects.
+///
+/// A connection is judged by its first packet; allowed, it gets two `CONNTRACK` entries (its
+/// tuple and the reply's), and later packets either way pass on the entry alone. An entry
+/// written under an older `POLICY_EPOCH` (a policy narrowed since) is judged again — in the
+/// connection's original direction — so narrowing cuts established connections it forbids
+/// rather than letting them run until they go idle.
+#[inline(always)]
+fn enforce(
+    l4: &L4,
+    src_ep: Option<&EndpointInfo>,
+    dst_ep: Option<&EndpointInfo>,
+) -> Result<(), DropReason> {
+    if !isolated(src_ep) && !isolated(dst_ep) {
+        return Ok(());
+    }
+    let k = &l4.key;
+    let epoch = policy_epoch();
+    if l4.tracked
+        && let Some(v) = CONNTRACK.get_ptr_mut(k)
+    {
+        let now = now_ns();
+        // SAFETY: a value of the map; concurrent writers store recent times or the current
+        // epoch, any of which is fine.
+        let (expires, entry_epoch, flags) = unsafe { ((*v).expires_ns, (*v).epoch, (*v).flags) };
+        if expires > now {
+            if entry_epoch != epoch {
+                count_node(NodeCounter::CtRevalidated);
+                let verdict = if flags & CT_REPLY != 0 {
+                    judge(k.dst, dst_ep, k.src, src_ep, k.proto, k.sport)
+                } else {
+                    judge(k.src, src_ep, k.dst, dst_ep, k.proto, k.dport)
+                };
+                if verdict.is_err() {
+                    let _ = CONNTRACK.remove(k);
+                    return verdict;
+                }
+                // SAFETY: as above.
+                unsafe { (*v).epoch = epoch };
+            }
+            let timeout = if k.proto != IPPROTO_TCP {
+                CT_OTHER_TIMEOUT_NS
+            } else if l4.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                CT_CLOSING_TIMEOUT_NS
+            } else {
+                CT_TCP_TIMEOUT_NS
+            };
+            let fresh = now + timeout;
+            // SAFETY: as above.
+            unsafe {
+                if timeout == CT_CLOSING_TIMEOUT_NS {
+                    if fresh < expires {
+                        (*v).expires_ns = fresh;
+                    }
+                } else if fresh > expires + REFRESH_NS {
+                    (*v).expires_ns = fresh;
+                }
+            }
+            count_node(NodeCounter::CtHits);
+            return Ok(());
+        }
+    }
+    judge(k.src, src_ep, k.dst, dst_ep, k.proto, k.dport)?;
+    if l4.tracked && l4.opens {
+        // Until it is established, a TCP connection gets the short timeout (a SYN flood must
+        // not fill the table with six-hour entries).
+        let expires_ns = now_ns() + CT_OTHER_TIMEOUT_NS;
+        let fwd = CtValue {
+            expires_ns,
+            epoch,
+            flags: 0,
+        };
+        let rev = CtValue {
+            flags: CT_REPLY,
+            ..fwd
+        };
+        let reverse = FlowKey {
+            src: k.dst,
+            dst: k.src,
+            sport: k.dport,
+            dport: k.sport,
+            proto: k.proto,
+            _pad: [0; 3],
+        };
+        for (key, value) in [(k, &fwd), (&reverse, &rev)] {
+            match CONNTRACK.insert(key, value, 0) {
+                Ok(()) => count_node(NodeCounter::CtCreated),
+                Err(_) => count_node(NodeCounter::CtInsertFailed),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One routing hop: TTL - 1 with the header checksum patched incrementally.
 #[inline(always)]
 fn decrement_ttl(ctx: &mut TcContext) -> Result<(), DropReason> {
@@ -413,15 +684,21 @@ fn try_endpoint_ingress(ctx: &mut TcContext) -> Verdict {
     }
     count_endpoint(src, ctx.len(), false);
 
+    // SAFETY: as above.
+    let dst_ep = unsafe { ENDPOINTS.get(dst) }.copied();
+    let l4 = l4_of(ctx, ihl, src, dst);
+    // Egress at the pod, and ingress too when the destination is a pod of this node. Before
+    // the kernel-flow check: replies of NATed flows are judged (by conntrack) like any other.
+    enforce(&l4, Some(&src_ep), dst_ep.as_ref())?;
+
     // The reply of a flow the kernel NATed (hostPort, Service): conntrack must reverse it.
-    if let Some(flow) = flow_of(ctx, ihl, src, dst)
+    if let Some(flow) = l4.kernel_flow()
         && is_kernel_flow(&flow)
     {
         return Ok(TC_ACT_OK);
     }
 
-    // SAFETY: as above.
-    if let Some(dst_ep) = unsafe { ENDPOINTS.get(dst) }.copied() {
+    if let Some(dst_ep) = dst_ep {
         if !peered(src_ep.network_id, dst_ep.network_id) {
             return Err(DropReason::Isolated);
         }
@@ -502,9 +779,10 @@ fn uplink_ipv4(ctx: &mut TcContext) -> Verdict {
     };
     let ihl = check_ipv4(ctx)?;
     let src: u32 = ctx.load(OFF_IP_SRC).map_err(|_| DropReason::Malformed)?;
+    let l4 = l4_of(ctx, ihl, src, dst);
     // A reply of a flow the kernel forwarded out for a pod (Service DNAT to a remote backend):
-    // conntrack must reverse it before the pod sees it.
-    if let Some(flow) = flow_of(ctx, ihl, src, dst)
+    // conntrack must reverse it before the pod sees it (`endpoint_egress` judges it then).
+    if let Some(flow) = l4.kernel_flow()
         && is_kernel_flow(&flow)
     {
         return Ok(TC_ACT_OK);
@@ -514,16 +792,50 @@ fn uplink_ipv4(ctx: &mut TcContext) -> Verdict {
     if route(ep.network_id, src) == Some(ROUTE_ISOLATED) {
         return Err(DropReason::Isolated);
     }
+    // The sender's node judged its egress; ingress is judged here, where the pod lives.
+    enforce(&l4, None, Some(&ep))?;
     count_node(NodeCounter::UplinkToPod);
     deliver(ctx, dst, &ep)
 }
 
 /// Host veth egress (towards the pod): every packet here was delivered by the kernel (the
-/// programs' deliveries skip this hook), so its flow is the kernel's. Never drops.
+/// programs' deliveries skip this hook), so its flow is the kernel's. Judges the pod's ingress
+/// policy (the node's own traffic, hostPort DNAT, replies of masqueraded connections) and
+/// records the flow.
 #[classifier]
 pub fn endpoint_egress(ctx: TcContext) -> i32 {
-    record_ipv4(&ctx);
-    TC_ACT_UNSPEC
+    match kernel_delivery(&ctx) {
+        Ok(()) => TC_ACT_UNSPEC,
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn kernel_delivery(ctx: &TcContext) -> Result<(), DropReason> {
+    let Ok(proto) = ctx.load::<u16>(OFF_ETH_PROTO) else {
+        return Ok(());
+    };
+    if u16::from_be(proto) != ETH_P_IP {
+        return Ok(());
+    }
+    let Ok(ihl) = check_ipv4(ctx) else {
+        return Ok(());
+    };
+    let (Ok(src), Ok(dst)) = (ctx.load::<u32>(OFF_IP_SRC), ctx.load::<u32>(OFF_IP_DST)) else {
+        return Ok(());
+    };
+    let l4 = l4_of(ctx, ihl, src, dst);
+    // SAFETY: copied out at once.
+    let dst_ep = unsafe { ENDPOINTS.get(dst) }.copied();
+    // The source pod's egress (if it is one of ours) was judged where it left its pod.
+    enforce(&l4, None, dst_ep.as_ref())?;
+    if let Some(flow) = l4.kernel_flow() {
+        record_kernel_flow(&flow);
+    }
+    Ok(())
 }
 
 /// Uplink egress: records pod-sourced packets the kernel forwarded (unmarked); clears the mark of
@@ -561,7 +873,7 @@ fn record_ipv4(ctx: &TcContext) {
     let (Ok(src), Ok(dst)) = (ctx.load::<u32>(OFF_IP_SRC), ctx.load::<u32>(OFF_IP_DST)) else {
         return;
     };
-    if let Some(flow) = flow_of(ctx, ihl, src, dst) {
+    if let Some(flow) = l4_of(ctx, ihl, src, dst).kernel_flow() {
         record_kernel_flow(&flow);
     }
 }

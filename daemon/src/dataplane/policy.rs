@@ -1,0 +1,492 @@
+//! NetworkPolicy in the pinned maps: applies a [`compile::plan`] op by op and keeps a mirror of
+//! what the maps hold, so the next plan is computed against the kernel's actual state (also after
+//! a restart, when the mirror is read back from the pins).
+//!
+//! Layout (see `vpcnet_common`):
+//! - `POLICY` (LPM): (endpoint, remote identity, direction, protocol, port prefix). A
+//!   [`PortSet`] becomes its aligned port blocks; "every protocol and port" stops the key after
+//!   the direction.
+//! - `POLICY_CIDRS` (LPM): (endpoint, direction, address prefix) → a port-set number ≥
+//!   `CIDR_SET_BASE`, whose ports are `POLICY` entries with that number as the remote. Equal port
+//!   sets of one endpoint and direction share a number; a prefix switches set in one map write,
+//!   so an ipBlock never passes through a state with both or neither set.
+//! - `IDENTITIES`: pod address → identity. `EndpointInfo::policy`: which directions are open.
+//!
+//! Every op replaces entries so that the allowed set in between is the union of before and
+//! after: new entries are written before stale ones are deleted. For the plan's narrow ops
+//! (after ⊆ before) and widen ops (before ⊆ after) that union never exceeds what the plan allows
+//! at that point.
+
+use super::{DataplaneError, ignore_missing};
+use crate::policy::cidr::Cidr;
+use crate::policy::compile::{Compiled, DirectionRules, EndpointRules, Op, PortSet, UpdatePlan};
+use crate::policy::model::{Direction, PodRef, Protocol};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use vpcnet_common::{
+    CIDR_SET_BASE, DIR_EGRESS, DIR_INGRESS, EndpointInfo, POLICY_CIDR_PREFIX_BASE,
+    POLICY_EGRESS_OPEN, POLICY_INGRESS_OPEN, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PROTO,
+    PolicyCidrKey, PolicyKey, ip_key,
+};
+
+pub(super) const M_POLICY: &str = "POLICY";
+pub(super) const M_POLICY_CIDRS: &str = "POLICY_CIDRS";
+pub(super) const M_IDENTITIES: &str = "IDENTITIES";
+pub(super) const M_POLICY_EPOCH: &str = "POLICY_EPOCH";
+pub(super) const M_CONNTRACK: &str = "CONNTRACK";
+
+/// How endpoints get their `EndpointInfo::policy` bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyMode {
+    /// No cluster state is configured: nothing selects any pod, every endpoint is open.
+    Open,
+    /// The bits come from the applied policy; an endpoint the policy layer has not described yet
+    /// is closed both ways.
+    Enforce,
+}
+
+/// What one sync changed, for logs and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub ops: usize,
+    pub narrowed: bool,
+}
+
+fn dir_byte(d: Direction) -> u8 {
+    match d {
+        Direction::Ingress => DIR_INGRESS,
+        Direction::Egress => DIR_EGRESS,
+    }
+}
+
+fn open_bit(d: Direction) -> u32 {
+    match d {
+        Direction::Ingress => POLICY_INGRESS_OPEN,
+        Direction::Egress => POLICY_EGRESS_OPEN,
+    }
+}
+
+/// The `POLICY` keys (with prefix lengths) for `ports` of one endpoint, remote and direction.
+fn port_keys(
+    endpoint: Ipv4Addr,
+    remote: u32,
+    dir: Direction,
+    ports: &PortSet,
+) -> Vec<Key<PolicyKey>> {
+    let base = PolicyKey {
+        endpoint: ip_key(endpoint.octets()),
+        remote,
+        dir: dir_byte(dir),
+        proto: 0,
+        port: 0,
+    };
+    if ports.all {
+        return vec![Key::new(POLICY_PREFIX_ANY_PROTO, base)];
+    }
+    ports
+        .port_prefixes()
+        .into_iter()
+        .map(|(proto, start, len)| {
+            Key::new(
+                POLICY_PREFIX_PROTO + u32::from(len),
+                PolicyKey {
+                    proto: proto.number(),
+                    port: start.to_be(),
+                    ..base
+                },
+            )
+        })
+        .collect()
+}
+
+fn key_id(k: &Key<PolicyKey>) -> (u32, PolicyKey) {
+    (k.prefix_len(), k.data())
+}
+
+fn cidr_key(endpoint: Ipv4Addr, dir: Direction, prefix: Cidr) -> Key<PolicyCidrKey> {
+    Key::new(
+        POLICY_CIDR_PREFIX_BASE + u32::from(prefix.prefix_len()),
+        PolicyCidrKey {
+            endpoint: ip_key(endpoint.octets()),
+            dir: dir_byte(dir),
+            _pad: [0; 3],
+            addr: ip_key(prefix.addr().octets()),
+        },
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SetKey {
+    endpoint: Ipv4Addr,
+    dir: Direction,
+    ports: PortSet,
+}
+
+/// Userspace mirror of the policy maps.
+#[derive(Debug, Default)]
+pub struct PolicyTables {
+    mirror: Compiled,
+    /// Port-set numbers in use: by content, with the number of prefixes pointing at them.
+    sets: BTreeMap<SetKey, (u32, usize)>,
+    next_set: u32,
+}
+
+pub(super) struct Maps<'a> {
+    pub policy: LpmTrie<&'a mut MapData, PolicyKey, u32>,
+    pub cidrs: LpmTrie<&'a mut MapData, PolicyCidrKey, u32>,
+    pub identities: HashMap<&'a mut MapData, u32, u32>,
+    pub endpoints: HashMap<&'a mut MapData, u32, EndpointInfo>,
+}
+
+impl PolicyTables {
+    pub fn mirror(&self) -> &Compiled {
+        &self.mirror
+    }
+
+    /// `EndpointInfo::policy` for an endpoint being (re)installed.
+    pub fn flags(&self, ip: Ipv4Addr) -> u32 {
+        self.mirror.endpoints.get(&ip).map_or(0, flags_of)
+    }
+
+    /// Rebuilds the mirror from the maps (after a restart).
+    pub(super) fn read(
+        policy: &LpmTrie<&MapData, PolicyKey, u32>,
+        cidrs: &LpmTrie<&MapData, PolicyCidrKey, u32>,
+        identities: &HashMap<&MapData, u32, u32>,
+        endpoints: &HashMap<&MapData, u32, EndpointInfo>,
+    ) -> Result<PolicyTables, DataplaneError> {
+        let mut t = PolicyTables {
+            next_set: CIDR_SET_BASE,
+            ..Default::default()
+        };
+        let ip = |k: u32| Ipv4Addr::from(k.to_ne_bytes());
+        let dir = |b: u8| {
+            if b == DIR_EGRESS {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            }
+        };
+        let mut ports: BTreeMap<(Ipv4Addr, Direction, u32), PortSet> = BTreeMap::new();
+        for k in policy.keys() {
+            let k = k?;
+            let d = k.data();
+            let set = ports
+                .entry((ip(d.endpoint), dir(d.dir), d.remote))
+                .or_default();
+            if k.prefix_len() <= POLICY_PREFIX_ANY_PROTO {
+                *set = PortSet::all();
+                continue;
+            }
+            let Some(proto) = Protocol::ALL.into_iter().find(|p| p.number() == d.proto) else {
+                continue;
+            };
+            let bits = k.prefix_len().saturating_sub(POLICY_PREFIX_PROTO).min(16);
+            let start = u16::from_be(d.port);
+            let span = (1u32 << (16 - bits)) - 1;
+            let end = (u32::from(start) + span).min(u32::from(u16::MAX)) as u16;
+            set.add(proto, start, end);
+        }
+        let mut set_of_number: BTreeMap<u32, SetKey> = BTreeMap::new();
+        for ((endpoint, d, remote), set) in ports {
+            if remote >= CIDR_SET_BASE {
+                t.next_set = t.next_set.max(remote + 1);
+                let key = SetKey {
+                    endpoint,
+                    dir: d,
+                    ports: set,
+                };
+                set_of_number.insert(remote, key.clone());
+                t.sets.insert(key, (remote, 0));
+            } else {
+                rules_mut(&mut t.mirror, endpoint, d)
+                    .identities
+                    .insert(remote, set);
+            }
+        }
+        for item in cidrs.iter() {
+            let (k, number) = item?;
+            let d = k.data();
+            let Some(set) = set_of_number.get(&number) else {
+                continue;
+            };
+            let Some(prefix) =
+                Cidr::new(ip(d.addr), (k.prefix_len() - POLICY_CIDR_PREFIX_BASE) as u8)
+            else {
+                continue;
+            };
+            if let Some(e) = t.sets.get_mut(set) {
+                e.1 += 1;
+            }
+            rules_mut(&mut t.mirror, ip(d.endpoint), dir(d.dir))
+                .cidrs
+                .insert(prefix, set.ports.clone());
+        }
+        for item in identities.iter() {
+            let (k, id) = item?;
+            t.mirror.ip_identity.insert(ip(k), id);
+        }
+        for item in endpoints.iter() {
+            let (k, info) = item?;
+            let e = endpoint_mut(&mut t.mirror, ip(k));
+            e.ingress.isolated = info.policy & POLICY_INGRESS_OPEN == 0;
+            e.egress.isolated = info.policy & POLICY_EGRESS_OPEN == 0;
+        }
+        Ok(t)
+    }
+
+    /// Applies `plan` phase by phase. Returns the number of ops and whether anything narrowed.
+    pub(super) fn apply(
+        &mut self,
+        maps: &mut Maps<'_>,
+        plan: &UpdatePlan,
+    ) -> Result<SyncStats, DataplaneError> {
+        let mut stats = SyncStats::default();
+        for (phase, ops) in plan.phases() {
+            for op in ops {
+                self.apply_op(maps, op)
+                    .map_err(|e| DataplaneError::Command(format!("policy {phase} {op:?}: {e}")))?;
+                stats.ops += 1;
+            }
+            if phase == "narrow" && !ops.is_empty() {
+                stats.narrowed = true;
+            }
+        }
+        Ok(stats)
+    }
+
+    fn apply_op(&mut self, maps: &mut Maps<'_>, op: &Op) -> Result<(), DataplaneError> {
+        match op {
+            Op::SetIsolated { endpoint, .. } => {
+                self.mirror.apply(op);
+                let key = ip_key(endpoint.octets());
+                if let Ok(mut info) = maps.endpoints.get(&key, 0) {
+                    let want = self.flags(*endpoint);
+                    if info.policy != want {
+                        info.policy = want;
+                        maps.endpoints.insert(key, info, 0)?;
+                    }
+                }
+                return Ok(());
+            }
+            Op::SetIdentity {
+                endpoint,
+                dir,
+                remote,
+                ports,
+            } => {
+                let old = self
+                    .rules(*endpoint, *dir)
+                    .and_then(|r| r.identities.get(remote))
+                    .cloned()
+                    .unwrap_or_default();
+                replace_ports(
+                    &mut maps.policy,
+                    &port_keys(*endpoint, *remote, *dir, &old),
+                    &port_keys(*endpoint, *remote, *dir, ports),
+                )?;
+            }
+            Op::DelIdentity {
+                endpoint,
+                dir,
+                remote,
+            } => {
+                if let Some(old) = self
+                    .rules(*endpoint, *dir)
+                    .and_then(|r| r.identities.get(remote))
+                    .cloned()
+                {
+                    replace_ports(
+                        &mut maps.policy,
+                        &port_keys(*endpoint, *remote, *dir, &old),
+                        &[],
+                    )?;
+                }
+            }
+            Op::SetCidr {
+                endpoint,
+                dir,
+                prefix,
+                ports,
+            } => {
+                let old = self
+                    .rules(*endpoint, *dir)
+                    .and_then(|r| r.cidrs.get(prefix))
+                    .cloned();
+                if old.as_ref() != Some(ports) {
+                    let number = self.acquire(maps, *endpoint, *dir, ports)?;
+                    maps.cidrs
+                        .insert(&cidr_key(*endpoint, *dir, *prefix), number, 0)?;
+                    if let Some(old) = old {
+                        self.release(maps, *endpoint, *dir, old)?;
+                    }
+                }
+            }
+            Op::DelCidr {
+                endpoint,
+                dir,
+                prefix,
+            } => {
+                if let Some(old) = self
+                    .rules(*endpoint, *dir)
+                    .and_then(|r| r.cidrs.get(prefix))
+                    .cloned()
+                {
+                    ignore_missing(maps.cidrs.remove(&cidr_key(*endpoint, *dir, *prefix)))?;
+                    self.release(maps, *endpoint, *dir, old)?;
+                }
+            }
+            Op::MapIp { ip, identity } => {
+                maps.identities.insert(ip_key(ip.octets()), *identity, 0)?;
+            }
+            Op::UnmapIp { ip } => {
+                ignore_missing(maps.identities.remove(&ip_key(ip.octets())))?;
+            }
+            Op::DelEndpoint { endpoint } => {
+                if let Some(e) = self.mirror.endpoints.get(endpoint).cloned() {
+                    for (dir, rules) in [
+                        (Direction::Ingress, &e.ingress),
+                        (Direction::Egress, &e.egress),
+                    ] {
+                        for (remote, ports) in &rules.identities {
+                            replace_ports(
+                                &mut maps.policy,
+                                &port_keys(*endpoint, *remote, dir, ports),
+                                &[],
+                            )?;
+                        }
+                        for (prefix, ports) in &rules.cidrs {
+                            ignore_missing(maps.cidrs.remove(&cidr_key(*endpoint, dir, *prefix)))?;
+                            self.release(maps, *endpoint, dir, ports.clone())?;
+                        }
+                    }
+                }
+            }
+        }
+        self.mirror.apply(op);
+        Ok(())
+    }
+
+    fn rules(&self, endpoint: Ipv4Addr, dir: Direction) -> Option<&DirectionRules> {
+        self.mirror.endpoints.get(&endpoint).map(|e| e.dir(dir))
+    }
+
+    /// The number of the port set `ports` of this endpoint and direction, writing its entries
+    /// first when it is new. Counts one more prefix pointing at it.
+    fn acquire(
+        &mut self,
+        maps: &mut Maps<'_>,
+        endpoint: Ipv4Addr,
+        dir: Direction,
+        ports: &PortSet,
+    ) -> Result<u32, DataplaneError> {
+        let key = SetKey {
+            endpoint,
+            dir,
+            ports: ports.clone(),
+        };
+        if let Some(e) = self.sets.get_mut(&key) {
+            e.1 += 1;
+            return Ok(e.0);
+        }
+        let in_use: BTreeSet<u32> = self.sets.values().map(|v| v.0).collect();
+        let mut number = self.next_set.max(CIDR_SET_BASE);
+        while in_use.contains(&number) {
+            number = number.checked_add(1).unwrap_or(CIDR_SET_BASE);
+        }
+        self.next_set = number.checked_add(1).unwrap_or(CIDR_SET_BASE);
+        replace_ports(
+            &mut maps.policy,
+            &[],
+            &port_keys(endpoint, number, dir, ports),
+        )?;
+        self.sets.insert(key, (number, 1));
+        Ok(number)
+    }
+
+    /// One prefix less points at this set; its entries go when none does.
+    fn release(
+        &mut self,
+        maps: &mut Maps<'_>,
+        endpoint: Ipv4Addr,
+        dir: Direction,
+        ports: PortSet,
+    ) -> Result<(), DataplaneError> {
+        let key = SetKey {
+            endpoint,
+            dir,
+            ports,
+        };
+        let Some(e) = self.sets.get_mut(&key) else {
+            return Ok(());
+        };
+        e.1 = e.1.saturating_sub(1);
+        if e.1 == 0 {
+            let number = e.0;
+            let stale = port_keys(endpoint, number, dir, &key.ports);
+            self.sets.remove(&key);
+            replace_ports(&mut maps.policy, &stale, &[])?;
+        }
+        Ok(())
+    }
+}
+
+fn flags_of(e: &EndpointRules) -> u32 {
+    let mut f = 0;
+    for d in [Direction::Ingress, Direction::Egress] {
+        if !e.dir(d).isolated {
+            f |= open_bit(d);
+        }
+    }
+    f
+}
+
+fn endpoint_mut(c: &mut Compiled, ip: Ipv4Addr) -> &mut EndpointRules {
+    c.endpoints.entry(ip).or_insert_with(|| EndpointRules {
+        pod: PodRef::new("", ""),
+        identity: vpcnet_common::ID_WORLD,
+        ingress: DirectionRules {
+            isolated: true,
+            ..Default::default()
+        },
+        egress: DirectionRules {
+            isolated: true,
+            ..Default::default()
+        },
+    })
+}
+
+fn rules_mut(c: &mut Compiled, ip: Ipv4Addr, d: Direction) -> &mut DirectionRules {
+    let e = endpoint_mut(c, ip);
+    match d {
+        Direction::Ingress => &mut e.ingress,
+        Direction::Egress => &mut e.egress,
+    }
+}
+
+/// Writes `new`, then deletes what of `old` is not in `new`.
+fn replace_ports(
+    map: &mut LpmTrie<&mut MapData, PolicyKey, u32>,
+    old: &[Key<PolicyKey>],
+    new: &[Key<PolicyKey>],
+) -> Result<(), DataplaneError> {
+    let keep: BTreeSet<(u32, PolicyKey)> = new.iter().map(key_id).collect();
+    for k in new {
+        map.insert(k, 1, 0)?;
+    }
+    for k in old {
+        if !keep.contains(&key_id(k)) {
+            ignore_missing(map.remove(k))?;
+        }
+    }
+    Ok(())
+}
+
+/// Bumps `POLICY_EPOCH`: established connections are judged again on their next packet.
+pub(super) fn bump_epoch(epoch: &mut Array<&mut MapData, u32>) -> Result<(), DataplaneError> {
+    let cur = epoch.get(&0, 0)?;
+    epoch.set(0, cur.wrapping_add(1), 0)?;
+    Ok(())
+}
