@@ -24,7 +24,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use vpcnet_tests::cni::Pod;
 use vpcnet_tests::probe::WhoAmI;
 use vpcnet_tests::{Cluster, ClusterSpec, Netns};
@@ -55,7 +55,7 @@ const FLIP_FILE: &str = "bench-flip.yaml";
 const PODS_FILE: &str = "bench-pods.yaml";
 
 /// How long a probe waits for its answer before it counts as unanswered.
-const PROBE_WAIT: Duration = Duration::from_millis(20);
+const PROBE_WAIT: Duration = Duration::from_millis(100);
 const PROBE_PERIOD: Duration = Duration::from_millis(1);
 /// A new verdict counts as established once it has held this long.
 const STABLE: Duration = Duration::from_millis(200);
@@ -315,6 +315,131 @@ fn wait_verdicts(bed: &Bed, want: &[(Ipv4Addr, u16, bool)], timeout: Duration) -
     Ok(false)
 }
 
+/// Where each daemon's log ends now, to read what it logs after a change.
+fn log_offsets(c: &Cluster) -> Vec<u64> {
+    c.nodes
+        .iter()
+        .map(|n| {
+            std::fs::metadata(n.dir.join("vpcnetd.log"))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// What a daemon logged about one policy change.
+#[derive(Clone, Copy)]
+enum Event {
+    /// "cluster state loaded": the manifests were read and parsed.
+    Loaded,
+    /// "NetworkPolicy applied": the maps were written (map ops, milliseconds the sync took).
+    Applied(u64, f64),
+}
+
+/// Per node: the policy events its daemon logged since `offsets`, with their log timestamps.
+fn events_since(c: &Cluster, offsets: &[u64]) -> Vec<Vec<(Option<SystemTime>, Event)>> {
+    c.nodes
+        .iter()
+        .zip(offsets)
+        .map(|(n, from)| {
+            let text = std::fs::read(n.dir.join("vpcnetd.log")).unwrap_or_default();
+            let text = String::from_utf8_lossy(text.get(*from as usize..).unwrap_or_default());
+            text.lines()
+                .map(strip_ansi)
+                .filter_map(|line| {
+                    let field = |k: &str| {
+                        line.split_whitespace()
+                            .find_map(|w| w.strip_prefix(k))
+                            .and_then(|v| v.parse::<f64>().ok())
+                            .unwrap_or(0.0)
+                    };
+                    let event = if line.contains("NetworkPolicy applied") {
+                        Event::Applied(field("ops=") as u64, field("ms="))
+                    } else if line.contains("cluster state loaded") {
+                        Event::Loaded
+                    } else {
+                        return None;
+                    };
+                    Some((
+                        line.split_whitespace().next().and_then(parse_rfc3339),
+                        event,
+                    ))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `2026-11-22T12:23:44.123456Z` (tracing's default timestamp) as a `SystemTime`.
+fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.split(':');
+    let (h, mi) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let sec: f64 = t.next()?.parse().ok()?;
+    // Days from 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let days = era * 146097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719468;
+    let secs = (days * 86400 + h * 3600 + mi * 60) as f64 + sec;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0)))
+}
+
+/// Per node: the syncs since `offsets` and the entries its policy maps hold now.
+fn sync_report(c: &Cluster, offsets: &[u64]) -> String {
+    let mut out = Vec::new();
+    for (n, events) in c.nodes.iter().zip(events_since(c, offsets)) {
+        let syncs: Vec<(u64, f64)> = events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::Applied(ops, ms) => Some((*ops, *ms)),
+                Event::Loaded => None,
+            })
+            .collect();
+        let entries = ["POLICY", "POLICY_CIDRS", "IDENTITIES"]
+            .iter()
+            .map(|m| match crate::bpfmap::count_entries(&n.bpf_dir.join(m)) {
+                Ok(k) => format!("{m} {k}"),
+                Err(_) => format!("{m} ?"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        out.push(format!(
+            "{}: {} sync(s), {} map ops, slowest {:.0} ms; entries {entries}",
+            n.name,
+            syncs.len(),
+            syncs.iter().map(|s| s.0).sum::<u64>(),
+            syncs.iter().map(|s| s.1).fold(0.0, f64::max),
+        ));
+    }
+    out.join("\n      ")
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn throughput(bed: &Bed, rules: &[usize], o: &Options) -> Result<()> {
     // Variant 0 is "no policy"; variant i ≥ 1 has rules[i - 1] rules and marker MARKER_BASE + i.
     let variants: Vec<usize> = std::iter::once(0).chain(rules.iter().copied()).collect();
@@ -338,6 +463,7 @@ fn throughput(bed: &Bed, rules: &[usize], o: &Options) -> Result<()> {
             // Rotate the order so no variant always runs right after the same one.
             let v = (j + rep) % variants.len();
             let rules = variants[v];
+            let offsets = log_offsets(&bed.cluster);
             write_variant(&bed.cluster, v, rules)?;
             let want: Vec<(Ipv4Addr, u16, bool)> = bed
                 .servers
@@ -373,6 +499,7 @@ fn throughput(bed: &Bed, rules: &[usize], o: &Options) -> Result<()> {
             }
             // Let the daemons finish whatever the change started (compiling, re-reading files).
             std::thread::sleep(Duration::from_secs(2));
+            println!("      {}", sync_report(&bed.cluster, &offsets));
             for (k, (_, server)) in bed.servers.iter().enumerate() {
                 gbps[v][k].push(iperf(
                     &bed.client.ns,
@@ -666,9 +793,13 @@ fn change_to_enforcement(bed: &Bed, backgrounds: &[usize], flips: usize) -> Resu
         // [path][deny, allow]
         let mut lat = vec![[Vec::new(), Vec::new()]; probers.len()];
         let mut flaps = vec![[0usize; 2]; probers.len()];
+        // Per node: from the rename to "state loaded", and to "maps written", per change.
+        let mut loaded = vec![Vec::new(); bed.cluster.nodes.len()];
+        let mut written = loaded.clone();
         for f in 0..flips {
             let answered = f % 2 == 1;
-            let t0 = Instant::now();
+            let offsets = log_offsets(&bed.cluster);
+            let (t0, wall0) = (Instant::now(), SystemTime::now());
             bed.cluster
                 .apply_manifest(FLIP_FILE, if answered { &allow } else { &deny })?;
             for (k, p) in probers.iter_mut().enumerate() {
@@ -692,6 +823,16 @@ fn change_to_enforcement(bed: &Bed, backgrounds: &[usize], flips: usize) -> Resu
             }
             // A random pause so the changes do not lock onto the daemons' polling phase.
             std::thread::sleep(Duration::from_millis(20 + rng.below(80)));
+            let events = events_since(&bed.cluster, &offsets);
+            for (k, node) in events.iter().enumerate() {
+                let first = |want: fn(&Event) -> bool| {
+                    node.iter()
+                        .find(|(_, e)| want(e))
+                        .and_then(|(at, _)| at.as_ref()?.duration_since(wall0).ok())
+                };
+                loaded[k].extend(first(|e| matches!(e, Event::Loaded)));
+                written[k].extend(first(|e| matches!(e, Event::Applied(..))));
+            }
         }
         let state = if background == 0 {
             "no other policy".to_string()
@@ -712,6 +853,24 @@ fn change_to_enforcement(bed: &Bed, backgrounds: &[usize], flips: usize) -> Resu
                     ms(percentile(&v, 0.99)),
                     ms(v.last().copied().unwrap_or_default()),
                     flaps[k][d]
+                );
+            }
+        }
+        for (k, n) in bed.cluster.nodes.iter().enumerate() {
+            for (what, v) in [("state read", &loaded[k]), ("maps written", &written[k])] {
+                let mut v = v.clone();
+                v.sort();
+                println!(
+                    "{:<30} {:<21} {:>6.1}ms {:>6.1}ms {:>6.1}ms {:>6.1}ms   ({} of {}, {} daemon log)",
+                    "",
+                    format!("{} {what}", n.name),
+                    ms(percentile(&v, 0.5)),
+                    ms(percentile(&v, 0.9)),
+                    ms(percentile(&v, 0.99)),
+                    ms(v.last().copied().unwrap_or_default()),
+                    v.len(),
+                    flips,
+                    n.name
                 );
             }
         }

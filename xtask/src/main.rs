@@ -3,6 +3,7 @@
 mod bench;
 mod bench_dp;
 mod bench_policy;
+mod bpfmap;
 mod demo;
 mod setup;
 
