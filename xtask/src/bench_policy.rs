@@ -6,11 +6,12 @@
 //!    servers whose rules (100, 10,000, …) all miss the client but one. Variants are interleaved and
 //!    repeated; medians are printed against the no-policy figures.
 //! 2. Manifest change → enforcement: the client probes each server with UDP datagrams every
-//!    millisecond, each from a source port not used before in the run (so conntrack cannot carry a
-//!    verdict over), while the policy file is replaced atomically by one that denies the client, then
-//!    by one that allows it again, and so on. The time from the rename to the first probe of the run
-//!    that shows the new verdict is the figure; once with no other policy, once with the largest
-//!    rule set in force beside the flipped policy.
+//!    millisecond, each on a 5-tuple not used before in the run (so conntrack cannot carry a verdict
+//!    over), while the policy file is replaced atomically by one that denies the client, then by
+//!    one that allows it again, and so on. The time from the rename to the first probe of the final
+//!    run showing the new verdict is the figure (a probe counts as dropped only when no answer came
+//!    within 500 ms); once with no other policy, once with the largest rule set in force beside the
+//!    flipped policy. The daemons' logs say when each read the new state and wrote its maps.
 //!
 //! Every pod is declared in the manifests directory (labels, and `vpcnet.io/ip` so both daemons know
 //! every address) before its CNI ADD.
