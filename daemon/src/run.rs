@@ -62,7 +62,8 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
                 warn!(error = %e, dir = %dir.display(), "cluster manifests rejected; keeping none until they are fixed");
             }
             source.spawn_watcher(Duration::from_millis(50));
-            Some(source)
+            // The Kubernetes watchers will implement the same trait.
+            Some(source as Arc<dyn crate::policy::StateSource>)
         }
         None => None,
     };
@@ -89,7 +90,6 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     if let Some(source) = service.policy.clone() {
         let s = service.clone();
         tokio::spawn(async move {
-            use crate::policy::StateSource as _;
             let mut states = source.subscribe();
             loop {
                 tokio::select! {

@@ -76,7 +76,7 @@ impl Forwarding for KernelRoutes {
 pub struct Service {
     pub ipam: Arc<Ipam>,
     /// Cluster state for NetworkPolicy (standalone: the watched manifest directory).
-    pub policy: Option<Arc<crate::policy::ManifestDir>>,
+    pub policy: Option<Arc<dyn crate::policy::StateSource>>,
     pub fwd: Mutex<Box<dyn Forwarding>>,
     pub config: DaemonConfig,
     pub metrics: Arc<Metrics>,
@@ -147,7 +147,6 @@ impl Service {
     }
 
     fn explain_policy(&self, namespace: &str, name: &str) -> Result<String, ApiError> {
-        use crate::policy::StateSource as _;
         let source = self.policy.as_ref().ok_or_else(|| {
             ApiError::new(
                 code::INVALID_CONFIG,
@@ -158,6 +157,9 @@ impl Service {
             .snapshot()
             .map_err(|e| ApiError::new(code::INVALID_CONFIG, format!("cluster state: {e}")))?;
         let pod = crate::policy::model::ObjRef::new(namespace, name);
+        // As the sync sees it: this node's pods with their allocated addresses.
+        let records = self.ipam.list().map_err(ipam_err)?;
+        let state = cluster_state::with_local_allocations(&state, &records, &self.config.node);
         let mut text = crate::policy::explain(&state, &pod)
             .map_err(|e| ApiError::new(code::UNKNOWN_CONTAINER, e.to_string()))?;
         if let Some(e) = source.last_error() {
@@ -190,7 +192,6 @@ impl Service {
     /// it) and takes the dataplane's policy maps there. A no-op without a cluster state source.
     /// Without a readable state the maps keep what they enforce (new pods stay closed).
     pub fn sync_policy(&self) -> Result<SyncStats, ApiError> {
-        use crate::policy::StateSource as _;
         let Some(source) = &self.policy else {
             return Ok(SyncStats::default());
         };
@@ -205,24 +206,30 @@ impl Service {
             })?;
             let records = self.ipam.list().map_err(ipam_err)?;
             let state = cluster_state::with_local_allocations(&state, &records, &self.config.node);
-            let mut fwd = self.lock_fwd();
-            if !fwd.enforces_policy() {
-                return Ok((SyncStats::default(), state.generation()));
-            }
-            let compiler = sync.compiler.get_or_insert_with(|| {
-                let mut c = crate::policy::compile::Compiler::new(Some(self.config.node.clone()));
-                // Keep the numbers the pinned maps use, so a restart rewrites nothing that
-                // did not change.
-                if let Some(applied) = fwd.applied_policy() {
-                    c.seed(applied.ip_identity.iter().filter_map(|(ip, id)| {
-                        let pod = state.pod_by_ip(*ip)?;
-                        Some((crate::policy::compile::IdentityKey::of(&state, pod), *id))
-                    }));
+            let compiler = match &mut sync.compiler {
+                Some(c) => c,
+                slot @ None => {
+                    let fwd = self.lock_fwd();
+                    if !fwd.enforces_policy() {
+                        return Ok((SyncStats::default(), state.generation()));
+                    }
+                    let mut c =
+                        crate::policy::compile::Compiler::new(Some(self.config.node.clone()));
+                    // Keep the numbers the pinned maps use, so a restart rewrites nothing that
+                    // did not change.
+                    if let Some(applied) = fwd.applied_policy() {
+                        c.seed(applied.ip_identity.iter().filter_map(|(ip, id)| {
+                            let pod = state.pod_by_ip(*ip)?;
+                            Some((crate::policy::compile::IdentityKey::of(&state, pod), *id))
+                        }));
+                    }
+                    slot.insert(c)
                 }
-                c
-            });
+            };
+            // Compiled without the dataplane lock: ADDs keep installing endpoints meanwhile (the
+            // plan is computed against the maps' mirror under the lock).
             let compiled = compiler.compile(&state);
-            let stats = fwd.sync_policy(&compiled).map_err(|e| {
+            let stats = self.lock_fwd().sync_policy(&compiled).map_err(|e| {
                 ApiError::new(code::DATAPLANE, format!("programming NetworkPolicy: {e}"))
             })?;
             Ok((stats, state.generation()))
@@ -287,15 +294,12 @@ impl Service {
             pod = %format!("{}/{}", req.pod.namespace, req.pod.name)).entered();
         // The watched snapshot (no file I/O on the ADD path); no state yet means no annotations.
         let addressing = match (&self.policy, req.pod.name.is_empty()) {
-            (Some(source), false) => {
-                use crate::policy::StateSource as _;
-                source
-                    .snapshot()
-                    .map(|state| {
-                        cluster_state::pod_addressing(&state, &req.pod.namespace, &req.pod.name)
-                    })
-                    .unwrap_or_default()
-            }
+            (Some(source), false) => source
+                .snapshot()
+                .map(|state| {
+                    cluster_state::pod_addressing(&state, &req.pod.namespace, &req.pod.name)
+                })
+                .unwrap_or_default(),
             _ => Default::default(),
         };
         let annotated_ip = match &addressing.ip {

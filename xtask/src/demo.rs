@@ -48,11 +48,18 @@ pub fn run(keep: bool) -> Result<()> {
     }
 
     println!("== pods, created by the vpcnet plugin exactly as a runtime would ==");
-    let pods: Vec<Pod> = vec![
-        cluster.add_pod(0, "shop", "web-1")?,
-        cluster.add_pod(0, "shop", "db-1")?,
-        cluster.add_pod(1, "shop", "web-2")?,
-    ];
+    // The cluster state the daemons watch (standalone mode: a directory of manifests).
+    const PODS: [(usize, &str, &str); 3] =
+        [(0, "web-1", "web"), (0, "db-1", "db"), (1, "web-2", "web")];
+    cluster.apply_manifest("shop.yaml", &shop_manifest(&PODS, &[]))?;
+    let pods: Vec<Pod> = PODS
+        .iter()
+        .map(|(node, name, _)| cluster.add_pod(*node, "shop", name))
+        .collect::<Result<_>>()?;
+    // What the kubelet does next: report each pod's address in its status, so every node can
+    // tell which pod a packet comes from.
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    cluster.apply_manifest("shop.yaml", &shop_manifest(&PODS, &ips))?;
     for p in &pods {
         println!(
             "  {:<6} on {:<6} {:<14} ADD result: {}",
@@ -99,6 +106,31 @@ pub fn run(keep: bool) -> Result<()> {
     println!(
         "Pods keep their own address towards pods, the VPC and the physical cloud; internet egress shows the node's."
     );
+
+    println!("\n== NetworkPolicy: shop/db-1 accepts only app=web pods, on port {PORT} ==");
+    cluster.apply_manifest("policy.yaml", &db_policy())?;
+    let db = &pods[1];
+    let to_db = |ns: &Netns, port: u16| probe::tcp(ns, SocketAddrV4::new(db.ip, port)).is_ok();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while to_db(&cluster.vpc_host, PORT) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _other = WhoAmI::start(&db.ns, SocketAddrV4::new(db.ip, PORT + 1))?;
+    for (name, ns, port) in [
+        ("web-1 (same node)", &pods[0].ns, PORT),
+        ("web-2 (other node)", &pods[2].ns, PORT),
+        ("web-1, other port", &pods[0].ns, PORT + 1),
+        ("vpc-host", &cluster.vpc_host, PORT),
+        ("phys", &cluster.phys_host, PORT),
+    ] {
+        let verdict = if to_db(ns, port) { "allowed" } else { "denied" };
+        println!("  {name:<20} -> db-1:{port:<5} {verdict}");
+    }
+    println!("\n$ vpcnetctl policy shop/db-1");
+    println!(
+        "{}",
+        indent(&cluster.node(0).ctl(&["policy", "shop/db-1"])?)
+    );
     drop(_servers);
 
     println!("\n== vpcnetctl on node1 ==");
@@ -117,6 +149,34 @@ pub fn run(keep: bool) -> Result<()> {
         println!("tearing down (use --keep to explore)");
     }
     Ok(())
+}
+
+fn db_policy() -> String {
+    format!(
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{ name: db-from-web, namespace: shop }}
+spec:
+  podSelector: {{ matchLabels: {{ app: db }} }}
+  ingress:
+    - from: [{{ podSelector: {{ matchLabels: {{ app: web }} }} }}]
+      ports: [{{ port: {PORT} }}]
+"#
+    )
+}
+
+/// Namespace `shop` and its pods (labels `app`), with `status.podIP` once known.
+fn shop_manifest(pods: &[(usize, &str, &str)], ips: &[Ipv4Addr]) -> String {
+    let mut m = String::from("apiVersion: v1\nkind: Namespace\nmetadata: { name: shop }\n");
+    for (i, (_, name, app)) in pods.iter().enumerate() {
+        m += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{ name: {name}, namespace: shop, labels: {{ app: {app} }} }}\n"
+        );
+        if let Some(ip) = ips.get(i) {
+            m += &format!("status: {{ podIP: \"{ip}\" }}\n");
+        }
+    }
+    m
 }
 
 fn indent(s: &str) -> String {

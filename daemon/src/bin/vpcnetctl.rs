@@ -96,9 +96,9 @@ fn real_main() -> Result<()> {
             for (reason, n) in c.drops {
                 println!("{reason:<24} {n:>10}");
             }
-            println!("\n{:<24} {:>10}", "NODE EVENT", "COUNT");
+            println!("\n{:<26} {:>10}", "NODE EVENT", "COUNT");
             for (name, n) in c.node {
-                println!("{name:<24} {n:>10}");
+                println!("{name:<26} {n:>10}");
             }
             if let Some((live, expired)) = c.conntrack {
                 println!("\nconntrack entries: {live} live, {expired} expired (evicted as needed)");

@@ -43,7 +43,18 @@
 //! flow the kernel saw open (a SYN within the last 60 s, after its last FIN/RST), so a new
 //! connection reusing a stale tuple is never captured (the entry is dropped,
 //! `kernel-flow-stale`). Counters: `kernel-flow-hits`, `kernel-flows-recorded`,
-//! `kernel-flow-record-failed`. Not covered: ICMP errors of NATed flows, non-first fragments. The observers follow their side's attach mode (TCX or classic).
+//! `kernel-flow-record-failed`. Not covered: ICMP errors of NATed flows, non-first fragments.
+//! The observers follow their side's attach mode (TCX or classic).
+//!
+//! # NetworkPolicy
+//! `endpoint_ingress` judges the source pod's egress (and the destination's ingress when it is a
+//! pod of this node), `uplink_ingress` the destination's ingress, and `endpoint_egress` the
+//! ingress of a pod the kernel delivers to (the node itself, hostPorts, masquerade replies).
+//! Lookups: `IDENTITIES` (pod address → identity; a node address is `ID_HOST`), `POLICY`
+//! (LPM over endpoint, remote identity, direction, protocol, port prefix), `POLICY_CIDRS`
+//! (ipBlocks). Allowed connections of policy-selected pods go into `CONNTRACK` both ways; pods no
+//! policy selects cost nothing (`EndpointInfo::policy` says which directions are open, and a
+//! record without those bits is closed). Userspace side: `policy.rs`.
 //!
 //! # Choices
 //! * **Masquerade** is nftables (table `ip vpcnet` in the node netns): internet traffic is the
@@ -69,7 +80,8 @@
 //!
 //! # Pins (under `pin_dir`)
 //! Maps by name (`ENDPOINTS`, `ENDPOINT_STATS`, `ROUTES`, `PEERS`, `CONFIG`, `DROPS`,
-//! `NODE_STATS`, `KERNEL_FLOWS`), TCX links `link_uplink`/`link_uplink_out` and
+//! `NODE_STATS`, `KERNEL_FLOWS`, `POLICY`, `POLICY_CIDRS`, `IDENTITIES`, `POLICY_EPOCH`,
+//! `CONNTRACK`), TCX links `link_uplink`/`link_uplink_out` and
 //! `link_ep_<a>_<b>_<c>_<d>`/`link_out_<a>_<b>_<c>_<d>` (ingress/egress; bpffs names cannot
 //! contain dots), `tc-classic` (and `tc-classic-egress`) markers when the uplink uses the
 //! fallback.

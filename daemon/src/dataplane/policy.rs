@@ -490,3 +490,51 @@ pub(super) fn bump_epoch(epoch: &mut Array<&mut MapData, u32>) -> Result<(), Dat
     epoch.set(0, cur.wrapping_add(1), 0)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covered(keys: &[Key<PolicyKey>], proto: u8, port: u16) -> bool {
+        keys.iter().any(|k| {
+            let d = k.data();
+            if k.prefix_len() == POLICY_PREFIX_ANY_PROTO {
+                return true;
+            }
+            let bits = k.prefix_len() - POLICY_PREFIX_PROTO;
+            let mask = if bits == 0 {
+                0
+            } else {
+                u16::MAX << (16 - bits)
+            };
+            d.proto == proto && (port & mask) == u16::from_be(d.port)
+        })
+    }
+
+    #[test]
+    fn port_sets_become_exact_port_blocks() {
+        let ep = Ipv4Addr::new(10, 0, 0, 1);
+        let mut ps = PortSet::default();
+        ps.add(Protocol::Tcp, 80, 90);
+        ps.add(Protocol::Udp, 53, 53);
+        ps.add(Protocol::Sctp, 0, u16::MAX);
+        let keys = port_keys(ep, 300, Direction::Ingress, &ps);
+        for port in 0..=u16::MAX {
+            assert_eq!(
+                covered(&keys, 6, port),
+                (80..=90).contains(&port),
+                "tcp {port}"
+            );
+            assert_eq!(covered(&keys, 17, port), port == 53, "udp {port}");
+            assert!(covered(&keys, 132, port));
+            assert!(!covered(&keys, 1, port));
+        }
+        // Aligned blocks: 80-90 takes 80-87, 88-89 and 90.
+        assert!(keys.len() <= 5, "{} keys", keys.len());
+        let all = port_keys(ep, 300, Direction::Egress, &PortSet::all());
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].prefix_len(), POLICY_PREFIX_ANY_PROTO);
+        assert_eq!(all[0].data().dir, DIR_EGRESS);
+        assert!(port_keys(ep, 300, Direction::Egress, &PortSet::default()).is_empty());
+    }
+}

@@ -10,15 +10,11 @@
 //!   dataplane whose lookup cost does not depend on the number of pods or policies, plus the
 //!   ordered update plan between two compilations.
 //!
-//! Not yet done (the eBPF enforcement):
-//! - map layouts, e.g. an LPM keyed by (endpoint, direction, identity, protocol, port prefix) built
-//!   from [`compile::PortSet`]'s port prefixes, and a per-endpoint address-prefix map whose value
-//!   indexes a port-set table;
-//! - applying [`compile::plan`]'s phases in order, each fully written before the next starts;
-//! - an endpoint without a policy record is treated as closed (fail closed from the first packet);
-//! - connection tracking so replies of allowed connections pass (the engine judges new ones only);
-//! - wiring: `ManifestDir::spawn_watcher` → compile for this node → plan → maps, with pod addresses
-//!   laid over from IPAM (`ClusterState::set_pod_ip`); later a kube-rs `StateSource`.
+//! Enforcement lives elsewhere: [`crate::dataplane`] turns a [`Compiled`] into pinned eBPF maps
+//! along [`compile::plan`] (see `dataplane/policy.rs`), and the service
+//! (`Service::sync_policy`) compiles the watched state with this node's IPAM allocations laid
+//! over it ([`crate::cluster_state::with_local_allocations`]) on every state change, before every
+//! new endpoint and after every release.
 
 pub mod cidr;
 pub mod compile;

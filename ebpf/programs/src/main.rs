@@ -11,9 +11,12 @@
 //!   into them.
 //!
 //! * `endpoint_egress` (host veth, towards the pod) and `uplink_egress` (uplink, out of the node)
-//!   never forward or drop anything: they record flows the *kernel* carried to or from a pod in
+//!   never forward anything: they record flows the *kernel* carried to or from a pod in
 //!   `KERNEL_FLOWS`, so the two forwarding programs hand the other direction of those flows to the
-//!   kernel too (see "Kernel flows" below).
+//!   kernel too (see "Kernel flows" below). `endpoint_egress` also judges the pod's ingress
+//!   policy for what the kernel delivers; `uplink_egress` never drops.
+//! * NetworkPolicy: see [`enforce`]; the forwarding programs judge egress where a packet leaves
+//!   its pod and ingress where it reaches its pod.
 //!
 //! Every `TC_ACT_SHOT` is counted in `DROPS` under a reason. All maps are pinned (the loader gives
 //! the directory), so a daemon restart or program upgrade keeps every entry and counter.

@@ -1,0 +1,241 @@
+//! The policy maps hold exactly what the compile layer computed, and a restarted daemon reads the
+//! same back from the pins (root only; everything lives in one namespace created here, pins under
+//! `/sys/fs/bpf/vpcnet/<prefix>`).
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use vpcnet_daemon::dataplane::{
+    AttachMode, Dataplane, DataplaneConfig, Endpoint, HOST_VETH_PREFIX, PolicyMode, StartOptions,
+};
+use vpcnet_daemon::policy::compile::{Compiled, Compiler, plan};
+use vpcnet_daemon::policy::source::parse_files;
+use vpcnet_ipam::{NetworkConfig, SubnetConfig};
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: plain syscall on an fd we own; affects only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+struct Guard {
+    ns: String,
+    pins: PathBuf,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = vpcnet_daemon::dataplane::uninstall(&self.pins, "eth0");
+        let _ = std::fs::remove_dir_all(&self.pins);
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+const LOCAL: [(&str, &str, Ipv4Addr); 3] = [
+    ("x", "a", Ipv4Addr::new(10, 20, 1, 10)),
+    ("x", "b", Ipv4Addr::new(10, 20, 1, 11)),
+    ("y", "a", Ipv4Addr::new(10, 20, 1, 12)),
+];
+const REMOTE: [(&str, &str, Ipv4Addr); 2] = [
+    ("y", "b", Ipv4Addr::new(10, 20, 2, 10)),
+    ("z", "a", Ipv4Addr::new(10, 20, 2, 11)),
+];
+
+fn state(policies: &str) -> vpcnet_daemon::policy::ClusterState {
+    let mut m = String::new();
+    for ns in ["x", "y", "z"] {
+        m += &format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{ name: {ns}, labels: {{ ns: {ns} }} }}\n"
+        );
+    }
+    for (node, pods) in [("n1", &LOCAL[..]), ("n2", &REMOTE[..])] {
+        for (ns, name, ip) in pods {
+            // The named port differs per pod: egress rules resolve it on each peer.
+            let web = if *name == "a" { 8080 } else { 8081 };
+            m += &format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{ name: {name}, namespace: {ns}, labels: {{ pod: {name} }}, annotations: {{ vpcnet.io/ip: \"{ip}\" }} }}\nspec: {{ nodeName: {node}, containers: [{{ name: c, ports: [{{ name: web, containerPort: {web} }}] }}] }}\n"
+            );
+        }
+    }
+    m += policies;
+    parse_files(&[(PathBuf::from("m.yaml"), m)]).unwrap()
+}
+
+const POLICIES: &str = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: { name: x-in, namespace: x }
+spec:
+  podSelector: {}
+  ingress:
+    - from: [{ namespaceSelector: { matchLabels: { ns: y } } }]
+      ports: [{ port: 80, endPort: 90 }, { protocol: UDP, port: 53 }]
+    - from: [{ ipBlock: { cidr: 10.0.0.0/8, except: [10.20.2.0/24, 10.20.1.12/32] } }]
+      ports: [{ port: 443 }]
+    - from: [{ ipBlock: { cidr: 10.20.0.0/16 } }]
+      ports: [{ port: 8443 }]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: { name: xb-out, namespace: x }
+spec:
+  podSelector: { matchLabels: { pod: b } }
+  policyTypes: [Egress]
+  egress:
+    - to: [{ namespaceSelector: {} }]
+      ports: [{ port: web }]
+    - to: [{ ipBlock: { cidr: 0.0.0.0/0, except: [10.0.0.0/8] } }]
+    - ports: [{ protocol: SCTP }]
+"#;
+
+fn start(ns: &str, pins: &Path) -> Dataplane {
+    let net = |s: &str| s.parse().unwrap();
+    let cfg = DataplaneConfig {
+        pin_dir: pins.to_path_buf(),
+        uplink: "eth0".into(),
+        networks: vec![NetworkConfig {
+            name: "vpc-a".into(),
+            id: 1,
+            routable_cidrs: vec![net("10.20.0.0/16")],
+            masquerade_exclude: vec![],
+            peers: vec![],
+            default_subnet: None,
+            subnets: vec![SubnetConfig {
+                name: "main".into(),
+                cidr: net("10.20.0.0/16"),
+                gateway: None,
+                reserved: vec![],
+                blocks: [("n1".to_string(), vec![net("10.20.1.0/24")])].into(),
+            }],
+        }],
+        local_pod_cidrs: vec![net("10.20.1.0/24")],
+    };
+    in_ns(ns, move || {
+        Dataplane::start_with(
+            cfg,
+            StartOptions {
+                endpoint_attach: AttachMode::Classic,
+                policy: PolicyMode::Enforce,
+            },
+        )
+        .unwrap()
+    })
+}
+
+fn entries(c: &Compiled) -> usize {
+    c.endpoints
+        .values()
+        .flat_map(|e| [&e.ingress, &e.egress])
+        .map(|d| d.identities.len() + d.cidrs.len())
+        .sum()
+}
+
+#[test]
+fn policy_maps_hold_the_compiled_rules_across_restarts() {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "needs root (network namespaces, BPF)"
+    );
+    let prefix = format!("vpcnpm{:x}", std::process::id() & 0xfffff);
+    let ns = format!("{prefix}-n1");
+    let g = Guard {
+        ns: ns.clone(),
+        pins: PathBuf::from(format!("/sys/fs/bpf/vpcnet/{prefix}")),
+    };
+    sh(&["ip", "netns", "add", &ns]);
+    let ip = |args: &str| {
+        let mut v = vec!["ip", "-n", &ns];
+        v.extend(args.split(' '));
+        sh(&v);
+    };
+    ip("link add eth0 type veth peer name eth1");
+    ip("addr add 10.20.0.11/16 dev eth0");
+    ip("link set eth0 up");
+    ip("link set eth1 up");
+    let mut dp = start(&ns, &g.pins);
+    // Endpoints with real host veths, as after their ADDs.
+    for (i, (_, _, addr)) in LOCAL.iter().enumerate() {
+        let host = format!("{HOST_VETH_PREFIX}pm{i}");
+        ip(&format!("link add {host} type veth peer name p{i}"));
+        ip(&format!("link set {host} up"));
+        let name = std::ffi::CString::new(host.clone()).unwrap();
+        // SAFETY: a valid C string; resolved in the namespace of the calling thread.
+        let ifindex = in_ns(&ns, || unsafe { libc::if_nametoindex(name.as_ptr()) });
+        assert_ne!(ifindex, 0, "{host}");
+        let ep = Endpoint {
+            ip: *addr,
+            host_ifindex: ifindex,
+            pod_mac: [2, 0, 0, 0, 0, i as u8],
+            network_id: 1,
+        };
+        in_ns(&ns, || dp.add_endpoint(&ep)).unwrap();
+    }
+
+    let mut compiler = Compiler::new(Some("n1".into()));
+    let want = compiler.compile(&state(POLICIES));
+    assert!(entries(&want) > 10, "a rich rule set: {want:#?}");
+    let stats = in_ns(&ns, || dp.sync_policy(&want)).unwrap();
+    assert!(stats.ops > 0);
+    assert!(
+        plan(dp.applied_policy(), &want).is_empty(),
+        "the mirror is what was asked for"
+    );
+    drop(dp);
+
+    // A restarted daemon reads the maps back: nothing left to do for the same state.
+    let mut dp = start(&ns, &g.pins);
+    let back = plan(dp.applied_policy(), &want);
+    assert!(back.is_empty(), "read back differs: {back:#?}");
+    assert_eq!(dp.applied_policy().ip_identity, want.ip_identity);
+
+    // Narrow (x-in loses its ipBlocks, xb-out goes), restart, read back again.
+    let narrower = POLICIES.split("\n    - from: [{ ipBlock").next().unwrap();
+    let want2 = compiler.compile(&state(narrower));
+    assert!(entries(&want2) < entries(&want));
+    let stats = in_ns(&ns, || dp.sync_policy(&want2)).unwrap();
+    assert!(stats.narrowed, "{stats:?}");
+    drop(dp);
+    let mut dp = start(&ns, &g.pins);
+    let back = plan(dp.applied_policy(), &want2);
+    assert!(
+        back.is_empty(),
+        "read back after narrowing differs: {back:#?}"
+    );
+
+    // No policies at all: every entry goes, every endpoint opens.
+    let open = compiler.compile(&state(""));
+    in_ns(&ns, || dp.sync_policy(&open)).unwrap();
+    drop(dp);
+    let dp = start(&ns, &g.pins);
+    assert_eq!(entries(dp.applied_policy()), 0);
+    assert!(
+        dp.applied_policy()
+            .endpoints
+            .values()
+            .all(|e| !e.ingress.isolated && !e.egress.isolated)
+    );
+    drop(dp);
+    drop(g);
+}
