@@ -45,6 +45,10 @@ const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 5202;
 /// The change-to-enforcement probes go to one of these UDP ports (more 5-tuples before one repeats).
 const PROBE_PORTS: std::ops::RangeInclusive<u16> = 5300..=5303;
+/// New-flow request/response: every request on a 5-tuple of its own goes to one of these UDP
+/// ports, so each one is judged by the policy (a TCP connection is judged once, then conntrack).
+const NEW_FLOW_PORTS: std::ops::RangeInclusive<u16> = 5320..=5323;
+const NEW_FLOW_COLLECT: u16 = 9200;
 /// Isolated throughput variant i allows the client on UDP `MARKER_BASE + i` and on no other marker,
 /// so probing the markers tells which variant the dataplane enforces.
 const MARKER_BASE: u16 = 5310;
@@ -160,7 +164,9 @@ fn setup() -> Result<Bed> {
         }
         echo.push(Echo::start(
             &pod.ns,
-            PROBE_PORTS.map(|port| SocketAddrV4::new(*ip, port)),
+            PROBE_PORTS
+                .chain(NEW_FLOW_PORTS)
+                .map(|port| SocketAddrV4::new(*ip, port)),
         )?);
         servers.push((*label, pod));
     }
@@ -271,6 +277,7 @@ fn variant_policy(i: usize, rules: usize) -> Value {
             ("TCP", IPERF_PORT, IPERF_PORT),
             ("TCP", RR_PORT, RR_PORT),
             ("UDP", MARKER_BASE + i as u16, MARKER_BASE + i as u16),
+            ("UDP", *NEW_FLOW_PORTS.start(), *NEW_FLOW_PORTS.end()),
         ],
     )
 }
@@ -475,6 +482,12 @@ fn throughput(bed: &Bed, rules: &[usize], o: &Options) -> Result<()> {
     let mut gbps = vec![vec![Vec::new(); n]; variants.len()];
     let mut p50 = gbps.clone();
     let mut p99 = gbps.clone();
+    let mut nf50 = gbps.clone();
+    let mut nf99 = gbps.clone();
+    let mut nf_lost = vec![0usize; n];
+    // Per path: where the next new-flow run starts in the source ports, so no 5-tuple repeats.
+    let mut src_cursor = vec![0usize; n];
+    let new_flows = 2000;
     let mut enforced: Option<bool> = None;
     for rep in 0..o.traffic.reps {
         for j in 0..variants.len() {
@@ -528,35 +541,58 @@ fn throughput(bed: &Bed, rules: &[usize], o: &Options) -> Result<()> {
                 let rtts = rr(&bed.client.ns, &server.ns, server.ip, o.traffic.round_trips)?;
                 p50[v][k].push(percentile(&rtts, 0.5).as_secs_f64() * 1e6);
                 p99[v][k].push(percentile(&rtts, 0.99).as_secs_f64() * 1e6);
+                let (rtts, lost) =
+                    new_flow_rr(&bed.client.ns, server.ip, src_cursor[k], new_flows)?;
+                src_cursor[k] += new_flows;
+                nf50[v][k].push(percentile(&rtts, 0.5).as_secs_f64() * 1e6);
+                nf99[v][k].push(percentile(&rtts, 0.99).as_secs_f64() * 1e6);
+                nf_lost[k] += lost;
             }
         }
     }
     write_variant(&bed.cluster, 0, 0)?;
     println!(
-        "{:<14} {:>7} {:>9} {:>9}   {:>10} {:>10} {:>9}",
-        "path", "rules", "Gb/s", "% of 0", "rr p50", "rr p99", "% of 0"
+        "{:<14} {:>7} {:>9} {:>9}   {:>10} {:>10} {:>9}   {:>10} {:>10} {:>9}",
+        "path",
+        "rules",
+        "Gb/s",
+        "% of 0",
+        "rr p50",
+        "rr p99",
+        "% of 0",
+        "new p50",
+        "new p99",
+        "% of 0"
     );
     for (k, (label, _)) in bed.servers.iter().enumerate() {
         let base_t = median(gbps[0][k].clone());
         let base_l = median(p50[0][k].clone());
+        let base_n = median(nf50[0][k].clone());
         for (v, rules) in variants.iter().enumerate() {
             let t = median(gbps[v][k].clone());
             let l50 = median(p50[v][k].clone());
             let l99 = median(p99[v][k].clone());
+            let n50 = median(nf50[v][k].clone());
             println!(
-                "{:<14} {:>7} {:>9.2} {:>8.1}%   {:>8.1}µs {:>8.1}µs {:>8.1}%",
+                "{:<14} {:>7} {:>9.2} {:>8.1}%   {:>8.1}µs {:>8.1}µs {:>8.1}%   {:>8.1}µs {:>8.1}µs {:>8.1}%",
                 if v == 0 { *label } else { "" },
                 rules,
                 t,
                 t / base_t * 100.0,
                 l50,
                 l99,
-                l50 / base_l * 100.0
+                l50 / base_l * 100.0,
+                n50,
+                median(nf99[v][k].clone()),
+                n50 / base_n * 100.0
             );
         }
     }
     println!(
-        "(goal: throughput ≥ 97 % of no policy; rr % = p50 / no-policy p50; per-rep Gb/s: {})",
+        "(goal: throughput ≥ 97 % of no policy; rr = 1-byte TCP request/response on one connection (conntrack \
+         after the first packet); new = UDP request/response, {new_flows} per run, each on a new 5-tuple \
+         (a policy lookup per request; {} of them lost); % = p50 / no-policy p50; per-rep Gb/s: {})",
+        nf_lost.iter().sum::<usize>(),
         variants
             .iter()
             .enumerate()
@@ -579,6 +615,56 @@ fn throughput(bed: &Bed, rules: &[usize], o: &Options) -> Result<()> {
         println!("(NOT ENFORCED: see the warning above)");
     }
     Ok(())
+}
+
+/// `n` UDP request/response round trips to `to`, one after the other, each from a fresh socket on
+/// its own source port (starting `first` ports into [`PROBE_SRC_PORTS`]) and the next port of
+/// [`NEW_FLOW_PORTS`]: every request is a new flow. Returns the sorted RTTs and how many got no
+/// answer within 200 ms.
+fn new_flow_rr(
+    client: &Netns,
+    to: Ipv4Addr,
+    first: usize,
+    n: usize,
+) -> Result<(Vec<Duration>, usize)> {
+    client
+        .run(move || -> std::io::Result<(Vec<Duration>, usize)> {
+            let collector =
+                UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, NEW_FLOW_COLLECT))?;
+            collector.set_read_timeout(Some(Duration::from_millis(200)))?;
+            let span = usize::from(PROBE_SRC_PORTS.end - PROBE_SRC_PORTS.start);
+            let ports = *NEW_FLOW_PORTS.end() - *NEW_FLOW_PORTS.start() + 1;
+            let (mut rtts, mut lost) = (Vec::with_capacity(n), 0);
+            let mut buf = [0u8; 64];
+            for i in 0..n {
+                let src = PROBE_SRC_PORTS.start + ((first + i) % span) as u16;
+                let Ok(s) = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, src)) else {
+                    continue;
+                };
+                let mut payload = [0u8; 10];
+                payload[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                payload[8..].copy_from_slice(&NEW_FLOW_COLLECT.to_le_bytes());
+                let dst = NEW_FLOW_PORTS.start() + (i % usize::from(ports)) as u16;
+                let t = Instant::now();
+                s.send_to(&payload, SocketAddrV4::new(to, dst))?;
+                loop {
+                    match collector.recv(&mut buf) {
+                        Ok(10) if buf[..8] == payload[..8] => {
+                            rtts.push(t.elapsed());
+                            break;
+                        }
+                        Ok(_) => {} // a late answer to an earlier request
+                        Err(_) => {
+                            lost += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+            rtts.sort();
+            Ok((rtts, lost))
+        })?
+        .context("new-flow request/response")
 }
 
 #[derive(Clone, Copy)]
