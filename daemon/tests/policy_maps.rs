@@ -2,9 +2,9 @@
 //! same back from the pins (root only; everything lives in one namespace created here, pins under
 //! `/sys/fs/bpf/vpcnet/<prefix>`).
 
-use std::fs::File;
+mod common;
+use common::in_ns;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -22,21 +22,6 @@ fn sh(args: &[&str]) {
         "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: plain syscall on an fd we own; affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
 }
 
 struct Guard {

@@ -27,6 +27,8 @@ pub mod source;
 mod engine_tests;
 #[cfg(test)]
 mod prop_tests;
+#[cfg(test)]
+mod scenarios;
 
 use std::path::PathBuf;
 
