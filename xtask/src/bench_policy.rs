@@ -1034,6 +1034,25 @@ fn change_to_enforcement(bed: &Bed, backgrounds: &[usize], flips: usize) -> Resu
             }
         }
         ops.sort();
+        // The daemons walk their conntrack map every 5 s (metrics) holding the dataplane lock; how
+        // big it is now and how long one walk takes, for outliers of "maps written".
+        let ct: Vec<String> = bed
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                let t = Instant::now();
+                match crate::bpfmap::count_entries(&n.bpf_dir.join("CONNTRACK")) {
+                    Ok(k) => format!(
+                        "{} CONNTRACK {k} entries (one key walk {:.0} ms)",
+                        n.name,
+                        ms(t.elapsed())
+                    ),
+                    Err(e) => format!("{}: {e:#}", n.name),
+                }
+            })
+            .collect();
+        println!("{:<30} ({})", "", ct.join("; "));
         println!(
             "{:<30} (times from when the rename returned, the daemons' log clocks against this one's; \
              map ops per sync p50 {}, max {}; writing the file took up to {:.1} ms)",
