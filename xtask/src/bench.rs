@@ -22,17 +22,24 @@ pub enum Bench {
         concurrency: usize,
     },
     /// Throughput (iperf3, one stream) and TCP request/response latency, eBPF vs kernel routing.
-    Dataplane {
-        /// Seconds per iperf3 run.
-        #[arg(long, default_value_t = 4)]
-        seconds: u32,
-        /// Interleaved repetitions per path; the median is reported.
-        #[arg(long, default_value_t = 3)]
-        reps: usize,
-        /// Round trips per latency measurement.
-        #[arg(long, default_value_t = 5000)]
-        round_trips: usize,
-    },
+    Dataplane(Traffic),
+    /// NetworkPolicy: throughput and TCP request/response with 0, 100 and 10,000 rules selecting the
+    /// server, and the time from a manifest change to its enforcement.
+    Policy(crate::bench_policy::Options),
+}
+
+/// How much traffic the throughput and request/response benchmarks send.
+#[derive(clap::Args, Clone, Copy)]
+pub struct Traffic {
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 4)]
+    pub seconds: u32,
+    /// Interleaved repetitions of every measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Round trips per latency measurement.
+    #[arg(long, default_value_t = 5000)]
+    pub round_trips: usize,
 }
 
 pub fn run(what: Bench) -> Result<()> {
@@ -42,15 +49,12 @@ pub fn run(what: Bench) -> Result<()> {
             pods,
             concurrency,
         } => cni(rounds, pods, concurrency),
-        Bench::Dataplane {
-            seconds,
-            reps,
-            round_trips,
-        } => crate::bench_dp::run(seconds, reps, round_trips),
+        Bench::Dataplane(t) => crate::bench_dp::run(t.seconds, t.reps, t.round_trips),
+        Bench::Policy(o) => crate::bench_policy::run(o),
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -58,7 +62,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 

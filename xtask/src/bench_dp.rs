@@ -55,7 +55,7 @@ fn paths(s: &Setup) -> Vec<(&'static str, &Netns, &Netns, Ipv4Addr)> {
     ]
 }
 
-fn iperf(client: &Netns, server: &Netns, ip: Ipv4Addr, seconds: u32) -> Result<f64> {
+pub(crate) fn iperf(client: &Netns, server: &Netns, ip: Ipv4Addr, seconds: u32) -> Result<f64> {
     let mut srv = server
         .command("iperf3")?
         .args(["-s", "-1", "-B", &ip.to_string(), "-p", "5201"])
@@ -90,7 +90,7 @@ fn iperf(client: &Netns, server: &Netns, ip: Ipv4Addr, seconds: u32) -> Result<f
 }
 
 /// 1-byte request/response over one TCP connection (TCP_NODELAY), returns sorted RTTs.
-fn rr(client: &Netns, server: &Netns, ip: Ipv4Addr, n: usize) -> Result<Vec<Duration>> {
+pub(crate) fn rr(client: &Netns, server: &Netns, ip: Ipv4Addr, n: usize) -> Result<Vec<Duration>> {
     let addr = SocketAddrV4::new(ip, 5202);
     let (tx, rx) = std::sync::mpsc::channel();
     let srv = server.spawn(move || -> std::io::Result<()> {
@@ -125,7 +125,7 @@ fn rr(client: &Netns, server: &Netns, ip: Ipv4Addr, n: usize) -> Result<Vec<Dura
     Ok(rtts)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }

@@ -2,6 +2,8 @@
 
 mod bench;
 mod bench_dp;
+mod bench_policy;
+mod bpfmap;
 mod demo;
 mod setup;
 
