@@ -51,6 +51,9 @@ impl Forwarding for Ebpf {
     fn enforces_policy(&self) -> bool {
         self.0.policy_mode() == PolicyMode::Enforce
     }
+    fn conntrack_pin(&self) -> Option<std::path::PathBuf> {
+        Some(self.0.conntrack_pin())
+    }
     fn applied_policy(&self) -> Option<&Compiled> {
         Some(self.0.applied_policy())
     }

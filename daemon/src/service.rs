@@ -37,6 +37,10 @@ pub trait Forwarding: Send {
     fn enforces_policy(&self) -> bool {
         false
     }
+    /// Where the conntrack map is pinned (read without holding the forwarding lock).
+    fn conntrack_pin(&self) -> Option<std::path::PathBuf> {
+        None
+    }
     /// What the policy maps hold now.
     fn applied_policy(&self) -> Option<&Compiled> {
         None
@@ -135,13 +139,7 @@ impl Service {
             RequestBody::Policy { namespace, name } => self
                 .explain_policy(&namespace, &name)
                 .map(|text| ResponseBody::Text { text }),
-            RequestBody::Counters => self
-                .lock_fwd()
-                .counters()
-                .map(ResponseBody::Counters)
-                .map_err(|e| {
-                    ApiError::new(code::DATAPLANE, format!("reading dataplane counters: {e}"))
-                }),
+            RequestBody::Counters => self.counters().map(ResponseBody::Counters),
         };
         result.unwrap_or_else(ResponseBody::Error)
     }
@@ -262,9 +260,25 @@ impl Service {
         }
     }
 
+    /// Dataplane counters; the conntrack walk (~0.1 s for a full map) runs after the forwarding
+    /// lock is released, so ADDs and policy syncs do not wait for it.
+    fn counters(&self) -> Result<CountersInfo, ApiError> {
+        let err =
+            |e: String| ApiError::new(code::DATAPLANE, format!("reading dataplane counters: {e}"));
+        let (mut c, pin) = {
+            let fwd = self.lock_fwd();
+            (fwd.counters().map_err(err)?, fwd.conntrack_pin())
+        };
+        if let Some(pin) = pin {
+            c.conntrack =
+                Some(crate::dataplane::conntrack_entries(&pin).map_err(|e| err(e.to_string()))?);
+        }
+        Ok(c)
+    }
+
     /// Copies the dataplane's conntrack figures into the Prometheus gauges.
     pub fn refresh_dataplane_metrics(&self) {
-        let Ok(c) = self.lock_fwd().counters() else {
+        let Ok(c) = self.counters() else {
             return;
         };
         if let Some((live, _)) = c.conntrack {

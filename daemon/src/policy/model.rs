@@ -595,10 +595,14 @@ impl ClusterState {
     }
 
     pub fn upsert_policy(&mut self, np: &NetworkPolicy) -> Result<(), PolicyError> {
-        let p = Policy::from_k8s(np)?;
+        self.insert_policy(Policy::from_k8s(np)?);
+        Ok(())
+    }
+
+    /// An already validated policy.
+    pub fn insert_policy(&mut self, p: Policy) {
         self.generation += 1;
         self.policies.insert(p.key(), p);
-        Ok(())
     }
 
     pub fn remove_policy(&mut self, key: &ObjRef) -> Option<Policy> {

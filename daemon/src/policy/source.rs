@@ -3,7 +3,7 @@
 //! downstream sees one model whichever feeds it.
 
 use super::PolicyError;
-use super::model::{ClusterState, Namespace, ObjRef, Pod};
+use super::model::{ClusterState, Namespace, Pod};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
@@ -41,6 +41,8 @@ struct Inner {
     stamps: Vec<FileStamp>,
     content_hash: Option<u64>,
     error: Option<PolicyError>,
+    /// Parsed objects per file and content hash: a change re-parses only the changed files.
+    parsed: BTreeMap<PathBuf, (u64, Arc<Vec<Object>>)>,
 }
 
 /// Standalone cluster state: every `*.yaml`, `*.yml` and `*.json` file directly in a directory,
@@ -155,7 +157,7 @@ impl ManifestDir {
                 return Ok(false);
             }
         }
-        match parse_files(&texts) {
+        match self.parse_cached(&texts) {
             Ok(mut state) => {
                 let prev = self.tx.borrow().clone();
                 let mut inner = self.lock();
@@ -188,20 +190,68 @@ impl ManifestDir {
         }
     }
 
+    /// [`parse_files`], re-using what earlier polls parsed of unchanged files.
+    fn parse_cached(&self, texts: &[(PathBuf, String)]) -> Result<ClusterState, PolicyError> {
+        let cached = std::mem::take(&mut self.lock().parsed);
+        let mut parsed = BTreeMap::new();
+        for (path, text) in texts {
+            let mut h = DefaultHasher::new();
+            text.hash(&mut h);
+            let hash = h.finish();
+            let objects = match cached.get(path) {
+                Some((old, objects)) if *old == hash => objects.clone(),
+                _ => Arc::new(parse_file(path, text)?),
+            };
+            parsed.insert(path.clone(), (hash, objects));
+        }
+        let state = assemble(parsed.values().map(|(_, o)| o.as_slice()));
+        self.lock().parsed = parsed;
+        state
+    }
+
     fn fail(&self, e: PolicyError) -> PolicyError {
         tracing::warn!(error = %e, "manifests rejected; the previous cluster state stays in force");
         self.lock().error = Some(e.clone());
         e
     }
 
-    /// Polls every `interval` on the runtime until the `ManifestDir` is dropped.
+    /// Watches the directory until the `ManifestDir` is dropped: inotify wakes it on every
+    /// write, rename or delete in the directory (so a change is read within milliseconds), and a
+    /// poll every `interval` covers filesystems without inotify and same-size rewrites inside
+    /// the mtime granularity.
     pub fn spawn_watcher(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        use notify::Watcher as _;
         let weak: Weak<Self> = Arc::downgrade(self);
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let events = {
+            let wake = wake.clone();
+            notify::recommended_watcher(move |r: notify::Result<notify::Event>| {
+                if r.is_ok() {
+                    wake.notify_one();
+                }
+            })
+        };
+        let events = events.and_then(|mut w| {
+            w.watch(&self.dir, notify::RecursiveMode::NonRecursive)?;
+            Ok(w)
+        });
+        let events = match events {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e,
+                    "no inotify watch on the manifests; changes are seen by polling only");
+                None
+            }
+        };
         tokio::spawn(async move {
+            let _events = events;
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = wake.notified() => {}
+                }
                 let Some(me) = weak.upgrade() else { return };
                 // Small synchronous reads; a blocking thread keeps them off the async workers.
                 if tokio::task::spawn_blocking(move || {
@@ -239,29 +289,76 @@ impl StateSource for ManifestDir {
 
 /// Builds one state from file texts; any bad document fails the whole state.
 pub fn parse_files(files: &[(PathBuf, String)]) -> Result<ClusterState, PolicyError> {
+    let parsed = files
+        .iter()
+        .map(|(path, text)| parse_file(path, text))
+        .collect::<Result<Vec<_>, _>>()?;
+    assemble(parsed.iter().map(|v| v.as_slice()))
+}
+
+/// One object of a manifest, validated, with where it came from (`file#document`).
+#[derive(Debug, Clone)]
+pub struct Object {
+    origin: String,
+    kind: ObjectKind,
+}
+
+#[derive(Debug, Clone)]
+enum ObjectKind {
+    Namespace(Namespace),
+    Pod(Pod),
+    Policy(super::model::Policy),
+}
+
+/// Parses and validates one file's documents. The expensive half of reading the state: a
+/// [`ManifestDir`] keeps the result per file and content, so a change to one file does not
+/// re-parse the others.
+pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, PolicyError> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let err = |reason: String| PolicyError::Manifest {
+            file: path.to_path_buf(),
+            document: i + 1,
+            reason,
+        };
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| err(e.to_string()))?;
+        let origin = format!("{}#{}", path.display(), i + 1);
+        objects(value, &origin, &mut out).map_err(err)?;
+    }
+    Ok(out)
+}
+
+/// Builds one state from parsed files; the same object twice fails the whole state.
+pub fn assemble<'a>(
+    files: impl IntoIterator<Item = &'a [Object]>,
+) -> Result<ClusterState, PolicyError> {
     let mut state = ClusterState::new();
-    let mut seen: BTreeMap<(&'static str, String), String> = BTreeMap::new();
-    for (path, text) in files {
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let err = |reason: String| PolicyError::Manifest {
-                file: path.clone(),
-                document: i + 1,
-                reason,
-            };
-            let value = serde_yaml::Value::deserialize(doc).map_err(|e| err(e.to_string()))?;
-            let origin = format!("{}#{}", path.display(), i + 1);
-            add_object(&mut state, &mut seen, value, &origin).map_err(err)?;
+    let mut seen: BTreeMap<(&'static str, String), &str> = BTreeMap::new();
+    for o in files.into_iter().flatten() {
+        let (kind, name) = match &o.kind {
+            ObjectKind::Namespace(ns) => ("Namespace", ns.name.clone()),
+            ObjectKind::Pod(p) => ("Pod", p.key().to_string()),
+            ObjectKind::Policy(p) => ("NetworkPolicy", p.key().to_string()),
+        };
+        if let Some(first) = seen.get(&(kind, name.clone())) {
+            return Err(PolicyError::Duplicate {
+                kind,
+                name,
+                first: first.to_string(),
+                second: o.origin.clone(),
+            });
+        }
+        seen.insert((kind, name), &o.origin);
+        match &o.kind {
+            ObjectKind::Namespace(ns) => state.upsert_namespace(ns.clone()),
+            ObjectKind::Pod(p) => state.upsert_pod(p.clone()),
+            ObjectKind::Policy(p) => state.insert_policy(p.clone()),
         }
     }
     Ok(state)
 }
 
-fn add_object(
-    state: &mut ClusterState,
-    seen: &mut BTreeMap<(&'static str, String), String>,
-    value: serde_yaml::Value,
-    origin: &str,
-) -> Result<(), String> {
+fn objects(value: serde_yaml::Value, origin: &str, out: &mut Vec<Object>) -> Result<(), String> {
     if value.is_null() {
         return Ok(()); // an empty document, e.g. a trailing `---`
     }
@@ -273,19 +370,6 @@ fn add_object(
             .to_string()
     };
     let (api, kind) = (field("apiVersion"), field("kind"));
-    let mut dup = |kind: &'static str, name: String| match seen.get(&(kind, name.clone())) {
-        Some(first) => Err(PolicyError::Duplicate {
-            kind,
-            name,
-            first: first.clone(),
-            second: origin.to_string(),
-        }
-        .to_string()),
-        None => {
-            seen.insert((kind, name), origin.to_string());
-            Ok(())
-        }
-    };
     let describe = |e: &dyn std::fmt::Display| {
         let name = value
             .get("metadata")
@@ -294,29 +378,32 @@ fn add_object(
             .unwrap_or("(unnamed)");
         format!("{kind} {name}: {e}")
     };
+    let mut push = |kind| {
+        out.push(Object {
+            origin: origin.to_string(),
+            kind,
+        })
+    };
     match (api.as_str(), kind.as_str()) {
         ("v1", "Namespace") => {
             let ns: core::Namespace =
                 serde_yaml::from_value(value.clone()).map_err(|e| describe(&e))?;
-            let ns = Namespace::from_k8s(&ns).map_err(|e| e.to_string())?;
-            dup("Namespace", ns.name.clone())?;
-            state.upsert_namespace(ns);
+            push(ObjectKind::Namespace(
+                Namespace::from_k8s(&ns).map_err(|e| e.to_string())?,
+            ));
         }
         ("v1", "Pod") => {
             let pod: core::Pod = serde_yaml::from_value(value.clone()).map_err(|e| describe(&e))?;
-            let pod = Pod::from_k8s(&pod).map_err(|e| e.to_string())?;
-            dup("Pod", pod.key().to_string())?;
-            state.upsert_pod(pod);
+            push(ObjectKind::Pod(
+                Pod::from_k8s(&pod).map_err(|e| e.to_string())?,
+            ));
         }
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             let np: NetworkPolicy =
                 serde_yaml::from_value(value.clone()).map_err(|e| describe(&e))?;
-            let key = ObjRef::new(
-                np.metadata.namespace.as_deref().unwrap_or("default"),
-                np.metadata.name.as_deref().unwrap_or(""),
-            );
-            dup("NetworkPolicy", key.to_string())?;
-            state.upsert_policy(&np).map_err(|e| e.to_string())?;
+            push(ObjectKind::Policy(
+                super::model::Policy::from_k8s(&np).map_err(|e| e.to_string())?,
+            ));
         }
         // Ignoring a policy we cannot read would silently allow what it denies.
         (_, "NetworkPolicy") => {
@@ -331,7 +418,7 @@ fn add_object(
                 .cloned()
                 .unwrap_or_default();
             for (j, item) in items.into_iter().enumerate() {
-                add_object(state, seen, item, &format!("{origin} item {j}"))
+                objects(item, &format!("{origin} item {j}"), out)
                     .map_err(|e| format!("items[{j}]: {e}"))?;
             }
         }
@@ -476,7 +563,7 @@ metadata: { name: ignored }
         std::fs::write(dir.path().join("b.yaml"), GOOD).unwrap();
         let src = ManifestDir::new(dir.path());
         let e = src.snapshot().unwrap_err();
-        assert!(matches!(e, PolicyError::Manifest { .. }), "{e}");
+        assert!(matches!(e, PolicyError::Duplicate { .. }), "{e}");
         assert!(e.to_string().contains("defined twice"), "{e}");
         assert!(src.subscribe().borrow().is_none());
         let missing = ManifestDir::new(dir.path().join("nope"));
