@@ -226,10 +226,17 @@ impl Service {
             };
             // Compiled without the dataplane lock: ADDs keep installing endpoints meanwhile (the
             // plan is computed against the maps' mirror under the lock).
+            let t_compile = std::time::Instant::now();
             let compiled = compiler.compile(&state);
+            let compile_ms = t_compile.elapsed().as_secs_f64() * 1e3;
             let stats = self.lock_fwd().sync_policy(&compiled).map_err(|e| {
                 ApiError::new(code::DATAPLANE, format!("programming NetworkPolicy: {e}"))
             })?;
+            tracing::debug!(
+                compile_ms,
+                total_ms = started.elapsed().as_secs_f64() * 1e3,
+                "policy sync stages"
+            );
             Ok((stats, state.generation()))
         })();
         match result {

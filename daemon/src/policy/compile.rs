@@ -109,6 +109,21 @@ impl PortSet {
         self.ranges = out;
     }
 
+    /// Adds `other` without merging: for building a set from many rules, then [`Self::finish`]
+    /// once (merging after every rule made compiling N rules for one peer quadratic).
+    fn absorb(&mut self, other: &PortSet) {
+        if other.all {
+            self.all = true;
+            self.ranges.clear();
+        } else if !self.all {
+            self.ranges.extend(other.ranges.iter().copied());
+        }
+    }
+
+    fn finish(&mut self) {
+        self.normalize();
+    }
+
     pub fn union(&mut self, other: &PortSet) {
         if other.all {
             self.all = true;
@@ -500,7 +515,7 @@ fn direction(
     let mut cidrs: Vec<(Cidr, PortSet)> = Vec::new();
     let allow = |m: &mut BTreeMap<u32, PortSet>, id: u32, ps: &PortSet| {
         if !ps.is_empty() {
-            m.entry(id).or_default().union(ps);
+            m.entry(id).or_default().absorb(ps);
         }
     };
     for pol in selecting(state, pod, dir) {
@@ -590,6 +605,9 @@ fn direction(
                 }
             }
         }
+    }
+    for ps in out.identities.values_mut() {
+        ps.finish();
     }
     if out.isolated && dir == Direction::Ingress {
         // The kubelet must reach its pods whatever the policies say.

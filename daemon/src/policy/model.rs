@@ -527,7 +527,9 @@ pub struct ClusterState {
     generation: u64,
     namespaces: BTreeMap<String, Namespace>,
     pods: BTreeMap<PodRef, Pod>,
-    policies: BTreeMap<ObjRef, Policy>,
+    /// Shared: states are cloned on every sync (local allocations laid over), and a large policy
+    /// must not be copied each time.
+    policies: BTreeMap<ObjRef, std::sync::Arc<Policy>>,
     by_ip: BTreeMap<Ipv4Addr, BTreeSet<PodRef>>,
 }
 
@@ -600,14 +602,17 @@ impl ClusterState {
     }
 
     /// An already validated policy.
-    pub fn insert_policy(&mut self, p: Policy) {
+    pub fn insert_policy(&mut self, p: impl Into<std::sync::Arc<Policy>>) {
+        let p = p.into();
         self.generation += 1;
         self.policies.insert(p.key(), p);
     }
 
     pub fn remove_policy(&mut self, key: &ObjRef) -> Option<Policy> {
         self.generation += 1;
-        self.policies.remove(key)
+        self.policies
+            .remove(key)
+            .map(std::sync::Arc::unwrap_or_clone)
     }
 
     pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
@@ -619,7 +624,7 @@ impl ClusterState {
     }
 
     pub fn policies(&self) -> impl Iterator<Item = &Policy> {
-        self.policies.values()
+        self.policies.values().map(|p| p.as_ref())
     }
 
     pub fn pod(&self, key: &PodRef) -> Option<&Pod> {
@@ -657,6 +662,8 @@ impl ClusterState {
                 .policies
                 .iter()
                 .zip(other.policies.iter())
-                .all(|((ka, a), (kb, b))| ka == kb && a.raw == b.raw)
+                .all(|((ka, a), (kb, b))| {
+                    ka == kb && (std::sync::Arc::ptr_eq(a, b) || a.raw == b.raw)
+                })
     }
 }

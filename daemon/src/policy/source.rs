@@ -307,7 +307,7 @@ pub struct Object {
 enum ObjectKind {
     Namespace(Namespace),
     Pod(Pod),
-    Policy(Box<super::model::Policy>),
+    Policy(Arc<super::model::Policy>),
 }
 
 /// Parses and validates one file's documents. The expensive half of reading the state: a
@@ -352,7 +352,7 @@ pub fn assemble<'a>(
         match &o.kind {
             ObjectKind::Namespace(ns) => state.upsert_namespace(ns.clone()),
             ObjectKind::Pod(p) => state.upsert_pod(p.clone()),
-            ObjectKind::Policy(p) => state.insert_policy(p.as_ref().clone()),
+            ObjectKind::Policy(p) => state.insert_policy(p.clone()),
         }
     }
     Ok(state)
@@ -401,7 +401,7 @@ fn objects(value: serde_yaml::Value, origin: &str, out: &mut Vec<Object>) -> Res
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             let np: NetworkPolicy =
                 serde_yaml::from_value(value.clone()).map_err(|e| describe(&e))?;
-            push(ObjectKind::Policy(Box::new(
+            push(ObjectKind::Policy(Arc::new(
                 super::model::Policy::from_k8s(&np).map_err(|e| e.to_string())?,
             )));
         }
