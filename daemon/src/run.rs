@@ -77,6 +77,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         mtu,
         policy_sync: Default::default(),
         policy_dirty: tokio::sync::Notify::new(),
+        policy_requests: Default::default(),
     });
 
     // Before serving: queued releases first (their addresses were freed by pods that are gone), then

@@ -89,6 +89,8 @@ pub struct Service {
     pub policy_sync: Mutex<PolicySync>,
     /// Wakes the policy sync loop (a pod went away).
     pub policy_dirty: tokio::sync::Notify,
+    /// Policy sync tickets handed out (see `Service::sync_policy`).
+    pub policy_requests: std::sync::atomic::AtomicU64,
 }
 
 /// State of the policy sync between runs.
@@ -99,6 +101,8 @@ pub struct PolicySync {
     /// Generation of the cluster state last applied.
     pub generation: Option<u64>,
     pub last_error: Option<String>,
+    /// Requests up to this ticket were covered by a successful sync that started after them.
+    covered: u64,
 }
 
 fn ipam_err(e: IpamError) -> ApiError {
@@ -193,8 +197,18 @@ impl Service {
         let Some(source) = &self.policy else {
             return Ok(SyncStats::default());
         };
+        use std::sync::atomic::Ordering::SeqCst;
+        // Group commit: concurrent ADDs each need "a sync that saw my allocation", not a sync
+        // each. A sync that started after this ticket was taken read IPAM and the cluster state
+        // after this caller's allocation and state change, so it covers this request.
+        let requests = &self.policy_requests;
+        let ticket = requests.fetch_add(1, SeqCst) + 1;
         let started = std::time::Instant::now();
         let mut sync = self.policy_sync.lock().unwrap_or_else(|p| p.into_inner());
+        if sync.covered >= ticket {
+            return Ok(SyncStats::default());
+        }
+        let covers = requests.load(SeqCst);
         let result: Result<(SyncStats, u64), ApiError> = (|| {
             let state = source.snapshot().map_err(|e| {
                 ApiError::new(
@@ -241,6 +255,7 @@ impl Service {
         })();
         match result {
             Ok((stats, generation)) => {
+                sync.covered = covers;
                 sync.generation = Some(generation);
                 sync.last_error = None;
                 self.metrics.policy_syncs.inc();
