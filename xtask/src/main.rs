@@ -78,7 +78,11 @@ fn real_main() -> Result<()> {
                 setup::run()?;
             }
             build_release()?;
-            demo::run(keep)
+            let r = demo::run(keep);
+            if !keep {
+                remove_empty_pin_root();
+            }
+            r
         }
         Cmd::Clean => {
             let removed = vpcnet_tests::cluster::clean_leftovers();
@@ -95,7 +99,9 @@ fn real_main() -> Result<()> {
                 setup::run()?;
                 build_release()?;
             }
-            bench::run(what)
+            let r = bench::run(what);
+            remove_empty_pin_root();
+            r
         }
     }
 }
@@ -193,12 +199,17 @@ fn test(extra: &[String]) -> Result<()> {
     if !pins.is_empty() {
         bail!("tests left pinned BPF objects behind: {pins:?}");
     }
-    // Only now, with every test finished, is removing the shared pin root race-free (it fails
-    // harmlessly when something else still lives there).
-    let _ = std::fs::remove_dir(vpcnet_tests::cluster::BPF_ROOT);
+    remove_empty_pin_root();
     println!(
         "\nall checks passed in {:.0} s",
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Removes the shared pin root once every cluster of this run is gone (clusters running in
+/// parallel share it, so only the end of a whole run may); fails harmlessly when something else
+/// still lives there.
+fn remove_empty_pin_root() {
+    let _ = std::fs::remove_dir(vpcnet_tests::cluster::BPF_ROOT);
 }

@@ -130,6 +130,8 @@ pub struct PolicyTables {
     mirror: Compiled,
     /// Port-set numbers in use: by content, with the number of prefixes pointing at them.
     sets: BTreeMap<SetKey, (u32, usize)>,
+    /// The numbers of `sets`, so a new set finds a free number without scanning them all.
+    numbers: BTreeSet<u32>,
     next_set: u32,
 }
 
@@ -200,6 +202,7 @@ impl PolicyTables {
                 };
                 set_of_number.insert(remote, key.clone());
                 t.sets.insert(key, (remote, 0));
+                t.numbers.insert(remote);
             } else {
                 rules_mut(&mut t.mirror, endpoint, d)
                     .identities
@@ -391,9 +394,8 @@ impl PolicyTables {
             e.1 += 1;
             return Ok(e.0);
         }
-        let in_use: BTreeSet<u32> = self.sets.values().map(|v| v.0).collect();
         let mut number = self.next_set.max(CIDR_SET_BASE);
-        while in_use.contains(&number) {
+        while self.numbers.contains(&number) {
             number = number.checked_add(1).unwrap_or(CIDR_SET_BASE);
         }
         self.next_set = number.checked_add(1).unwrap_or(CIDR_SET_BASE);
@@ -403,6 +405,7 @@ impl PolicyTables {
             &port_keys(endpoint, number, dir, ports),
         )?;
         self.sets.insert(key, (number, 1));
+        self.numbers.insert(number);
         Ok(number)
     }
 
@@ -427,6 +430,7 @@ impl PolicyTables {
             let number = e.0;
             let stale = port_keys(endpoint, number, dir, &key.ports);
             self.sets.remove(&key);
+            self.numbers.remove(&number);
             replace_ports(&mut maps.policy, &stale, &[])?;
         }
         Ok(())

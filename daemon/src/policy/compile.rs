@@ -109,8 +109,9 @@ impl PortSet {
         self.ranges = out;
     }
 
-    /// Adds `other` without merging: for building a set from many rules, then [`Self::finish`]
-    /// once (merging after every rule made compiling N rules for one peer quadratic).
+    /// Adds `other` without merging: for building a set from many rules, then
+    /// [`Self::normalize`] once (merging after every rule made compiling N rules for one peer
+    /// quadratic).
     fn absorb(&mut self, other: &PortSet) {
         if other.all {
             self.all = true;
@@ -118,10 +119,6 @@ impl PortSet {
         } else if !self.all {
             self.ranges.extend(other.ranges.iter().copied());
         }
-    }
-
-    fn finish(&mut self) {
-        self.normalize();
     }
 
     pub fn union(&mut self, other: &PortSet) {
@@ -607,7 +604,7 @@ fn direction(
         }
     }
     for ps in out.identities.values_mut() {
-        ps.finish();
+        ps.normalize();
     }
     if out.isolated && dir == Direction::Ingress {
         // The kubelet must reach its pods whatever the policies say.
