@@ -539,6 +539,12 @@ impl Ipam {
     /// `("network/subnet", free)` for every configured subnet, in configuration order: the
     /// addresses of this node's blocks a dynamic allocation could take now (not allocated,
     /// reserved, gateway, network/broadcast or cooling down). 0 for subnets without blocks here.
+    /// What is wrong with the store right now (for STATUS and /healthz), `None` when writes
+    /// succeed. (Contract for readiness; the store's failure tracking fills it.)
+    pub fn health(&self) -> Option<String> {
+        None
+    }
+
     pub fn free_counts(&self) -> Result<Vec<(String, u64)>, IpamError> {
         let now = self.now_ms();
         self.read("count free addresses", |txn| {

@@ -190,17 +190,42 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// Messages can quote what a client sent; they are bounded here, at the one place every
+    /// daemon error is made, so no input can make an answer (or a log line) large.
     pub fn new(code: u32, msg: impl Into<String>) -> Self {
         ApiError {
             code,
-            msg: msg.into(),
+            msg: bounded(msg.into(), MAX_MESSAGE),
             details: String::new(),
         }
     }
     pub fn with_details(mut self, details: impl Into<String>) -> Self {
-        self.details = details.into();
+        self.details = bounded(details.into(), MAX_MESSAGE);
         self
     }
+}
+
+/// Longest error message or details text sent over the socket or printed by the plugin.
+pub const MAX_MESSAGE: usize = 2048;
+
+/// Cuts `text` to at most `max` bytes (on a character boundary), saying how much was left out.
+pub fn bounded(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let total = text.len();
+    let mut cut = max.saturating_sub(48);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push_str(&format!("… ({} more bytes)", total - cut));
+    text
+}
+
+/// Quotes a client-supplied value for a message, cut to a length a person can read.
+pub fn quote(value: &str) -> String {
+    bounded(format!("{value:?}"), 160)
 }
 
 /// CNI error codes used across the project (spec 1.1 §Error).
@@ -222,6 +247,9 @@ pub mod code {
     pub const UNKNOWN_NETWORK: u32 = 103;
     pub const CHECK_FAILED: u32 = 104;
     pub const DATAPLANE: u32 = 105;
+    /// ADD for an attachment that is already wired and live: the spec's "interface already
+    /// exists"; the live attachment is left untouched.
+    pub const ATTACHMENT_EXISTS: u32 = 106;
     pub const INTERNAL: u32 = 199;
 }
 
@@ -358,6 +386,21 @@ mod tests {
         assert!(text.contains("\"version\":1"), "{text}");
         let back: Request = serde_json::from_str(&text).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn messages_are_bounded() {
+        let e = ApiError::new(code::INVALID_CONFIG, "x".repeat(10 << 20))
+            .with_details("é".repeat(5000));
+        assert!(e.msg.len() <= MAX_MESSAGE, "{}", e.msg.len());
+        assert!(e.details.len() <= MAX_MESSAGE);
+        assert!(
+            e.msg.ends_with("more bytes)"),
+            "{}",
+            &e.msg[e.msg.len() - 40..]
+        );
+        assert_eq!(ApiError::new(1, "short").msg, "short");
+        assert!(quote(&"n".repeat(10_000)).len() < 200);
     }
 
     #[test]
