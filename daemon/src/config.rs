@@ -181,11 +181,13 @@ ipam:
     /// address would be open to the whole VPC.
     #[test]
     fn shipped_configmap_keeps_metrics_on_loopback() {
-        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../manifests/configmap.yaml");
+        let manifest =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/configmap.yaml");
         let doc: serde_yaml::Value =
             serde_yaml::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
-        let text = doc["data"]["vpcnetd.yaml"].as_str().expect("data.vpcnetd.yaml");
+        let text = doc["data"]["vpcnetd.yaml"]
+            .as_str()
+            .expect("data.vpcnetd.yaml");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vpcnetd.yaml");
         std::fs::write(&path, text).unwrap();

@@ -179,8 +179,14 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, h
                 // Store and dataplane checks block; they run on the blocking pool.
                 "/healthz" => match tokio::task::spawn_blocking(move || health()).await {
                     Ok(r) if r.ready => ("200 OK", format!("ok\n{}", r.text())),
-                    Ok(r) => ("503 Service Unavailable", format!("not ready\n{}", r.text())),
-                    Err(e) => ("500 Internal Server Error", format!("health check failed: {e}\n")),
+                    Ok(r) => (
+                        "503 Service Unavailable",
+                        format!("not ready\n{}", r.text()),
+                    ),
+                    Err(e) => (
+                        "500 Internal Server Error",
+                        format!("health check failed: {e}\n"),
+                    ),
                 },
                 _ => ("404 Not Found", "not found\n".to_string()),
             };

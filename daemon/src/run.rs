@@ -16,12 +16,8 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     private_dir(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
     // The plugin writes here while the daemon is down; the entries name pods.
-    private_dir(&config.release_queue).with_context(|| {
-        format!(
-            "creating release queue {}",
-            config.release_queue.display()
-        )
-    })?;
+    private_dir(&config.release_queue)
+        .with_context(|| format!("creating release queue {}", config.release_queue.display()))?;
     let db = config.ipam_db();
     // A store written by an older release under a permissive umask.
     restrict_file(&db).with_context(|| format!("restricting {}", db.display()))?;

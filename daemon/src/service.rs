@@ -579,14 +579,21 @@ impl Service {
                 }
             }
         }
-        // Without a state the sync fails for the reason already given.
-        if have_state {
-            let sync = self.policy_sync.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(e) = &sync.last_error {
-                problems.push(format!(
-                    "NetworkPolicy sync is failing (new pods stay closed, the rest keep the previous policy): {e}"
-                ));
-            }
+        // Without a state the sync fails for the reason already given. A sync holds this lock
+        // for its whole run (a large policy takes a while); STATUS does not wait for it, that
+        // sync's outcome is the next verdict.
+        let sync = match self.policy_sync.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if have_state
+            && let Some(sync) = sync
+            && let Some(e) = &sync.last_error
+        {
+            problems.push(format!(
+                "NetworkPolicy sync is failing (new pods stay closed, the rest keep the previous policy): {e}"
+            ));
         }
         Readiness {
             ready: problems.is_empty(),

@@ -387,7 +387,11 @@ impl Node {
         let deadline = Instant::now() + timeout;
         loop {
             if !self.daemon_running() {
-                bail!("vpcnetd on {} is not running; log:\n{}", self.name, self.log_tail());
+                bail!(
+                    "vpcnetd on {} is not running; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
             if let Ok(vpcnet_api::ResponseBody::Status(s)) = vpcnet_api::call(
                 &self.socket,
@@ -397,7 +401,11 @@ impl Node {
                 return Ok(s);
             }
             if Instant::now() > deadline {
-                bail!("vpcnetd on {} does not answer; log:\n{}", self.name, self.log_tail());
+                bail!(
+                    "vpcnetd on {} does not answer; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -93,7 +93,13 @@ fn nothing_the_daemon_creates_is_open_to_others() {
     c.node_mut(0).socket = socket.clone();
     // An unprivileged client hammering the path from before the daemon starts until it serves.
     let prober = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+        ])
         .arg(format!(
             "import socket,time,sys\n\
              end=time.time()+6\n\
@@ -152,7 +158,10 @@ fn log_in_a_file_has_no_colour_codes() {
     c.node_mut(0).start_daemon().unwrap();
     c.add_pod(0, "default", "p").unwrap();
     let log = std::fs::read_to_string(c.node(0).dir.join("vpcnetd.log")).unwrap();
-    assert!(log.contains("serving") && log.contains("allocated"), "{log}");
+    assert!(
+        log.contains("serving") && log.contains("allocated"),
+        "{log}"
+    );
     assert!(!log.contains("\x1b["), "ANSI escapes in a log file:\n{log}");
 }
 
@@ -217,7 +226,10 @@ fn healthz_and_socket_survive_descriptor_exhaustion() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let log = std::fs::read_to_string(c.node(0).dir.join("vpcnetd.log")).unwrap();
-    assert!(log.contains("accept failed"), "descriptors were exhausted:\n{log}");
+    assert!(
+        log.contains("accept failed"),
+        "descriptors were exhausted:\n{log}"
+    );
     assert!(c.node_mut(0).daemon_running());
 }
 
@@ -239,7 +251,8 @@ fn connections_are_bounded_in_memory_time_and_number() {
             .map(|_| {
                 s.spawn(|| {
                     let conn = UnixStream::connect(&socket).unwrap();
-                    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    conn.set_read_timeout(Some(Duration::from_secs(30)))
+                        .unwrap();
                     (&conn).write_all(&big).unwrap();
                     let answer = read_answer(&conn);
                     assert_eq!(answer["code"], 6, "{answer}");
@@ -251,7 +264,9 @@ fn connections_are_bounded_in_memory_time_and_number() {
     });
     std::thread::sleep(Duration::from_millis(300));
     let after_big = rss_kib(pid);
-    eprintln!("RSS: baseline {baseline} KiB, 20 idle connections after 15 MiB requests {after_big} KiB");
+    eprintln!(
+        "RSS: baseline {baseline} KiB, 20 idle connections after 15 MiB requests {after_big} KiB"
+    );
     assert!(
         after_big < baseline + 40 * 1024,
         "RSS grew from {baseline} to {after_big} KiB"
@@ -261,8 +276,8 @@ fn connections_are_bounded_in_memory_time_and_number() {
     let keys: Vec<serde_json::Value> = (0..120_000)
         .map(|i| serde_json::json!({"container_id": format!("{i:064x}"), "ifname": "eth0"}))
         .collect();
-    let mut gc = serde_json::to_vec(&serde_json::json!({"version": 1, "op": "gc", "valid": keys}))
-        .unwrap();
+    let mut gc =
+        serde_json::to_vec(&serde_json::json!({"version": 1, "op": "gc", "valid": keys})).unwrap();
     gc.push(b'\n');
     assert!(gc.len() > 11 << 20, "{}", gc.len());
     assert_eq!(raw(&socket, &gc)["result"], "gc_done");
@@ -347,7 +362,8 @@ fn sigterm_answers_accepted_requests_then_exits() {
                             std::thread::sleep(Duration::from_millis(5));
                             continue;
                         };
-                        conn.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                        conn.set_read_timeout(Some(Duration::from_secs(15)))
+                            .unwrap();
                         (&conn).write_all(STATUS).unwrap();
                         let answer = read_answer(&conn);
                         assert_eq!(answer["result"], "status", "{answer}");
@@ -376,7 +392,10 @@ fn sigterm_answers_accepted_requests_then_exits() {
     });
     let deadline = Instant::now() + Duration::from_secs(12);
     while c.node_mut(0).daemon_running() {
-        assert!(Instant::now() < deadline, "vpcnetd still runs after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "vpcnetd still runs after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!(
@@ -436,7 +455,11 @@ fn wait_verdict(c: &Cluster, ready: bool) -> String {
     loop {
         let (r, ctl, plugin, healthy, message) = verdicts(c);
         if r == ready {
-            assert_eq!(ctl, if ready { 0 } else { 2 }, "vpcnetctl status: {message}");
+            assert_eq!(
+                ctl,
+                if ready { 0 } else { 2 },
+                "vpcnetctl status: {message}"
+            );
             assert_eq!(plugin, ready, "plugin STATUS: {message}");
             assert_eq!(healthy, ready, "/healthz: {message}");
             return message;
@@ -630,7 +653,8 @@ mod fuzz {
             .run(&(request(), any::<bool>()), |(line, partial)| {
                 let lines = line.iter().filter(|&&b| b == b'\n').count();
                 let conn = UnixStream::connect(&socket).unwrap();
-                conn.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(15)))
+                    .unwrap();
                 let t = Instant::now();
                 (&conn).write_all(&line).unwrap();
                 if partial {

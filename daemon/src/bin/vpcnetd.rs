@@ -84,9 +84,30 @@ mod tests {
     #[test]
     fn config_and_node_are_accepted_before_and_after_the_subcommand() {
         for args in [
-            &["vpcnetd", "uninstall", "--config", "/x.yaml", "--node", "n1"][..],
-            &["vpcnetd", "--config", "/x.yaml", "--node", "n1", "uninstall"][..],
-            &["vpcnetd", "--config", "/x.yaml", "uninstall", "--node", "n1"][..],
+            &[
+                "vpcnetd",
+                "uninstall",
+                "--config",
+                "/x.yaml",
+                "--node",
+                "n1",
+            ][..],
+            &[
+                "vpcnetd",
+                "--config",
+                "/x.yaml",
+                "--node",
+                "n1",
+                "uninstall",
+            ][..],
+            &[
+                "vpcnetd",
+                "--config",
+                "/x.yaml",
+                "uninstall",
+                "--node",
+                "n1",
+            ][..],
         ] {
             let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
             assert_eq!(cli.config, PathBuf::from("/x.yaml"), "{args:?}");
