@@ -63,8 +63,9 @@ pub struct DaemonConfig {
     /// namespace annotations `vpcnet.io/subnet` and `vpcnet.io/ip` are read from here.
     #[serde(default)]
     pub manifests_dir: Option<PathBuf>,
-    /// `host:port` for /metrics and /healthz (Prometheus); off when absent.
-    #[serde(default)]
+    /// `host:port` for /metrics and /healthz (Prometheus); `null` turns them off. Loopback by
+    /// default: the DaemonSet runs in the host network, and the endpoint has no authentication.
+    #[serde(default = "default_metrics_addr")]
     pub metrics_addr: Option<String>,
     pub ipam: IpamConfig,
 }
@@ -80,6 +81,12 @@ fn default_release_queue() -> PathBuf {
 }
 fn default_bpf_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/vpcnet/node")
+}
+/// The loopback address the metrics listen on unless told otherwise.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9962";
+
+fn default_metrics_addr() -> Option<String> {
+    Some(DEFAULT_METRICS_ADDR.into())
 }
 fn default_reconcile_interval() -> u64 {
     60
@@ -155,6 +162,43 @@ ipam:
         assert_eq!(c.socket, PathBuf::from(vpcnet_api::DEFAULT_SOCKET));
         assert_eq!(c.dataplane, DataplaneMode::Ebpf);
         assert_eq!(c.ipam.cooldown_secs, 30);
+        assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9962"));
+    }
+
+    #[test]
+    fn metrics_can_be_turned_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "node: n1\nuplink: eth0\nmetrics_addr: null\nipam: {networks: []}\n",
+        )
+        .unwrap();
+        assert_eq!(DaemonConfig::load(&path).unwrap().metrics_addr, None);
+    }
+
+    /// The shipped manifests run in the host network: an unauthenticated endpoint on every node
+    /// address would be open to the whole VPC.
+    #[test]
+    fn shipped_configmap_keeps_metrics_on_loopback() {
+        let manifest =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/configmap.yaml");
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+        let text = doc["data"]["vpcnetd.yaml"]
+            .as_str()
+            .expect("data.vpcnetd.yaml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vpcnetd.yaml");
+        std::fs::write(&path, text).unwrap();
+        let c = DaemonConfig::load(&path).unwrap();
+        let addr: std::net::SocketAddr = c
+            .metrics_addr
+            .as_deref()
+            .unwrap_or(DEFAULT_METRICS_ADDR)
+            .parse()
+            .unwrap();
+        assert!(addr.ip().is_loopback(), "shipped metrics_addr {addr}");
     }
 
     #[test]

@@ -48,6 +48,9 @@ impl Forwarding for Ebpf {
             }
         )
     }
+    fn health(&self) -> Result<(), String> {
+        self.0.health().map_or(Ok(()), Err)
+    }
     fn enforces_policy(&self) -> bool {
         self.0.policy_mode() == PolicyMode::Enforce
     }

@@ -127,15 +127,35 @@ impl Metrics {
     }
 }
 
+/// What /healthz reports: the daemon's one readiness verdict (the same one STATUS gives).
+pub type Health = Arc<dyn Fn() -> crate::service::Readiness + Send + Sync>;
+
+/// Scrapes and probes are occasional; beyond this many at once, connections are closed unanswered
+/// so a flood cannot take the file descriptors ADD needs.
+const MAX_CONNECTIONS: usize = 32;
+
 /// A deliberately tiny HTTP/1.0 responder for `/metrics` and `/healthz`: two fixed routes do not
-/// justify an HTTP framework in a node agent.
-pub async fn serve(addr: String, registry: Arc<Registry>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
-    tracing::info!(%addr, "serving /metrics and /healthz");
+/// justify an HTTP framework in a node agent. Runs until the process ends: a failed accept (out
+/// of file descriptors, a connection reset while queued) is logged and retried, never fatal.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, health: Health) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut errors = AcceptErrors::default();
     loop {
-        let (mut stream, _) = listener.accept().await?;
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                errors.failed("/metrics", &e);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let registry = registry.clone();
+        let health = health.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut buf = [0u8; 1024];
             let n = match tokio::time::timeout(
                 std::time::Duration::from_secs(5),
@@ -156,7 +176,18 @@ pub async fn serve(addr: String, registry: Arc<Registry>) -> std::io::Result<()>
                         Err(e) => ("500 Internal Server Error", e.to_string()),
                     }
                 }
-                "/healthz" => ("200 OK", "ok\n".to_string()),
+                // Store and dataplane checks block; they run on the blocking pool.
+                "/healthz" => match tokio::task::spawn_blocking(move || health()).await {
+                    Ok(r) if r.ready => ("200 OK", format!("ok\n{}", r.text())),
+                    Ok(r) => (
+                        "503 Service Unavailable",
+                        format!("not ready\n{}", r.text()),
+                    ),
+                    Err(e) => (
+                        "500 Internal Server Error",
+                        format!("health check failed: {e}\n"),
+                    ),
+                },
                 _ => ("404 Not Found", "not found\n".to_string()),
             };
             let resp = format!(
@@ -165,5 +196,33 @@ pub async fn serve(addr: String, registry: Arc<Registry>) -> std::io::Result<()>
             );
             let _ = stream.write_all(resp.as_bytes()).await;
         });
+    }
+}
+
+/// Pause after a failed accept: long enough not to spin while file descriptors are exhausted
+/// (the pending connection stays queued and would fail again at once), short enough to serve
+/// again promptly when they come back.
+pub(crate) const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Logs failed accepts at most once per interval, with how many were not logged.
+#[derive(Default)]
+pub(crate) struct AcceptErrors {
+    last_logged: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    pub(crate) fn failed(&mut self, what: &str, e: &std::io::Error) {
+        let now = std::time::Instant::now();
+        if self
+            .last_logged
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(10))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(listener = what, error = %e, suppressed = self.suppressed, "accept failed; retrying");
+        self.last_logged = Some(now);
+        self.suppressed = 0;
     }
 }

@@ -8,19 +8,25 @@ use crate::service::{Forwarding, KernelRoutes, Service};
 use anyhow::{Context as _, Result};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use vpcnet_ipam::Ipam;
 
 pub async fn run(config: DaemonConfig) -> Result<()> {
     let _span = tracing::info_span!("vpcnetd", node = %config.node).entered();
-    std::fs::create_dir_all(&config.state_dir)
+    private_dir(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    // The plugin writes here while the daemon is down; the entries name pods.
+    private_dir(&config.release_queue)
+        .with_context(|| format!("creating release queue {}", config.release_queue.display()))?;
     let db = config.ipam_db();
+    // A store written by an older release under a permissive umask.
+    restrict_file(&db).with_context(|| format!("restricting {}", db.display()))?;
     let ipam = {
         let (db, ipam_config, node) = (db.clone(), config.ipam.clone(), config.node.clone());
         tokio::task::spawn_blocking(move || Ipam::open(&db, ipam_config, &node)).await?
     }
     .with_context(|| format!("opening IPAM state {}", db.display()))?;
+    restrict_file(&db).with_context(|| format!("restricting {}", db.display()))?;
     let ipam = Arc::new(ipam);
 
     let netlink = NodeNetlink::new().context("opening netlink in the node namespace")?;
@@ -105,15 +111,20 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     let listener = crate::server::bind(&config.socket)
         .with_context(|| format!("binding {}", config.socket.display()))?;
     info!(socket = %config.socket.display(), "serving");
-    tokio::spawn(crate::server::serve(listener, service.clone()));
+    let server = crate::server::Server::start(listener, config.socket.clone(), service.clone());
 
     if let Some(addr) = config.metrics_addr.clone() {
         let registry = Arc::new(metrics.registry());
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, registry).await {
-                error!(error = %e, "metrics endpoint stopped");
+        let s = service.clone();
+        let health: crate::metrics::Health = Arc::new(move || s.readiness());
+        // Not fatal: pods need the socket, not the metrics (readiness comes from STATUS too).
+        match tokio::net::TcpListener::bind(&addr).await {
+            Ok(listener) => {
+                info!(%addr, "serving /metrics and /healthz");
+                tokio::spawn(crate::metrics::serve(listener, registry, health));
             }
-        });
+            Err(e) => tracing::error!(%addr, error = %e, "cannot serve /metrics and /healthz"),
+        }
     }
 
     let interval = Duration::from_secs(config.reconcile_interval_secs.max(1));
@@ -135,8 +146,69 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     }
     // The dataplane stays: pinned programs and maps keep forwarding until the next vpcnetd adopts them.
     info!("stopping; the dataplane keeps forwarding");
-    let _ = std::fs::remove_file(&config.socket);
+    let unfinished = server.shutdown(DRAIN_TIMEOUT).await;
+    if unfinished > 0 {
+        warn!(
+            unfinished,
+            "requests still running after {DRAIN_TIMEOUT:?}; their clients see the connection close"
+        );
+    }
     Ok(())
+}
+
+/// How long SIGTERM waits for accepted requests to be answered. Below the DaemonSet's
+/// termination grace period (30 s), so the kubelet's SIGKILL never cuts a drain short.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Creates `dir` (and missing parents) accessible to the owner only, and takes an existing one
+/// there if this process owns it: it holds pod names and addresses.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let md = std::fs::metadata(dir)?;
+    // SAFETY: geteuid has no preconditions.
+    if md.uid() == unsafe { libc::geteuid() } && md.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Owner-only mode for a file that may already exist with a wider one.
+fn restrict_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match std::fs::metadata(path) {
+        Ok(md) if md.permissions().mode() & 0o077 != 0 => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit: every plugin call is a connection, and
+/// the 1,024 default leaves too little room next to the dataplane's map and link fds.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Colour only for a person at a terminal: `kubectl logs`, files and pipes get plain text, and
+/// NO_COLOR (https://no-color.org) turns it off everywhere.
+pub fn log_colours() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 async fn sync_policy_once(service: &Arc<Service>) {
@@ -187,7 +259,7 @@ async fn reconcile_once(service: &Arc<Service>, netlink: &NodeNetlink) {
 
 /// Hands memory freed after a cluster state was parsed and compiled back to the kernel: the
 /// daemon idles between changes, and a large state's transient peak would otherwise stay resident.
-fn trim_heap() {
+pub(crate) fn trim_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: plain libc call without arguments that reference memory.
     unsafe {

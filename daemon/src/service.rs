@@ -33,6 +33,11 @@ pub trait Forwarding: Send {
     fn endpoints(&self) -> Result<Vec<Ipv4Addr>, String>;
     fn counters(&self) -> Result<CountersInfo, String>;
     fn describe(&self) -> String;
+    /// What is wrong with the installed dataplane now (cheap: called by every STATUS and
+    /// /healthz).
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// Whether NetworkPolicy is enforced (the eBPF dataplane with a cluster state source).
     fn enforces_policy(&self) -> bool {
         false
@@ -91,6 +96,38 @@ pub struct Service {
     pub policy_dirty: tokio::sync::Notify,
     /// Policy sync tickets handed out (see `Service::sync_policy`).
     pub policy_requests: std::sync::atomic::AtomicU64,
+}
+
+/// The daemon's one verdict on whether it can serve pods; STATUS and /healthz both report it, so
+/// they can never disagree.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Why it is not ready (empty when ready).
+    pub problems: Vec<String>,
+    /// What an operator should know while it is still ready.
+    pub warnings: Vec<String>,
+}
+
+impl Readiness {
+    /// One line, for STATUS's message.
+    pub fn message(&self) -> String {
+        self.problems
+            .iter()
+            .chain(&self.warnings)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// One reason per line, for /healthz.
+    pub fn text(&self) -> String {
+        self.problems
+            .iter()
+            .chain(&self.warnings)
+            .map(|p| format!("{p}\n"))
+            .collect()
+    }
 }
 
 /// State of the policy sync between runs.
@@ -512,15 +549,69 @@ impl Service {
         }
     }
 
+    /// Whether an ADD would work now and pods would get what they are owed: the store accepts
+    /// writes, the dataplane is installed, and (with a cluster state source) there is a state to
+    /// take addressing and policy from and the dataplane enforces it.
+    pub fn readiness(&self) -> Readiness {
+        let mut problems = Vec::new();
+        let mut warnings = Vec::new();
+        if let Some(e) = self.ipam.health() {
+            problems.push(format!("IPAM store: {e}"));
+        }
+        if let Err(e) = self.lock_fwd().health() {
+            problems.push(format!("dataplane: {e}"));
+        }
+        let mut have_state = true;
+        if let Some(source) = &self.policy {
+            match source.snapshot() {
+                Err(e) => {
+                    have_state = false;
+                    problems.push(format!(
+                        "no cluster state has been read yet (pod annotations and NetworkPolicy come from it): {e}"
+                    ));
+                }
+                Ok(_) => {
+                    if let Some(e) = source.last_error() {
+                        warnings.push(format!(
+                            "the newest cluster state was rejected; the last good one stays in force: {e}"
+                        ));
+                    }
+                }
+            }
+        }
+        // Without a state the sync fails for the reason already given. A sync holds this lock
+        // for its whole run (a large policy takes a while); STATUS does not wait for it, that
+        // sync's outcome is the next verdict.
+        let sync = match self.policy_sync.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if have_state
+            && let Some(sync) = sync
+            && let Some(e) = &sync.last_error
+        {
+            problems.push(format!(
+                "NetworkPolicy sync is failing (new pods stay closed, the rest keep the previous policy): {e}"
+            ));
+        }
+        Readiness {
+            ready: problems.is_empty(),
+            problems,
+            warnings,
+        }
+    }
+
     fn status(&self) -> Result<StatusInfo, ApiError> {
+        let readiness = self.readiness();
         let allocations = self.ipam.list().map_err(ipam_err)?.len() as u64;
         Ok(StatusInfo {
-            ready: true,
+            ready: readiness.ready,
             node: self.config.node.clone(),
             allocations,
             free: self.ipam.free_counts().map_err(ipam_err)?,
             dataplane: self.lock_fwd().describe(),
-            message: String::new(),
+            message: readiness.message(),
         })
     }
 

@@ -340,6 +340,16 @@ impl Drop for Cluster {
 impl Node {
     /// Starts vpcnetd inside the node namespace and waits until its socket answers.
     pub fn start_daemon(&mut self) -> Result<()> {
+        self.start_daemon_with(|_| {}, true)
+    }
+
+    /// Starts vpcnetd with `adjust` applied to its command first (limits, umask, ...); waits until
+    /// it says it is ready only if `wait_ready`.
+    pub fn start_daemon_with(
+        &mut self,
+        adjust: impl FnOnce(&mut Command),
+        wait_ready: bool,
+    ) -> Result<()> {
         if self.daemon.is_some() {
             bail!("vpcnetd already runs on {}", self.name);
         }
@@ -347,10 +357,8 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.dir.join("vpcnetd.log"))?;
-        let child = self
-            .ns
-            .command(bin_path("vpcnetd"))?
-            .arg("--config")
+        let mut cmd = self.ns.command(bin_path("vpcnetd"))?;
+        cmd.arg("--config")
             .arg(&self.config_path)
             .env(
                 "RUST_LOG",
@@ -358,11 +366,49 @@ impl Node {
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting vpcnetd")?;
+            .stderr(log);
+        adjust(&mut cmd);
+        let child = cmd.spawn().context("starting vpcnetd")?;
         self.daemon = Some(child);
-        self.wait_ready(Duration::from_secs(20))
+        if wait_ready {
+            self.wait_ready(Duration::from_secs(20))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The running daemon's process id.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    /// Waits until the daemon answers STATUS, ready or not, and returns the answer.
+    pub fn wait_answering(&mut self, timeout: Duration) -> Result<vpcnet_api::StatusInfo> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.daemon_running() {
+                bail!(
+                    "vpcnetd on {} is not running; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if let Ok(vpcnet_api::ResponseBody::Status(s)) = vpcnet_api::call(
+                &self.socket,
+                vpcnet_api::RequestBody::Status,
+                Duration::from_millis(500),
+            ) {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "vpcnetd on {} does not answer; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {

@@ -16,9 +16,13 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Exit status of `vpcnetctl status` when the daemon answers but is not ready (1 is any error).
+const NOT_READY: i32 = 2;
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Readiness, allocation count, free addresses per subnet, dataplane.
+    /// Readiness, allocation count, free addresses per subnet, dataplane. Exits 2 when vpcnetd
+    /// is not ready.
     Status,
     /// Every allocation on this node.
     List,
@@ -29,6 +33,10 @@ enum Cmd {
 }
 
 fn main() {
+    // `vpcnetctl list | head`: end quietly when the reader goes away, as other command-line tools
+    // do, instead of panicking in println!. Rust ignores SIGPIPE by default.
+    // SAFETY: restoring a default disposition before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     if let Err(e) = real_main() {
         eprintln!("vpcnetctl: {e:#}");
         std::process::exit(1);
@@ -54,6 +62,9 @@ fn real_main() -> Result<()> {
     let resp = vpcnet_api::call(&cli.socket, body, Duration::from_secs(10))?;
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&resp)?);
+        if matches!(&resp, ResponseBody::Status(s) if !s.ready) {
+            std::process::exit(NOT_READY);
+        }
         return Ok(());
     }
     match resp {
@@ -67,6 +78,10 @@ fn real_main() -> Result<()> {
             }
             if !s.message.is_empty() {
                 println!("message:     {}", s.message);
+            }
+            // So `vpcnetctl status` works as a readiness probe.
+            if !s.ready {
+                std::process::exit(NOT_READY);
             }
         }
         ResponseBody::List { allocations } => {

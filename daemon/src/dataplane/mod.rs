@@ -488,6 +488,30 @@ impl Dataplane {
         self.endpoint_mode
     }
 
+    /// What is missing from the installed dataplane, checked cheaply (a stat per pin): the map
+    /// pins a restarted daemon adopts, and the uplink program's pinned TCX link. `None` when
+    /// intact. The programs keep running on this process's handles either way; without the pins
+    /// the next vpcnetd would start from empty maps and pods would lose forwarding and policy.
+    pub fn health(&self) -> Option<String> {
+        let mut pins = vec![M_ENDPOINTS];
+        if self.uplink_mode == AttachMode::Tcx {
+            pins.push(LINK_UPLINK);
+        }
+        let missing: Vec<String> = pins
+            .iter()
+            .map(|name| self.pin_dir.join(name))
+            .filter(|pin| !pin.exists())
+            .map(|pin| pin.display().to_string())
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "pinned dataplane objects are gone ({}): was the pin directory removed or bpffs unmounted? \
+                 Restart vpcnetd to reinstall them",
+                missing.join(", ")
+            )
+        })
+    }
+
     pub fn timings(&self) -> Timings {
         self.timings
     }
