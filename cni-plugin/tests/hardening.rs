@@ -192,7 +192,7 @@ fn add_and_check_into_the_plugins_own_namespace_are_refused() {
         let prev = json!({"prevResult": {"cniVersion": "1.0.0",
             "interfaces": [{"name": "eth0", "sandbox": netns}],
             "ips": [{"address": "10.77.0.10/32", "interface": 0}]}});
-        let (out, _) = run_timed(&f, &vars, &f.conf("1.0.0", prev), LIMIT);
+        let (out, _) = run_timed(&f, &vars, f.conf("1.0.0", prev), LIMIT);
         out.expect_error(code::INVALID_ENV as u64);
     }
     assert_eq!(node_state(), before, "the node namespace was changed");
@@ -469,7 +469,7 @@ fn shipped_conflists_use_a_version_todays_runtimes_accept() {
         conf["cniVersion"] = json!(version);
         let id = format!("c0ffee5{n}");
 
-        let v = run_timed(&f, &f.env("VERSION", &id), &conf.to_string(), LIMIT)
+        let v = run_timed(&f, &f.env("VERSION", &id), conf.to_string(), LIMIT)
             .0
             .expect_ok()
             .json();
@@ -480,7 +480,7 @@ fn shipped_conflists_use_a_version_todays_runtimes_accept() {
                 .contains(&json!(version)),
             "{v}"
         );
-        let r = run_timed(&f, &f.env("ADD", &id), &conf.to_string(), LIMIT)
+        let r = run_timed(&f, &f.env("ADD", &id), conf.to_string(), LIMIT)
             .0
             .expect_ok()
             .json();
@@ -491,10 +491,10 @@ fn shipped_conflists_use_a_version_todays_runtimes_accept() {
         assert_eq!(r["interfaces"][1]["sandbox"], f.pod.path());
         assert_eq!(r["ips"][0]["interface"], 1);
         conf["prevResult"] = r;
-        run_timed(&f, &f.env("CHECK", &id), &conf.to_string(), LIMIT)
+        run_timed(&f, &f.env("CHECK", &id), conf.to_string(), LIMIT)
             .0
             .expect_ok();
-        run_timed(&f, &f.env("DEL", &id), &conf.to_string(), LIMIT)
+        run_timed(&f, &f.env("DEL", &id), conf.to_string(), LIMIT)
             .0
             .expect_ok();
         assert!(!f.pod.has_link("eth0"));
