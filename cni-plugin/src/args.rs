@@ -3,7 +3,7 @@
 use crate::config::{parse_ipv4_maybe_cidr, parse_mac};
 use crate::errors::{CniError, Result};
 use std::net::Ipv4Addr;
-use vpcnet_api::PodRef;
+use vpcnet_api::{PodRef, quote};
 
 /// Linux `IFNAMSIZ` minus the terminating NUL.
 pub const MAX_IFNAME: usize = 15;
@@ -48,7 +48,9 @@ impl Env {
             || id.len() > 256
         {
             return Err(CniError::env(format!(
-                "CNI_CONTAINERID {id:?} is invalid: it must match [a-zA-Z0-9][a-zA-Z0-9_.-]*"
+                "CNI_CONTAINERID {} is invalid: it must match [a-zA-Z0-9][a-zA-Z0-9_.-]* and be at \
+                 most 256 bytes",
+                quote(id)
             )));
         }
         Ok(id)
@@ -79,8 +81,9 @@ pub fn validate_ifname(name: &str) -> Result<()> {
             .any(|c| c == '/' || c == ':' || c.is_whitespace())
     {
         return Err(CniError::env(format!(
-            "CNI_IFNAME {name:?} is not a valid interface name (at most {MAX_IFNAME} bytes, \
-             no '/', ':' or whitespace)"
+            "CNI_IFNAME {} is not a valid interface name (at most {MAX_IFNAME} bytes, \
+             no '/', ':' or whitespace)",
+            quote(name)
         )));
     }
     Ok(())
@@ -103,7 +106,8 @@ pub fn parse_cni_args(raw: &str) -> Result<CniArgs> {
     for item in raw.split(';').filter(|s| !s.is_empty()) {
         let (k, v) = item.split_once('=').ok_or_else(|| {
             CniError::env(format!(
-                "CNI_ARGS entry {item:?} is not of the form KEY=VALUE"
+                "CNI_ARGS entry {} is not of the form KEY=VALUE",
+                quote(item)
             ))
         })?;
         pairs.push((k, v));
@@ -123,7 +127,8 @@ pub fn parse_cni_args(raw: &str) -> Result<CniArgs> {
                 for s in v.split(',').filter(|s| !s.is_empty()) {
                     let ip = parse_ipv4_maybe_cidr(s).ok_or_else(|| {
                         CniError::env(format!(
-                            "CNI_ARGS IP={v}: {s:?} is not an IPv4 address (vpcnet is IPv4-only)"
+                            "CNI_ARGS IP: {} is not an IPv4 address (vpcnet is IPv4-only)",
+                            quote(s)
                         ))
                     })?;
                     out.ips.push(ip);
@@ -131,14 +136,15 @@ pub fn parse_cni_args(raw: &str) -> Result<CniArgs> {
             }
             "MAC" => {
                 let mac = parse_mac(v)
-                    .map_err(|why| CniError::env(format!("CNI_ARGS MAC={v}: {why}")))?;
+                    .map_err(|why| CniError::env(format!("CNI_ARGS MAC={}: {why}", quote(v))))?;
                 out.mac = Some(mac);
             }
             _ if ignore_unknown => {}
             _ => {
                 return Err(CniError::env(format!(
-                    "CNI_ARGS key {k:?} is not understood by vpcnet (set IgnoreUnknown=1 to \
-                     ignore unknown keys)"
+                    "CNI_ARGS key {} is not understood by vpcnet (set IgnoreUnknown=1 to \
+                     ignore unknown keys)",
+                    quote(k)
                 )));
             }
         }

@@ -6,6 +6,7 @@ use crate::errors::{CniError, Result};
 use crate::netlink::{self, Link, Netlink, NlError, RouteMode, VethSpec};
 use crate::netns;
 use crate::result::{self, Attachment};
+use crate::watchdog;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
@@ -15,13 +16,22 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vpcnet_api::{
     AllocateRequest, Allocation, AttachmentKey, CheckRequest, ClientError, EndpointReadyRequest,
-    GcRequest, HOST_VETH_MAC, POD_GATEWAY, RequestBody, ResponseBody, code,
+    GcRequest, HOST_VETH_MAC, POD_GATEWAY, RequestBody, ResponseBody, code, quote,
 };
 
-/// Allocation may wait on the daemon talking to the cloud provider; well below the kubelet's
-/// 2-minute runtime request timeout, so our error wins over the runtime's generic one.
-const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(60);
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Allocation is a disk commit at the daemon, possibly behind other ADDs' commits or a slow
+/// disk: seconds, not minutes. A daemon that needs longer is stuck, and failing fast with "try
+/// again later" lets the runtime retry instead of holding the sandbox for a minute.
+const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// EndpointReady programs the dataplane and syncs policy from the watched snapshot.
+const ENDPOINT_READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rollback's release runs after ADD already failed: a daemon that does not answer soon gets the
+/// release through the queue instead, so waiting longer would only delay the runtime's retry.
+const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// DEL's release (which queues on timeout) and CHECK.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// GC can release many attachments, each its own disk commit.
+const GC_TIMEOUT: Duration = Duration::from_secs(30);
 /// containerd polls STATUS every 5 s; an answer must come well within that.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 const DEFAULT_MTU: u32 = 1500;
@@ -58,11 +68,13 @@ pub fn dispatch(env: &Env, stdin: &mut dyn Read) -> Invocation {
         "ADD" | "DEL" | "CHECK" | "GC" | "STATUS" => {}
         other => {
             inv.result = Err(CniError::env(format!(
-                "unknown CNI_COMMAND {other:?} (expected ADD, DEL, CHECK, GC, STATUS or VERSION)"
+                "unknown CNI_COMMAND {} (expected ADD, DEL, CHECK, GC, STATUS or VERSION)",
+                quote(other)
             )));
             return inv;
         }
     }
+    watchdog::phase("reading the network configuration from stdin");
     let mut input = Vec::new();
     if let Err(e) = stdin.read_to_end(&mut input) {
         inv.result = Err(CniError::io(format!(
@@ -82,6 +94,7 @@ pub fn dispatch(env: &Env, stdin: &mut dyn Read) -> Invocation {
         }
     };
     inv.log_file = conf.log_file.clone();
+    watchdog::phase(format!("running {command}"));
     inv.result = match command {
         "ADD" => cmd_add(env, &conf).map(Some),
         "DEL" => cmd_del(env, &conf).map(|()| None),
@@ -145,6 +158,31 @@ fn unexpected(verb: &str, resp: &ResponseBody) -> CniError {
     ))
 }
 
+/// The pod's namespace, refused when it is the plugin's own: the /32 and the default route would
+/// land on the node (the reference plugins' skel refuses the same).
+fn open_pod_netns(netns_path: &str) -> Result<File> {
+    watchdog::phase(format!("opening CNI_NETNS {}", quote(netns_path)));
+    let ns = netns::open(netns_path).map_err(|e| {
+        CniError::env(format!(
+            "cannot open network namespace {} (CNI_NETNS): {e}",
+            quote(netns_path)
+        ))
+    })?;
+    let own = netns::is_own(&ns).map_err(|e| {
+        CniError::env(format!(
+            "cannot tell whether CNI_NETNS {} is the plugin's own network namespace: {e}",
+            quote(netns_path)
+        ))
+    })?;
+    if own {
+        return Err(CniError::env(format!(
+            "CNI_NETNS {} is the network namespace the plugin runs in (the node's), not a pod's",
+            quote(netns_path)
+        )));
+    }
+    Ok(ns)
+}
+
 fn random_mac() -> Result<[u8; 6]> {
     let mut mac = [0u8; 6];
     // SAFETY: getrandom writes at most mac.len() bytes into the buffer we own.
@@ -186,11 +224,7 @@ fn cmd_add(env: &Env, conf: &NetConf) -> Result<String> {
         Some(m) => m,
         None => random_mac()?,
     };
-    let ns = netns::open(netns_path).map_err(|e| {
-        CniError::env(format!(
-            "cannot open network namespace {netns_path} (CNI_NETNS): {e}"
-        ))
-    })?;
+    let ns = open_pod_netns(netns_path)?;
     let plan = AddPlan {
         key: key_of(container_id, ifname),
         ifname,
@@ -203,6 +237,7 @@ fn cmd_add(env: &Env, conf: &NetConf) -> Result<String> {
     let mut nl = Netlink::open().map_err(nl_err)?;
 
     let socket = conf.socket().display().to_string();
+    watchdog::phase(format!("sending allocate to vpcnetd at {}", quote(&socket)));
     let req = RequestBody::Allocate(AllocateRequest {
         key: plan.key.clone(),
         pod: args.pod,
@@ -216,7 +251,12 @@ fn cmd_add(env: &Env, conf: &NetConf) -> Result<String> {
     let pending = vpcnet_api::send(&conf.socket(), req, ALLOCATE_TIMEOUT)
         .map_err(|e| CniError::daemon("allocate", &socket, e))?;
     let provisional_mtu = conf.mtu.unwrap_or(DEFAULT_MTU);
-    let created = create_veth(&mut nl, &plan, provisional_mtu);
+    watchdog::phase("creating the veth pair");
+    let created = nl.create_veth(&veth_spec(&plan, provisional_mtu));
+    watchdog::phase(format!(
+        "waiting for vpcnetd at {} to answer allocate",
+        quote(&socket)
+    ));
     let alloc = match pending.receive() {
         Ok(ResponseBody::Allocated(a)) => Ok(a),
         Ok(ResponseBody::Error(e)) => Err(e.into()),
@@ -225,12 +265,30 @@ fn cmd_add(env: &Env, conf: &NetConf) -> Result<String> {
     };
     let alloc = match (created, alloc) {
         (Ok(()), Ok(a)) => a,
+        (Err(e), Ok(a)) if e.is(libc::EEXIST) => {
+            // Allocation is idempotent per attachment, so `a` is the address a live attachment
+            // of this container and ifname carries.
+            watchdog::phase("inspecting the interfaces already there");
+            if let Err(e) = replace_leftover(&mut nl, &plan, &a, provisional_mtu) {
+                if e.code != code::ATTACHMENT_EXISTS {
+                    rollback(&mut nl, conf, &plan);
+                }
+                return Err(e);
+            }
+            a
+        }
+        (Err(e), Err(alloc_err)) if e.is(libc::EEXIST) => {
+            // Something already has our names and the daemon said no: that may be the live
+            // attachment, and a rollback would delete it and release its address. This call
+            // created nothing, so it undoes nothing.
+            return Err(alloc_err);
+        }
         (created, alloc) => {
             // Whatever failed first, nothing of this attachment may stay behind.
             rollback(&mut nl, conf, &plan);
             return Err(match (created, alloc) {
                 (_, Err(e)) => e,
-                (Err(e), _) => e,
+                (Err(e), _) => nl_err(e),
                 _ => CniError::internal("ADD failed without an error"),
             });
         }
@@ -248,36 +306,95 @@ fn cmd_add(env: &Env, conf: &NetConf) -> Result<String> {
     }
 }
 
-fn create_veth(nl: &mut Netlink, plan: &AddPlan<'_>, mtu: u32) -> Result<()> {
-    let spec = VethSpec {
+fn veth_spec<'a>(plan: &'a AddPlan<'_>, mtu: u32) -> VethSpec<'a> {
+    VethSpec {
         host: &plan.host_veth,
         host_mac: HOST_VETH_MAC,
         peer: plan.ifname,
         peer_mac: plan.pod_mac,
         mtu,
         peer_netns: plan.ns.as_raw_fd(),
-    };
-    let mut result = nl.create_veth(&spec);
-    // A previous ADD for this attachment that died half-way may have left its host veth behind.
-    // The name is ours by construction, so remove it and try once more; checking only after
-    // EEXIST keeps the common path at one netlink round trip.
-    if let Err(e) = &result
-        && e.is(libc::EEXIST)
-        && nl.link_by_name(&plan.host_veth).map_err(nl_err)?.is_some()
-    {
-        nl.del_link(&plan.host_veth).map_err(nl_err)?;
-        result = nl.create_veth(&spec);
     }
-    result.map_err(|e| {
-        if e.is(libc::EEXIST) {
-            CniError::io(format!(
-                "{e}: interface {} already exists in {}",
-                plan.ifname, plan.netns_path
-            ))
-        } else {
-            nl_err(e)
-        }
-    })
+}
+
+/// Creating the pair hit EEXIST: decide from the kernel whether the attachment is live.
+///
+/// Live means the host veth and the pod interface exist, are the two ends of one veth pair, and
+/// the pod end carries the address the daemon holds for this attachment: that is a pod wired by
+/// an earlier ADD, and a repeated ADD must leave it (and whatever chained plugins configured on
+/// it) alone, so the answer is ATTACHMENT_EXISTS. The kernel is the judge, not the daemon's
+/// `ready` flag: that flag is not durable, and the daemon answers allocate identically for a
+/// live and a half-built attachment.
+///
+/// Anything less is a leftover of an ADD that died half-way. The host veth's name is ours by
+/// construction, so it is removed (taking a pod end paired with it along) and the pair created
+/// again. A pod interface that is not paired with our host veth is not ours: it stays, and ADD
+/// fails.
+///
+/// Only reached after EEXIST, so the common path stays at one netlink round trip.
+fn replace_leftover(
+    nl: &mut Netlink,
+    plan: &AddPlan<'_>,
+    alloc: &Allocation,
+    mtu: u32,
+) -> Result<()> {
+    let host = nl.link_by_name(&plan.host_veth).map_err(nl_err)?;
+    let pod = std::thread::scope(|s| {
+        s.spawn(|| inspect_pod(&plan.ns, plan.ifname, alloc.ip))
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })?;
+    if let (Some(h), Some((p, has_ip))) = (&host, &pod)
+        && h.peer == Some(p.index)
+        && p.peer == Some(h.index)
+        && *has_ip
+    {
+        return Err(CniError::new(
+            code::ATTACHMENT_EXISTS,
+            format!(
+                "container {} is already attached: {} in {} has {}/32 and host veth {}; \
+                 the repeated ADD left it untouched (DEL it first to re-create it)",
+                quote(&plan.key.container_id),
+                plan.ifname,
+                quote(plan.netns_path),
+                alloc.ip,
+                plan.host_veth
+            ),
+        ));
+    }
+    if host.is_none() {
+        return Err(already_exists(plan));
+    }
+    nl.del_link(&plan.host_veth).map_err(nl_err)?;
+    match nl.create_veth(&veth_spec(plan, mtu)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.is(libc::EEXIST) => Err(already_exists(plan)),
+        Err(e) => Err(nl_err(e)),
+    }
+}
+
+fn already_exists(plan: &AddPlan<'_>) -> CniError {
+    CniError::io(format!(
+        "interface {} already exists in {} and is not one vpcnet created for this container",
+        plan.ifname,
+        quote(plan.netns_path)
+    ))
+}
+
+/// Runs on its own thread: the pod interface (if any) and whether it carries `ip`/32.
+fn inspect_pod(ns: &File, ifname: &str, ip: Ipv4Addr) -> Result<Option<(Link, bool)>> {
+    netns::enter(ns)
+        .map_err(|e| CniError::io(format!("entering the pod network namespace: {e}")))?;
+    let mut nl = Netlink::open().map_err(nl_err)?;
+    let Some(link) = nl.link_by_name(ifname).map_err(nl_err)? else {
+        return Ok(None);
+    };
+    let has_ip = nl
+        .addrs_v4()
+        .map_err(nl_err)?
+        .iter()
+        .any(|a| a.index == link.index && a.ip == ip && a.prefix_len == 32);
+    Ok(Some((link, has_ip)))
 }
 
 fn wire(
@@ -310,7 +427,11 @@ fn wire(
         host_ifindex: host_link.index,
         pod_mac: plan.pod_mac,
     });
-    match call(conf, req, CALL_TIMEOUT) {
+    watchdog::phase(format!(
+        "waiting for vpcnetd at {} to answer endpoint_ready",
+        quote(&socket)
+    ));
+    match call(conf, req, ENDPOINT_READY_TIMEOUT) {
         Ok(ResponseBody::Ok) => {}
         Ok(ResponseBody::Error(e)) => return Err(e.into()),
         Ok(other) => return Err(unexpected("endpoint_ready", &other)),
@@ -395,11 +516,12 @@ fn configure_host(
 
 /// Best effort: the original error is what the runtime must see.
 fn rollback(nl: &mut Netlink, conf: &NetConf, plan: &AddPlan<'_>) {
+    watchdog::phase("rolling back (removing the veth, releasing the address)");
     let _ = nl.del_link(&plan.host_veth);
     let req = RequestBody::Release {
         key: plan.key.clone(),
     };
-    if let Err(e) = call(conf, req, CALL_TIMEOUT)
+    if let Err(e) = call(conf, req, ROLLBACK_TIMEOUT)
         && queueable(&e)
     {
         let _ = enqueue_release(&conf.release_queue(), &plan.key);
@@ -505,11 +627,7 @@ fn cmd_check(env: &Env, conf: &NetConf) -> Result<()> {
             "prevResult has no IPv4 address for interface {ifname}"
         ))
     })?;
-    let ns = netns::open(netns_path).map_err(|e| {
-        CniError::env(format!(
-            "cannot open network namespace {netns_path} (CNI_NETNS): {e}"
-        ))
-    })?;
+    let ns = open_pod_netns(netns_path)?;
     let host_veth = veth_name(container_id, ifname);
     let mut nl = Netlink::open().map_err(nl_err)?;
 
@@ -525,6 +643,10 @@ fn cmd_check(env: &Env, conf: &NetConf) -> Result<()> {
     }
 
     let socket = conf.socket().display().to_string();
+    watchdog::phase(format!(
+        "waiting for vpcnetd at {} to answer check",
+        quote(&socket)
+    ));
     let req = RequestBody::Check(CheckRequest {
         key: key_of(container_id, ifname),
         ip: want.ip,
@@ -640,11 +762,15 @@ fn cmd_gc(conf: &NetConf) -> Result<()> {
         .map(|a| key_of(&a.container_id, &a.ifname))
         .collect();
     let socket = conf.socket().display().to_string();
+    watchdog::phase(format!(
+        "waiting for vpcnetd at {} to answer gc",
+        quote(&socket)
+    ));
     let req = RequestBody::Gc(GcRequest {
         valid,
         network: conf.network.clone(),
     });
-    let released = match call(conf, req, CALL_TIMEOUT) {
+    let released = match call(conf, req, GC_TIMEOUT) {
         Ok(ResponseBody::GcDone { released }) => released,
         Ok(ResponseBody::Error(e)) => return Err(e.into()),
         Ok(other) => return Err(unexpected("gc", &other)),
@@ -687,8 +813,9 @@ fn cmd_status(conf: &NetConf) -> Result<()> {
             ),
         ));
     }
-    let socket = conf.socket().display().to_string();
+    let socket = quote(&conf.socket().display().to_string());
     let unavailable = |msg: String| CniError::new(code::UNAVAILABLE, msg);
+    watchdog::phase(format!("waiting for vpcnetd at {socket} to answer status"));
     match call(conf, RequestBody::Status, STATUS_TIMEOUT) {
         Ok(ResponseBody::Status(info)) if info.ready => Ok(()),
         Ok(ResponseBody::Status(info)) => {

@@ -4,7 +4,7 @@ use crate::errors::{CniError, Result};
 use serde::Deserialize;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use vpcnet_api::code;
+use vpcnet_api::{code, quote};
 
 /// Spec versions whose result format we can produce. Below 0.3.0 the result shape is different
 /// (no interfaces list), and no runtime we target still sends it.
@@ -107,7 +107,8 @@ impl NetConf {
             .map(|s| {
                 parse_ipv4_maybe_cidr(s).ok_or_else(|| {
                     CniError::config(format!(
-                        "runtimeConfig.ips: {s:?} is not an IPv4 address (vpcnet is IPv4-only)"
+                        "runtimeConfig.ips: {} is not an IPv4 address (vpcnet is IPv4-only)",
+                        quote(s)
                     ))
                 })
             })
@@ -120,7 +121,7 @@ impl NetConf {
             None => Ok(None),
             Some(s) => parse_mac(s)
                 .map(Some)
-                .map_err(|why| CniError::config(format!("runtimeConfig.mac {s:?}: {why}"))),
+                .map_err(|why| CniError::config(format!("runtimeConfig.mac {}: {why}", quote(s)))),
         }
     }
 }
@@ -132,7 +133,8 @@ pub fn check_version(version: &str) -> Result<()> {
         Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
             format!(
-                "CNI version {version:?} is not supported; vpcnet supports {}",
+                "CNI version {} is not supported; vpcnet supports {}",
+                quote(version),
                 SUPPORTED_VERSIONS.join(", ")
             ),
         ))
@@ -168,9 +170,9 @@ pub fn parse_mac(s: &str) -> std::result::Result<[u8; 6], String> {
     let mut mac = [0u8; 6];
     for (i, p) in parts.iter().enumerate() {
         if p.len() != 2 {
-            return Err(format!("octet {p:?} is not two hex digits"));
+            return Err(format!("octet {} is not two hex digits", quote(p)));
         }
-        mac[i] = u8::from_str_radix(p, 16).map_err(|_| format!("octet {p:?} is not hex"))?;
+        mac[i] = u8::from_str_radix(p, 16).map_err(|_| format!("octet {} is not hex", quote(p)))?;
     }
     if mac[0] & 1 != 0 {
         return Err("is a multicast address".into());

@@ -2,8 +2,11 @@
 //! failure into spec error JSON without guessing.
 
 use serde::Serialize;
-use vpcnet_api::{ApiError, ClientError, code};
+use vpcnet_api::{ApiError, ClientError, MAX_MESSAGE, bounded, code, quote};
 
+/// `msg` and `details` are bounded at construction (every constructor goes through [`CniError::new`]
+/// or [`CniError::with_details`]): messages quote config and environment values, and no input may
+/// make the runtime's error (or our log line) large.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{msg}")]
 pub struct CniError {
@@ -18,13 +21,13 @@ impl CniError {
     pub fn new(code: u32, msg: impl Into<String>) -> Self {
         CniError {
             code,
-            msg: msg.into(),
+            msg: bounded(msg.into(), MAX_MESSAGE),
             details: String::new(),
         }
     }
 
     pub fn with_details(mut self, details: impl Into<String>) -> Self {
-        self.details = details.into();
+        self.details = bounded(details.into(), MAX_MESSAGE);
         self
     }
 
@@ -50,6 +53,8 @@ impl CniError {
 
     /// A failed daemon call. `verb` names what we asked for, so the message says what did not happen.
     pub fn daemon(verb: &str, socket: &str, err: ClientError) -> Self {
+        // The path comes from the network configuration: quoted, so its length is bounded too.
+        let socket = &quote(socket);
         match err {
             ClientError::Unreachable { source, .. } => Self::new(
                 code::TRY_AGAIN_LATER,
@@ -107,13 +112,10 @@ impl CniError {
 }
 
 impl From<ApiError> for CniError {
-    /// The daemon already picked the CNI code and wording; pass them through untouched.
+    /// The daemon already picked the CNI code and wording; pass them through, bounded again because
+    /// the answer may come from a daemon of another release.
     fn from(e: ApiError) -> Self {
-        CniError {
-            code: e.code,
-            msg: e.msg,
-            details: e.details,
-        }
+        CniError::new(e.code, e.msg).with_details(e.details)
     }
 }
 
@@ -145,6 +147,22 @@ mod tests {
         assert_eq!(e.code, code::EXHAUSTED);
         assert_eq!(e.msg, "no free address");
         assert_eq!(e.details, "subnet a");
+    }
+
+    #[test]
+    fn messages_are_bounded_at_construction() {
+        let huge = "x".repeat(10 << 20);
+        let e = CniError::config(huge.clone()).with_details(huge.clone());
+        assert!(e.msg.len() <= MAX_MESSAGE && e.details.len() <= MAX_MESSAGE);
+        let wire = ApiError {
+            code: code::UNKNOWN_NETWORK,
+            msg: huge.clone(),
+            details: huge,
+        };
+        let e: CniError = wire.into();
+        assert!(e.msg.len() <= MAX_MESSAGE && e.details.len() <= MAX_MESSAGE);
+        let v: serde_json::Value = serde_json::from_str(&e.to_json("1.0.0")).unwrap();
+        assert_eq!(v["code"], code::UNKNOWN_NETWORK);
     }
 
     #[test]

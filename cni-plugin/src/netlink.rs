@@ -88,6 +88,8 @@ pub struct Link {
     pub mac: Vec<u8>,
     pub mtu: u32,
     pub up: bool,
+    /// IFLA_LINK: for a veth, its peer's ifindex (in the peer's namespace).
+    pub peer: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -568,12 +570,14 @@ fn link_from(m: LinkMessage) -> Link {
         mac: Vec::new(),
         mtu: 0,
         up: m.header.flags.contains(LinkFlags::Up),
+        peer: None,
     };
     for a in m.attributes {
         match a {
             LinkAttribute::IfName(n) => link.name = n,
             LinkAttribute::Address(mac) => link.mac = mac,
             LinkAttribute::Mtu(mtu) => link.mtu = mtu,
+            LinkAttribute::Link(peer) => link.peer = Some(peer),
             _ => {}
         }
     }

@@ -9,7 +9,7 @@
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -19,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use vpcnet_api::{
     Allocation, ApiError, AttachmentKey, Request, RequestBody, Response, ResponseBody, StatusInfo,
 };
@@ -477,4 +478,64 @@ pub fn set_var<'a>(vars: &mut Vec<(&'a str, String)>, key: &'a str, value: &str)
 
 pub fn remove_var(vars: &mut Vec<(&str, String)>, key: &str) {
     vars.retain(|(k, _)| *k != key);
+}
+
+/// Runs the plugin like `Fixture::run`, but kills it after `limit`; returns how long it took.
+pub fn run_timed(
+    f: &Fixture,
+    vars: &[(&str, String)],
+    stdin: impl AsRef<[u8]>,
+    limit: Duration,
+) -> (Out, Duration) {
+    let mut cmd = f.node.command(PLUGIN);
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().expect("spawning the plugin");
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.as_ref().to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stdout.read_to_end(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the plugin") {
+            break Some(status);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = started.elapsed();
+    let _ = writer.join();
+    let stdout = out_reader.join().unwrap();
+    let stderr = err_reader.join().unwrap();
+    let out = Out {
+        code: status.and_then(|s| s.code()),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    };
+    assert!(
+        status.is_some(),
+        "the plugin was still running after {limit:?} (killed): {out:?}"
+    );
+    (out, took)
 }
