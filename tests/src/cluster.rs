@@ -340,6 +340,13 @@ impl Drop for Cluster {
 impl Node {
     /// Starts vpcnetd inside the node namespace and waits until its socket answers.
     pub fn start_daemon(&mut self) -> Result<()> {
+        self.spawn_daemon()?;
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    /// Starts vpcnetd without waiting for it: callers keep running plugins against a daemon
+    /// that is still starting (chaos tests).
+    pub fn spawn_daemon(&mut self) -> Result<()> {
         if self.daemon.is_some() {
             bail!("vpcnetd already runs on {}", self.name);
         }
@@ -362,7 +369,7 @@ impl Node {
             .spawn()
             .context("starting vpcnetd")?;
         self.daemon = Some(child);
-        self.wait_ready(Duration::from_secs(20))
+        Ok(())
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
