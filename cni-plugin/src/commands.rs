@@ -448,7 +448,10 @@ fn release(conf: &NetConf, key: AttachmentKey, ip: Option<Ipv4Addr>) -> Result<(
     ) {
         Ok(ResponseBody::Released { .. }) | Ok(ResponseBody::Ok) => return Ok(()),
         Ok(ResponseBody::Error(e)) if e.code == code::TRY_AGAIN_LATER => {
-            format!("vpcnetd at {socket} could not record the release ({})", e.msg)
+            format!(
+                "vpcnetd at {socket} could not record the release ({})",
+                e.msg
+            )
         }
         Ok(ResponseBody::Error(e)) => return Err(e.into()),
         Ok(other) => return Err(unexpected("release", &other)),
@@ -782,8 +785,8 @@ mod tests {
     fn queue_file_is_complete_json() {
         let dir = std::env::temp_dir().join(format!("vpcnt-q-{}", std::process::id()));
         let key = key_of("abc", "eth0");
-        let path = enqueue_release(&dir.join("queue"), &key, Some(Ipv4Addr::new(10, 0, 0, 5)))
-            .unwrap();
+        let path =
+            enqueue_release(&dir.join("queue"), &key, Some(Ipv4Addr::new(10, 0, 0, 5))).unwrap();
         assert_eq!(path.file_name().unwrap(), &*release_queue::file_name(&key));
         let back = release_queue::read(&path).unwrap();
         assert_eq!(back.key, key);

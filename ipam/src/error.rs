@@ -164,16 +164,18 @@ impl IpamError {
 fn io_failure(e: &redb::StorageError) -> Option<String> {
     match e {
         redb::StorageError::Io(io) => Some(describe_io(io)),
-        redb::StorageError::PreviousIo => Some(
-            "an earlier write failed and the file is reopened before the next one".to_string(),
-        ),
+        redb::StorageError::PreviousIo => {
+            Some("an earlier write failed and the file is reopened before the next one".to_string())
+        }
         _ => None,
     }
 }
 
 fn describe_io(io: &std::io::Error) -> String {
     if io.raw_os_error() == Some(libc_enospc()) || io.kind() == std::io::ErrorKind::StorageFull {
-        format!("the disk is full ({io}): free space on it; allocations and releases resume by themselves")
+        format!(
+            "the disk is full ({io}): free space on it; allocations and releases resume by themselves"
+        )
     } else {
         format!("I/O error ({io})")
     }

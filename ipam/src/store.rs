@@ -564,7 +564,8 @@ impl Ipam {
         if due {
             let blob = vec![0u8; 64 << 10];
             let put = self.write("write check", |txn, _| {
-                txn.open_table(WRITE_CHECK)?.insert("blob", blob.as_slice())?;
+                txn.open_table(WRITE_CHECK)?
+                    .insert("blob", blob.as_slice())?;
                 Ok(((), true))
             });
             let cleared = put.and_then(|()| {

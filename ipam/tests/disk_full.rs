@@ -137,7 +137,10 @@ fn a_full_disk_fails_writes_with_try_again_and_recovers_without_restart() {
     let msg = full.to_string();
     assert_eq!(full.cni_code(), code::TRY_AGAIN_LATER, "{msg}");
     assert!(msg.contains("disk is full"), "{msg}");
-    assert!(msg.contains(&db.display().to_string()), "names the file: {msg}");
+    assert!(
+        msg.contains(&db.display().to_string()),
+        "names the file: {msg}"
+    );
     let health = ipam.health().expect("health reports the failing store");
     assert!(health.contains("disk is full"), "{health}");
 
@@ -161,7 +164,10 @@ fn a_full_disk_fails_writes_with_try_again_and_recovers_without_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // ... and writes work again in the same process.
-    let released = ipam.release(&victim).unwrap().expect("the record was still there");
+    let released = ipam
+        .release(&victim)
+        .unwrap()
+        .expect("the record was still there");
     assert_eq!(released.ip, victim_ip);
     held.remove(&victim);
     let again = alloc(&ipam, next).unwrap();
@@ -169,8 +175,12 @@ fn a_full_disk_fails_writes_with_try_again_and_recovers_without_restart() {
 
     // Nothing lost, nothing duplicated, nothing half-written, and the failed allocations left
     // no trace.
-    let listed: BTreeMap<AttachmentKey, Ipv4Addr> =
-        ipam.list().unwrap().into_iter().map(|r| (r.key, r.ip)).collect();
+    let listed: BTreeMap<AttachmentKey, Ipv4Addr> = ipam
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.ip))
+        .collect();
     assert_eq!(listed, held);
     let ips: HashSet<Ipv4Addr> = listed.values().copied().collect();
     assert_eq!(ips.len(), listed.len(), "an address is held twice");
@@ -181,8 +191,12 @@ fn a_full_disk_fails_writes_with_try_again_and_recovers_without_restart() {
     // And the file reopens cleanly with the same contents.
     drop(ipam);
     let ipam = Ipam::open(&db, config(), "n1").unwrap();
-    let reopened: BTreeMap<AttachmentKey, Ipv4Addr> =
-        ipam.list().unwrap().into_iter().map(|r| (r.key, r.ip)).collect();
+    let reopened: BTreeMap<AttachmentKey, Ipv4Addr> = ipam
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.ip))
+        .collect();
     assert_eq!(reopened, held);
     drop(ipam);
 }

@@ -5,7 +5,7 @@
 //! - no two live pods, and no two allocations, share an address;
 //! - at the end, after DEL, reconcile and the queue replay, no allocation is left.
 //!
-//! `VPCNET_CHAOS_LIFECYCLES` (default 240) and `VPCNET_CHAOS_WORKERS` (default 6) scale it.
+//! `VPCNET_CHAOS_LIFECYCLES` (default 600) and `VPCNET_CHAOS_WORKERS` (default 6) scale it.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -220,7 +220,7 @@ fn worker(ctx: &Ctx, node: &Netns, id: usize, count: u64) {
 
 #[test]
 fn kill_storm_never_loses_or_shares_an_address() {
-    let lifecycles = env_num("VPCNET_CHAOS_LIFECYCLES", 240);
+    let lifecycles = env_num("VPCNET_CHAOS_LIFECYCLES", 600);
     let workers = env_num("VPCNET_CHAOS_WORKERS", 6) as usize;
     let cluster = Cluster::build(ClusterSpec {
         nodes: 1,

@@ -97,7 +97,9 @@ fn a_queued_release_never_frees_the_attachment_added_after_it() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    let addrs = k.ns.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]).unwrap();
+    let addrs =
+        k.ns.ip(&["-4", "-o", "addr", "show", "dev", "eth0"])
+            .unwrap();
     assert!(addrs.contains(&format!("{ip}/32")), "{addrs} ({node_ns})");
     assert_eq!(
         std::fs::read_dir(&queue).unwrap().count(),
@@ -125,7 +127,13 @@ fn del_exits_zero_while_the_state_disk_is_full_and_the_release_lands_later() {
     let state = c.node(0).dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3m,mode=0700", "vpcnet-test-state"])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=3m,mode=0700",
+            "vpcnet-test-state",
+        ])
         .arg(&state)
         .status()
         .unwrap();
@@ -144,7 +152,8 @@ fn del_exits_zero_while_the_state_disk_is_full_and_the_release_lands_later() {
     }
     let mut fill_pods = Vec::new();
     let refused = loop {
-        let ns = vpcnet_tests::Netns::create(&format!("{}-f{}", c.prefix, fill_pods.len())).unwrap();
+        let ns =
+            vpcnet_tests::Netns::create(&format!("{}-f{}", c.prefix, fill_pods.len())).unwrap();
         let cid = format!("fill{}{}", fill_pods.len(), "f".repeat(200));
         let env = vpcnet_tests::cni::CniEnv::new("ADD", &cid, &ns.path().to_string_lossy(), "eth0")
             .k8s("default", &format!("fill{}", fill_pods.len()));

@@ -284,7 +284,11 @@ mod tests {
         fs::write(&p, serde_json::to_vec(&key("abc", "eth0")).unwrap()).unwrap();
         let e = read(&p).unwrap();
         assert_eq!(e.key, key("abc", "eth0"));
-        assert!(e.queued_unix_ms >= before, "{} < {before}", e.queued_unix_ms);
+        assert!(
+            e.queued_unix_ms >= before,
+            "{} < {before}",
+            e.queued_unix_ms
+        );
         assert_eq!(e.ip, None);
     }
 
