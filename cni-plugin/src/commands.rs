@@ -7,13 +7,13 @@ use crate::netlink::{self, Link, Netlink, NlError, RouteMode, VethSpec};
 use crate::netns;
 use crate::result::{self, Attachment};
 use crate::watchdog;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read};
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vpcnet_api::release_queue::{self, QueuedRelease};
 use vpcnet_api::{
     AllocateRequest, Allocation, AttachmentKey, CheckRequest, ClientError, EndpointReadyRequest,
     GcRequest, HOST_VETH_MAC, POD_GATEWAY, RequestBody, ResponseBody, code, quote,
@@ -521,10 +521,14 @@ fn rollback(nl: &mut Netlink, conf: &NetConf, plan: &AddPlan<'_>) {
     let req = RequestBody::Release {
         key: plan.key.clone(),
     };
-    if let Err(e) = call(conf, req, ROLLBACK_TIMEOUT)
-        && queueable(&e)
-    {
-        let _ = enqueue_release(&conf.release_queue(), &plan.key);
+    let queue = match call(conf, req, ROLLBACK_TIMEOUT) {
+        Err(e) => queueable(&e),
+        Ok(ResponseBody::Error(e)) => e.code == code::TRY_AGAIN_LATER,
+        Ok(_) => false,
+    };
+    if queue {
+        // Queued now, so a retried ADD of this attachment has the daemon consume it first.
+        let _ = enqueue_release(&conf.release_queue(), &plan.key, None);
     }
 }
 
@@ -540,65 +544,62 @@ fn cmd_del(env: &Env, conf: &NetConf) -> Result<()> {
     let mut nl = Netlink::open().map_err(nl_err)?;
     // If the veth cannot be removed the address must not be released: it is still routed here.
     nl.del_link(&host_veth).map_err(nl_err)?;
-    release(conf, key_of(container_id, ifname))
+    let ip = conf
+        .prev_result
+        .as_ref()
+        .and_then(|prev| result::find_prev(prev, ifname))
+        .map(|p| p.ip);
+    release(conf, key_of(container_id, ifname), ip)
 }
 
 /// Connection-level failures where handing the release to the queue is safe: release is
-/// idempotent on the daemon side, so a replay of one that did get through is harmless.
+/// idempotent on the daemon side, and a queued entry never releases an allocation made after it.
 fn queueable(e: &ClientError) -> bool {
     matches!(e, ClientError::Unreachable { .. } | ClientError::Io { .. })
 }
 
-fn release(conf: &NetConf, key: AttachmentKey) -> Result<()> {
+/// Releases the attachment's address, or queues the release when the daemon cannot take it now:
+/// unreachable, or reachable but unable to record it (its store is failing, code 11). The veth is
+/// gone by then, so failing DEL would only make the runtime retry what the queue already does.
+fn release(conf: &NetConf, key: AttachmentKey, ip: Option<Ipv4Addr>) -> Result<()> {
     let socket = conf.socket().display().to_string();
-    match call(
+    let why = match call(
         conf,
         RequestBody::Release { key: key.clone() },
         CALL_TIMEOUT,
     ) {
-        Ok(ResponseBody::Released { .. }) | Ok(ResponseBody::Ok) => Ok(()),
-        Ok(ResponseBody::Error(e)) => Err(e.into()),
-        Ok(other) => Err(unexpected("release", &other)),
-        Err(e) if queueable(&e) => {
-            let dir = conf.release_queue();
-            enqueue_release(&dir, &key).map(|_| ()).map_err(|qe| {
-                CniError::io(format!(
-                    "vpcnetd at {socket} could not be asked to release the address ({e}), and \
-                     queueing the release in {} failed: {qe}",
-                    dir.display()
-                ))
-            })
+        Ok(ResponseBody::Released { .. }) | Ok(ResponseBody::Ok) => return Ok(()),
+        Ok(ResponseBody::Error(e)) if e.code == code::TRY_AGAIN_LATER => {
+            format!(
+                "vpcnetd at {socket} could not record the release ({})",
+                e.msg
+            )
         }
-        Err(e) => Err(CniError::daemon("release", &socket, e)),
-    }
+        Ok(ResponseBody::Error(e)) => return Err(e.into()),
+        Ok(other) => return Err(unexpected("release", &other)),
+        Err(e) if queueable(&e) => {
+            format!("vpcnetd at {socket} could not be asked to release the address ({e})")
+        }
+        Err(e) => return Err(CniError::daemon("release", &socket, e)),
+    };
+    let dir = conf.release_queue();
+    enqueue_release(&dir, &key, ip).map(|_| ()).map_err(|qe| {
+        CniError::io(format!(
+            "{why}, and queueing the release in {} failed: {qe}",
+            dir.display()
+        ))
+    })
 }
 
-/// Leaves a release for the daemon to replay. Written to a temporary name, synced, then renamed,
-/// so the daemon only ever sees complete `*.json` files.
-pub fn enqueue_release(dir: &Path, key: &AttachmentKey) -> io::Result<PathBuf> {
-    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let name = format!("{}-{}.json", key.container_id, key.ifname);
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let dest = dir.join(&name);
-    let data = serde_json::to_vec(key).map_err(io::Error::other)?;
-    let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &dest)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // The rename itself must survive a crash too.
-    File::open(dir)?.sync_all()?;
-    Ok(dest)
+/// Leaves a release for the daemon to replay (see `vpcnet_api::release_queue`): written
+/// atomically under a fixed-length name derived from the key, stamped with the time it was
+/// queued so it can never release a later allocation of the same key.
+pub fn enqueue_release(
+    dir: &Path,
+    key: &AttachmentKey,
+    ip: Option<Ipv4Addr>,
+) -> io::Result<PathBuf> {
+    release_queue::enqueue(dir, &QueuedRelease::now(key.clone(), ip))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -846,6 +847,7 @@ fn cmd_status(conf: &NetConf) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn veth_names_are_deterministic_short_and_distinct() {
@@ -910,12 +912,41 @@ mod tests {
     fn queue_file_is_complete_json() {
         let dir = std::env::temp_dir().join(format!("vpcnt-q-{}", std::process::id()));
         let key = key_of("abc", "eth0");
-        let path = enqueue_release(&dir.join("queue"), &key).unwrap();
-        assert_eq!(path.file_name().unwrap(), "abc-eth0.json");
-        let back: AttachmentKey = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-        assert_eq!(back, key);
+        let path =
+            enqueue_release(&dir.join("queue"), &key, Some(Ipv4Addr::new(10, 0, 0, 5))).unwrap();
+        assert_eq!(path.file_name().unwrap(), &*release_queue::file_name(&key));
+        let back = release_queue::read(&path).unwrap();
+        assert_eq!(back.key, key);
+        assert_eq!(back.ip, Some(Ipv4Addr::new(10, 0, 0, 5)));
         let names: Vec<_> = fs::read_dir(dir.join("queue")).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file left behind");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 9 item 2: `{container}-{ifname}.json` gave ("a-b","c-d") and ("a-b-c","d") one
+    /// file, and a 256-character container ID a name longer than NAME_MAX.
+    #[test]
+    fn queue_names_neither_collide_nor_overflow() {
+        let dir = std::env::temp_dir().join(format!("vpcnt-q2-{}", std::process::id()));
+        let keys = [
+            key_of("a-b", "c-d"),
+            key_of("a-b-c", "d"),
+            key_of(&"c".repeat(256), "eth0"),
+        ];
+        let mut paths = Vec::new();
+        for k in &keys {
+            paths.push(enqueue_release(&dir, k, None).expect("queued"));
+        }
+        paths.sort();
+        paths.dedup();
+        assert_eq!(paths.len(), keys.len(), "one file per key: {paths:?}");
+        for (p, k) in paths.iter().zip({
+            let mut ks: Vec<_> = keys.iter().collect();
+            ks.sort_by_key(|k| release_queue::file_name(k));
+            ks
+        }) {
+            assert_eq!(&release_queue::read(p).unwrap().key, k);
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -84,6 +84,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         policy_sync: Default::default(),
         policy_dirty: tokio::sync::Notify::new(),
         policy_requests: Default::default(),
+        release_queue_lock: Default::default(),
     });
 
     // Before serving: queued releases first (their addresses were freed by pods that are gone), then

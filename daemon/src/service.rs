@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
+use vpcnet_api::release_queue::{self, EntryError};
 use vpcnet_api::{
     AllocateRequest, Allocation, ApiError, AttachmentKey, CheckRequest, CountersInfo,
     EndpointReadyRequest, GcRequest, RequestBody, ResponseBody, StatusInfo, code,
@@ -96,6 +97,9 @@ pub struct Service {
     pub policy_dirty: tokio::sync::Notify,
     /// Policy sync tickets handed out (see `Service::sync_policy`).
     pub policy_requests: std::sync::atomic::AtomicU64,
+    /// Held while a queued release is played, so an ADD that finds its attachment's entry waits
+    /// for a replay already playing it, and no replay plays it after that ADD allocated.
+    pub release_queue_lock: Mutex<()>,
 }
 
 /// The daemon's one verdict on whether it can serve pods; STATUS and /healthz both report it, so
@@ -399,6 +403,7 @@ impl Service {
             ));
         }
         let static_ip = req.static_ips.first().copied().or(annotated_ip);
+        self.consume_queued_release(&req.key)?;
         let record = self
             .ipam
             .allocate(&AllocRequest {
@@ -615,39 +620,103 @@ impl Service {
         })
     }
 
-    /// Replays releases the plugin queued while the daemon was unreachable. Each file is removed only
-    /// after its release committed; unreadable files are set aside, not retried forever.
+    /// A release queued for this attachment is a DEL that came before this ADD (a runtime
+    /// orders one container's operations), so it is played first: the ADD then gets a fresh
+    /// allocation instead of the record the release was meant to free, and the entry is gone
+    /// before it could free the new one. Costs one failed stat when nothing is queued.
+    fn consume_queued_release(&self, key: &AttachmentKey) -> Result<(), ApiError> {
+        let path = release_queue::path_for(&self.config.release_queue, key);
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Ok(());
+        }
+        let _queue = self.lock_release_queue();
+        self.play_queued(&path, Some(key)).map(|_| ())
+    }
+
+    fn lock_release_queue(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.release_queue_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Plays one queue file (the caller holds the queue lock) and removes it once done. A queued
+    /// release only ever releases the allocation it was queued for: one created after the entry
+    /// was queued, or holding another address than the DEL's prevResult named, belongs to a
+    /// later ADD and is kept. Dropping an entry wrongly (the wall clock went back) only leaks
+    /// until reconcile sees the veth gone; releasing wrongly would take a live pod's address.
+    fn play_queued(
+        &self,
+        path: &std::path::Path,
+        expect: Option<&AttachmentKey>,
+    ) -> Result<Played, ApiError> {
+        let entry = match release_queue::read(path) {
+            Ok(entry) => entry,
+            // Played by someone else meanwhile.
+            Err(EntryError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Played::Gone);
+            }
+            Err(err) => {
+                warn!(file = %path.display(), %err, "unusable queued release; setting it aside");
+                let _ = std::fs::rename(path, path.with_extension("bad"));
+                return Ok(Played::Gone);
+            }
+        };
+        if let Some(key) = expect
+            && entry.key != *key
+        {
+            // A 128-bit name collision: not this attachment's release.
+            return Ok(Played::Gone);
+        }
+        let played = match self.ipam.get(&entry.key).map_err(ipam_err)? {
+            Some(rec)
+                if rec.created_unix_ms > entry.queued_unix_ms
+                    || entry.ip.is_some_and(|ip| ip != rec.ip) =>
+            {
+                info!(container = %entry.key.container_id, ifname = %entry.key.ifname, ip = %rec.ip,
+                    "queued release predates the attachment's allocation; dropped");
+                Played::Stale
+            }
+            Some(_) => {
+                self.release(&entry.key)?;
+                Played::Released
+            }
+            None => Played::Stale,
+        };
+        // Not made durable: if the removal is lost in a crash, the entry is older than any
+        // later allocation of the key and is dropped as stale.
+        let _ = std::fs::remove_file(path);
+        Ok(played)
+    }
+
+    /// Replays releases the plugin queued while the daemon was unreachable or could not record
+    /// them. Each file is removed only after its release committed; unusable files are set
+    /// aside, not retried forever. Returns the releases done.
     pub fn replay_release_queue(&self) -> usize {
         let Ok(entries) = std::fs::read_dir(&self.config.release_queue) else {
             return 0;
         };
-        let mut done = 0;
+        let (mut done, mut stale) = (0, 0);
         for e in entries.flatten() {
             let path = e.path();
-            if path.extension().and_then(|x| x.to_str()) != Some("json") {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            // Old-format files (`{container}-{ifname}.json`) are replayed too; `.` files are
+            // the plugin's temporaries.
+            if name.starts_with('.') || !name.ends_with(".json") {
                 continue;
             }
-            let key: Result<AttachmentKey, String> = std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
-            match key {
-                Ok(key) => match self.release(&key) {
-                    Ok(_) => {
-                        let _ = std::fs::remove_file(&path);
-                        done += 1;
-                    }
-                    Err(e) => {
-                        warn!(file = %path.display(), error = %e, "queued release failed; will retry")
-                    }
-                },
-                Err(err) => {
-                    warn!(file = %path.display(), %err, "unreadable queued release; setting it aside");
-                    let _ = std::fs::rename(&path, path.with_extension("bad"));
+            let _queue = self.lock_release_queue();
+            match self.play_queued(&path, None) {
+                Ok(Played::Released) => done += 1,
+                Ok(Played::Stale) => stale += 1,
+                Ok(Played::Gone) => {}
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "queued release failed; will retry")
                 }
             }
         }
-        if done > 0 {
-            info!(count = done, "replayed queued releases");
+        if done + stale > 0 {
+            info!(released = done, stale, "replayed queued releases");
             self.metrics.queued_releases.inc_by(done as u64);
         }
         done
@@ -696,4 +765,13 @@ impl Service {
         self.metrics.reconcile_released.inc_by(released as u64);
         Ok(released)
     }
+}
+
+/// What playing one queued release did.
+enum Played {
+    Released,
+    /// Its allocation was already gone, or the key now holds a later one.
+    Stale,
+    /// No entry (played meanwhile, or set aside).
+    Gone,
 }

@@ -99,6 +99,10 @@ pub enum IpamError {
     /// The database could not be read or written; the message names the file.
     #[error("{0}")]
     Store(String),
+    /// The file could not be written (disk full, I/O error). Nothing was changed, and the store
+    /// recovers by itself once the cause is gone, so callers should retry later.
+    #[error("{0}")]
+    StoreUnavailable(String),
 }
 
 fn exhausted_msg(e: &IpamError) -> String {
@@ -151,29 +155,80 @@ impl IpamError {
             }
             IpamError::InvalidConfig(_) => code::INVALID_CONFIG,
             IpamError::Store(_) => code::IO,
+            IpamError::StoreUnavailable(_) => code::TRY_AGAIN_LATER,
         }
     }
 }
 
+/// An I/O failure under redb, worded for the operator; `None` for every other storage error.
+fn io_failure(e: &redb::StorageError) -> Option<String> {
+    match e {
+        redb::StorageError::Io(io) => Some(describe_io(io)),
+        redb::StorageError::PreviousIo => {
+            Some("an earlier write failed and the file is reopened before the next one".to_string())
+        }
+        _ => None,
+    }
+}
+
+fn describe_io(io: &std::io::Error) -> String {
+    if io.raw_os_error() == Some(libc_enospc()) || io.kind() == std::io::ErrorKind::StorageFull {
+        format!(
+            "the disk is full ({io}): free space on it; allocations and releases resume by themselves"
+        )
+    } else {
+        format!("I/O error ({io})")
+    }
+}
+
+const fn libc_enospc() -> i32 {
+    // ENOSPC on every Linux architecture.
+    28
+}
+
+fn storage(e: &redb::StorageError) -> IpamError {
+    match io_failure(e) {
+        Some(msg) => IpamError::StoreUnavailable(msg),
+        None => IpamError::Store(e.to_string()),
+    }
+}
+
+impl From<redb::StorageError> for IpamError {
+    fn from(e: redb::StorageError) -> Self {
+        storage(&e)
+    }
+}
+
 macro_rules! store_error_from {
-    ($($t:ty),* $(,)?) => {
-        $(impl From<$t> for IpamError {
-            fn from(e: $t) -> Self {
-                IpamError::Store(e.to_string())
+    ($($t:ident),* $(,)?) => {
+        $(impl From<redb::$t> for IpamError {
+            fn from(e: redb::$t) -> Self {
+                match &e {
+                    redb::$t::Storage(s) => storage(s),
+                    _ => IpamError::Store(e.to_string()),
+                }
             }
         })*
     };
 }
 
-store_error_from!(
-    redb::Error,
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError,
-);
+store_error_from!(DatabaseError, TransactionError, TableError, CommitError);
+
+impl From<redb::SetDurabilityError> for IpamError {
+    fn from(e: redb::SetDurabilityError) -> Self {
+        IpamError::Store(e.to_string())
+    }
+}
+
+impl From<redb::Error> for IpamError {
+    fn from(e: redb::Error) -> Self {
+        match e {
+            redb::Error::Io(io) => IpamError::StoreUnavailable(describe_io(&io)),
+            redb::Error::PreviousIo => storage(&redb::StorageError::PreviousIo),
+            other => IpamError::Store(other.to_string()),
+        }
+    }
+}
 
 impl From<serde_json::Error> for IpamError {
     fn from(e: serde_json::Error) -> Self {

@@ -6,7 +6,8 @@
 //!   `allocations` on open if the two disagree;
 //! - `cooldown`: address → wall-clock ms of its release;
 //! - `cursors`: "network/subnet" → next candidate address;
-//! - `meta`: schema version.
+//! - `meta`: schema version;
+//! - `write_check`: empty; [`Ipam::health`] writes and removes a row to see whether writes work.
 
 use crate::IpamError;
 use crate::model::{IpamConfig, NetworkConfig, SubnetConfig};
@@ -18,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vpcnet_api::{AttachmentKey, PodRef};
 
 type KeyCols = (&'static str, &'static str);
@@ -27,6 +30,8 @@ const BY_IP: TableDefinition<u32, KeyCols> = TableDefinition::new("by_ip");
 const COOLDOWN: TableDefinition<u32, u64> = TableDefinition::new("cooldown");
 const CURSORS: TableDefinition<&str, u32> = TableDefinition::new("cursors");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Scratch space for [`Ipam::health`]'s trial write; empty between trials.
+const WRITE_CHECK: TableDefinition<&str, &[u8]> = TableDefinition::new("write_check");
 
 /// Bumped when the tables change incompatibly, so an older build refuses a newer file instead of
 /// misreading it.
@@ -235,7 +240,15 @@ struct ScanStats {
 /// [`Durability::Immediate`] before it returns, so a crash at any instant leaves either the old
 /// or the new state. Write transactions are serialised by redb; concurrent callers queue.
 pub struct Ipam {
-    db: Database,
+    /// Behind a lock so it can be swapped: after one failed write (a full disk) redb fails every
+    /// later call with "Previous I/O error" until the file is closed and reopened, which also
+    /// runs its repair. `None` between a failed reopen and the next attempt.
+    db: RwLock<Option<Database>>,
+    /// Set by a write that failed at the I/O level; the next call reopens the file first.
+    reopen: AtomicBool,
+    /// What the last failed write said, until a write succeeds ([`Ipam::health`]).
+    failure: Mutex<Option<String>>,
+    last_probe: Mutex<Option<Instant>>,
     path: PathBuf,
     config: IpamConfig,
     node: String,
@@ -273,18 +286,7 @@ impl Ipam {
             .iter()
             .map(|n| n.subnets.iter().map(|s| SubnetPlan::new(s, node)).collect())
             .collect();
-        let mut builder = Database::builder();
-        // The store holds a few hundred bytes per pod; redb's 1 GiB default cache would only
-        // inflate the daemon's footprint under memory pressure.
-        builder.set_cache_size(8 << 20);
-        let shown = path.display().to_string();
-        let logged = std::sync::atomic::AtomicBool::new(false);
-        builder.set_repair_callback(move |_| {
-            if !logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                tracing::warn!(path = %shown, "IPAM store was not closed cleanly; redb is repairing it");
-            }
-        });
-        let db = builder.create(path).map_err(|e| {
+        let db = open_db(path).map_err(|e| {
             let why = match e {
                 DatabaseError::DatabaseAlreadyOpen => {
                     "the file is open in another process (is another vpcnetd running?)".to_string()
@@ -294,7 +296,10 @@ impl Ipam {
             IpamError::Store(format!("IPAM store {}: cannot open: {why}", path.display()))
         })?;
         let mut ipam = Ipam {
-            db,
+            db: RwLock::new(Some(db)),
+            reopen: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            last_probe: Mutex::new(None),
             path: path.to_path_buf(),
             config,
             node: node.to_string(),
@@ -539,10 +544,43 @@ impl Ipam {
     /// `("network/subnet", free)` for every configured subnet, in configuration order: the
     /// addresses of this node's blocks a dynamic allocation could take now (not allocated,
     /// reserved, gateway, network/broadcast or cooling down). 0 for subnets without blocks here.
-    /// What is wrong with the store right now (for STATUS and /healthz), `None` when writes
-    /// succeed. (Contract for readiness; the store's failure tracking fills it.)
+    /// What is wrong with the store right now (for STATUS and /healthz): the error of the last
+    /// failed write, until writes succeed again.
+    ///
+    /// While a failure is recorded this tries a write at most once per second, so readiness
+    /// returns when the disk has room again rather than with the next pod. The trial grows the
+    /// file by more than any record does: on a full disk a small update can still fit in pages
+    /// redb has free while every allocation fails.
     pub fn health(&self) -> Option<String> {
-        None
+        lock(&self.failure).as_ref()?;
+        let due = {
+            let mut last = lock(&self.last_probe);
+            let due = last.is_none_or(|t| t.elapsed() >= HEALTH_PROBE_EVERY);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if due {
+            let blob = vec![0u8; 64 << 10];
+            let put = self.write("write check", |txn, _| {
+                txn.open_table(WRITE_CHECK)?
+                    .insert("blob", blob.as_slice())?;
+                Ok(((), true))
+            });
+            let cleared = put.and_then(|()| {
+                self.write("write check", |txn, _| {
+                    txn.open_table(WRITE_CHECK)?.remove("blob")?;
+                    Ok(((), true))
+                })
+            });
+            if cleared.is_ok()
+                && let Some(was) = lock(&self.failure).take()
+            {
+                tracing::info!(path = %self.path.display(), "IPAM store writable again (was: {was})");
+            }
+        }
+        lock(&self.failure).clone()
     }
 
     pub fn free_counts(&self) -> Result<Vec<(String, u64)>, IpamError> {
@@ -1015,18 +1053,25 @@ impl Ipam {
         durability: Durability,
         f: impl FnOnce(&WriteTransaction, u64) -> Result<(T, bool), IpamError>,
     ) -> Result<T, IpamError> {
-        let run = || {
-            let mut txn = self.db.begin_write()?;
-            txn.set_durability(durability)?;
-            let (out, changed) = f(&txn, self.now_ms())?;
-            if changed {
-                txn.commit()?;
-            } else {
-                txn.abort()?;
-            }
-            Ok(out)
-        };
-        run().map_err(|e| self.in_context(what, e))
+        let result = self
+            .with_db(|db| {
+                let mut txn = db.begin_write()?;
+                txn.set_durability(durability)?;
+                let (out, changed) = f(&txn, self.now_ms())?;
+                if changed {
+                    txn.commit()?;
+                } else {
+                    txn.abort()?;
+                }
+                Ok(out)
+            })
+            .map_err(|e| self.in_context(what, e));
+        // Cleared only by `health`'s trial write: one small write succeeding proves little.
+        if let Err(IpamError::StoreUnavailable(msg)) = &result {
+            tracing::warn!(path = %self.path.display(), "{msg}");
+            *lock(&self.failure) = Some(msg.clone());
+        }
+        result
     }
 
     fn read<T>(
@@ -1034,14 +1079,57 @@ impl Ipam {
         what: &str,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T, IpamError>,
     ) -> Result<T, IpamError> {
-        let run = || f(&self.db.begin_read()?);
-        run().map_err(|e| self.in_context(what, e))
+        self.with_db(|db| f(&db.begin_read()?))
+            .map_err(|e| self.in_context(what, e))
+    }
+
+    /// Runs `f` on the open database, reopening it first if an earlier call failed at the I/O
+    /// level. Any such failure of `f` schedules the reopen for the next call.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, IpamError>,
+    ) -> Result<T, IpamError> {
+        if self.reopen.load(Ordering::Acquire) {
+            self.reopen_db()?;
+        }
+        let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(db) = guard.as_ref() else {
+            self.reopen.store(true, Ordering::Release);
+            return Err(IpamError::StoreUnavailable(
+                "the file could not be reopened after a failed write".into(),
+            ));
+        };
+        let result = f(db);
+        if matches!(result, Err(IpamError::StoreUnavailable(_))) {
+            self.reopen.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    /// Closes and reopens the file. Transactions hold the read lock, so none is running.
+    fn reopen_db(&self) -> Result<(), IpamError> {
+        let mut guard = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        // Another caller may have reopened it while this one waited for the lock.
+        if !self.reopen.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // The old handle holds the file lock; it must be gone before the file is opened again.
+        *guard = None;
+        let db = open_db(&self.path)?;
+        *guard = Some(db);
+        self.reopen.store(false, Ordering::Release);
+        tracing::info!(path = %self.path.display(), "IPAM store reopened after a failed write");
+        Ok(())
     }
 
     /// Names the file in storage errors; an operator's first question is which disk failed.
     fn in_context(&self, what: &str, e: IpamError) -> IpamError {
         match e {
             IpamError::Store(msg) => IpamError::Store(format!(
+                "IPAM store {}: {what} failed: {msg}",
+                self.path.display()
+            )),
+            IpamError::StoreUnavailable(msg) => IpamError::StoreUnavailable(format!(
                 "IPAM store {}: {what} failed: {msg}",
                 self.path.display()
             )),
@@ -1065,6 +1153,28 @@ impl Ipam {
         self.clock_skew_ms
             .fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// How often [`Ipam::health`] retries a write while writes fail.
+const HEALTH_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn open_db(path: &Path) -> Result<Database, DatabaseError> {
+    let mut builder = Database::builder();
+    // The store holds a few hundred bytes per pod; redb's 1 GiB default cache would only
+    // inflate the daemon's footprint under memory pressure.
+    builder.set_cache_size(8 << 20);
+    let shown = path.display().to_string();
+    let logged = AtomicBool::new(false);
+    builder.set_repair_callback(move |_| {
+        if !logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(path = %shown, "IPAM store was not closed cleanly; redb is repairing it");
+        }
+    });
+    builder.create(path)
 }
 
 /// The error for a retried ADD that asks for something other than what the key holds.

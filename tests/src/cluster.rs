@@ -377,6 +377,12 @@ impl Node {
         }
     }
 
+    /// Starts vpcnetd without waiting for it: callers keep running plugins against a daemon
+    /// that is still starting (chaos tests).
+    pub fn spawn_daemon(&mut self) -> Result<()> {
+        self.start_daemon_with(|_| {}, false)
+    }
+
     /// The running daemon's process id.
     pub fn daemon_pid(&self) -> Option<u32> {
         self.daemon.as_ref().map(Child::id)

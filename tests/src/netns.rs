@@ -47,6 +47,15 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Another handle to a namespace of the run that something else owns (and deletes): for
+    /// threads that run commands there while the owner is busy elsewhere.
+    pub fn handle(&self) -> Netns {
+        Netns {
+            name: self.name.clone(),
+            keep: true,
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -7,6 +7,8 @@
 //!
 //! Types are defined once here and used by the plugin, the daemon and `vpcnetctl`.
 
+pub mod release_queue;
+
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
