@@ -9,13 +9,12 @@ use vpcnet_tests::cni::{CniOutput, exec_plugin};
 use vpcnet_tests::{Cluster, ClusterSpec};
 
 fn cluster() -> Cluster {
-    let c = Cluster::build(ClusterSpec {
+    Cluster::build(ClusterSpec {
         nodes: 1,
         cooldown_secs: 30,
         dataplane: false,
     })
-    .expect("cluster");
-    c
+    .expect("cluster")
 }
 
 fn address(out: &CniOutput) -> Ipv4Addr {
