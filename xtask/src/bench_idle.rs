@@ -86,7 +86,7 @@ pub fn run(o: Options) -> Result<()> {
     let bad = c.manifests_dir().join("bad.yaml");
 
     println!(
-        "\n== idle vpcnetd, one node, one endpoint, {} s per variant (after {} s settling) ==",
+        "\n== idle vpcnetd, one node, no pods, {} s per variant (after {} s settling) ==",
         o.seconds,
         SETTLE.as_secs()
     );
