@@ -67,7 +67,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
             if let Err(e) = source.poll() {
                 warn!(error = %e, dir = %dir.display(), "cluster manifests rejected; keeping none until they are fixed");
             }
-            source.spawn_watcher(Duration::from_millis(50));
+            source.spawn_watcher(Duration::from_secs(1));
             // The Kubernetes watchers will implement the same trait.
             Some(source as Arc<dyn crate::policy::StateSource>)
         }

@@ -291,3 +291,128 @@ fn policy_is_enforced_from_the_first_packet_and_statefully() {
         "{text}"
     );
 }
+
+/// Three pings from `from` to `to`; how many were answered.
+fn pings_answered(from: &Netns, to: Ipv4Addr) -> u32 {
+    let out = from
+        .command("ping")
+        .unwrap()
+        .args(["-c3", "-i0.2", "-W1", "-q", &to.to_string()])
+        .output()
+        .unwrap();
+    probe::ping_summary(&String::from_utf8_lossy(&out.stdout)).map_or(0, |(_, got)| got)
+}
+
+#[test]
+fn an_isolated_pod_stays_isolated_when_its_policy_file_becomes_a_dangling_symlink() {
+    let mut c = Cluster::build(ClusterSpec {
+        nodes: 1,
+        cooldown_secs: 1,
+        dataplane: true,
+    })
+    .unwrap();
+    let n0 = c.node(0).name.clone();
+    let mut m = String::from("apiVersion: v1\nkind: Namespace\nmetadata: { name: x }\n");
+    m += &pod("x", "a", "a", XA, &n0);
+    m += &pod("x", "b", "b", Ipv4Addr::new(10, 20, 1, 12), &n0);
+    c.apply_manifest("cluster.yaml", &m).unwrap();
+    // As a ConfigMap volume holds it: the name in the directory is a symlink into a subdirectory.
+    let data = c.manifests_dir().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("deny.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: deny-a, namespace: x }\nspec: { podSelector: { matchLabels: { pod: a } }, policyTypes: [Ingress] }\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("data/deny.yaml", c.manifests_dir().join("deny.yaml")).unwrap();
+    c.node_mut(0).start_daemon().unwrap();
+    let xa = c.add_pod(0, "x", "a").unwrap();
+    let xb = c.add_pod(0, "x", "b").unwrap();
+    assert_eq!(pings_answered(&xb.ns, xa.ip), 0, "x/a is isolated");
+
+    std::fs::remove_file(data.join("deny.yaml")).unwrap();
+    // A change inside a subdirectory fires no event in the watched one: the periodic poll sees it.
+    let log = c.node(0).dir.join("vpcnetd.log");
+    eventually(
+        "the daemon reports the dangling symlink",
+        Duration::from_secs(15),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("a symlink to data/deny.yaml, which does not exist")
+        },
+    );
+    assert_eq!(
+        pings_answered(&xb.ns, xa.ip),
+        0,
+        "a dangling policy symlink opened x/a"
+    );
+
+    // Removing the entry itself is a deletion (and shows the watcher was alive all along).
+    std::fs::remove_file(c.manifests_dir().join("deny.yaml")).unwrap();
+    eventually(
+        "x/a open after its policy is deleted",
+        Duration::from_secs(5),
+        || pings_answered(&xb.ns, xa.ip) == 3,
+    );
+}
+
+#[test]
+fn non_ipv4_from_or_to_a_pod_is_dropped_and_counted() {
+    let mut c = Cluster::build(ClusterSpec {
+        nodes: 1,
+        cooldown_secs: 1,
+        dataplane: true,
+    })
+    .unwrap();
+    c.node_mut(0).start_daemon().unwrap();
+    let p = c.add_pod(0, "x", "v6").unwrap();
+    let host_veth = p.result["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i.get("sandbox").is_none())
+        .and_then(|i| i["name"].as_str())
+        .unwrap()
+        .to_string();
+    let node = c.node(0);
+    // A node with IPv6 on the pod's link (as a dual-stack node would have), and a pod that gave
+    // itself an address (NET_ADMIN).
+    for (ns, dev) in [(&node.ns, host_veth.as_str()), (&p.ns, "eth0")] {
+        vpcnet_tests::cluster::sysctl(ns, &format!("net.ipv6.conf.{dev}.disable_ipv6"), "0")
+            .unwrap();
+    }
+    node.ns
+        .ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:76::1/64",
+            "dev",
+            &host_veth,
+            "nodad",
+        ])
+        .unwrap();
+    p.ns.ip(&["-6", "addr", "add", "fd00:76::2/64", "dev", "eth0", "nodad"])
+        .unwrap();
+    let not_ipv4 = |c: &Cluster| {
+        let text = c.node(0).ctl(&["counters"]).unwrap();
+        text.lines().find_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some("not-ipv4")).then(|| it.next()?.parse::<u64>().ok())?
+        })
+    };
+    let dropped = not_ipv4(&c).unwrap_or(0);
+    let ping6 = |ns: &Netns, to: &str| ns.exec("ping", &["-6", "-c1", "-W1", "-q", to]).is_ok();
+    assert!(
+        !ping6(&p.ns, "fd00:76::1"),
+        "the pod reached the node over IPv6"
+    );
+    assert!(
+        !ping6(&node.ns, "fd00:76::2"),
+        "the node reached the pod over IPv6"
+    );
+    assert!(not_ipv4(&c).unwrap() > dropped, "not counted");
+    // IPv4 through the kernel still works, ARP included (the node resolves the pod's MAC).
+    probe::ping(&node.ns, p.ip).unwrap();
+}

@@ -26,6 +26,8 @@ pub enum Bench {
     /// NetworkPolicy: throughput and TCP request/response with 0, 100 and 10,000 rules selecting the
     /// server, and the time from a manifest change to its enforcement.
     Policy(crate::bench_policy::Options),
+    /// CPU seconds per idle minute of vpcnetd without and with `manifests_dir`.
+    Idle(crate::bench_idle::Options),
 }
 
 /// How much traffic the throughput and request/response benchmarks send.
@@ -51,6 +53,7 @@ pub fn run(what: Bench) -> Result<()> {
         } => cni(rounds, pods, concurrency),
         Bench::Dataplane(t) => crate::bench_dp::run(t.seconds, t.reps, t.round_trips),
         Bench::Policy(o) => crate::bench_policy::run(o),
+        Bench::Idle(o) => crate::bench_idle::run(o),
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_dp;
+mod bench_idle;
 mod bench_policy;
 mod bpfmap;
 mod demo;

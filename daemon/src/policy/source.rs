@@ -11,8 +11,9 @@ use std::collections::BTreeMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// A feed of whole, consistent cluster states.
@@ -29,25 +30,100 @@ pub trait StateSource: Send + Sync {
     fn last_error(&self) -> Option<PolicyError>;
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Largest manifest file read. The bench's 10,000-rule policy is about 1.1 MB; this leaves room
+/// for policies ten times that, and for a few thousand pods per file. Checked from metadata
+/// before reading, and again while reading (a file may grow in between).
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+/// Largest total of all manifest files: 50,000 pods at ~2 KB each, spread over files. Only
+/// changed files are read and one file is in memory at a time, so this bounds the work of a
+/// change of everything (e.g. a restart), not the memory.
+pub const MAX_TOTAL_BYTES: u64 = 256 << 20;
+/// How long a file's stamp must have been seen unchanged before a read of it is trusted. A
+/// same-size rewrite inside the filesystem's timestamp granularity leaves the stamp as it was;
+/// a read at least this long after the stamp first appeared has seen any such rewrite.
+const STAMP_SETTLE: Duration = Duration::from_secs(2);
+/// With inotify working, the directory is still checked this often: symlinked manifests whose
+/// targets live elsewhere change without an event here, and a stamp still settling is re-read.
+pub const EVENT_FALLBACK_POLL: Duration = Duration::from_secs(10);
+
+/// What identifies a file's content without reading it. `ctime` is set by the kernel on every
+/// write, rename and chmod (unlike `mtime`, it cannot be set back or forward by a tool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileStamp {
-    path: PathBuf,
+    dev: u64,
+    ino: u64,
     len: u64,
-    modified: Option<SystemTime>,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(md: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt as _;
+        FileStamp {
+            dev: md.dev(),
+            ino: md.ino(),
+            len: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        }
+    }
+}
+
+/// What the last read of one file found.
+struct Cached {
+    stamp: FileStamp,
+    /// When this stamp was first seen (monotonic: wall-clock steps cannot make it settle never).
+    first_seen: Instant,
+    /// A read started at least [`STAMP_SETTLE`] after `first_seen`: the content cannot differ
+    /// from what was read while the stamp stays the same.
+    settled: bool,
+    /// Of the bytes, so a file that is not UTF-8 is remembered like any other content.
+    hash: u64,
+    /// Parsed objects, or why the content is rejected (kept so it is not parsed again).
+    parsed: Result<Arc<Vec<Object>>, PolicyError>,
 }
 
 #[derive(Default)]
 struct Inner {
-    stamps: Vec<FileStamp>,
-    content_hash: Option<u64>,
     error: Option<PolicyError>,
-    /// Parsed objects per file and content hash: a change re-parses only the changed files.
-    parsed: BTreeMap<PathBuf, (u64, Arc<Vec<Object>>)>,
+    /// Per file (path order) what its last read found.
+    files: BTreeMap<PathBuf, Cached>,
+    /// Combined content hash of the state in force, and of the last content rejected.
+    good: Option<u64>,
+    rejected: Option<u64>,
 }
 
-/// Standalone cluster state: every `*.yaml`, `*.yml` and `*.json` file directly in a directory,
+/// What a [`ManifestDir`] has done so far: lets tests and benches see idling, and operators
+/// see churn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activity {
+    pub polls: u64,
+    /// Files opened and read.
+    pub reads: u64,
+    /// Files parsed (content not seen before).
+    pub parses: u64,
+    /// Rejections reported (a changed reason each).
+    pub reports: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    polls: AtomicU64,
+    reads: AtomicU64,
+    parses: AtomicU64,
+    reports: AtomicU64,
+}
+
+/// Standalone cluster state: every `*.yaml`, `*.yml` and `*.json` entry directly in a directory,
 /// each possibly holding several `---`-separated documents (and `kind: List`). Kinds other than
-/// Namespace, Pod and NetworkPolicy are ignored.
+/// Namespace, Pod and NetworkPolicy are ignored (and never built in memory).
+///
+/// Entries are followed through symlinks (ConfigMap volumes are symlinks). One that is named like
+/// a manifest but cannot be read as one — a dangling symlink, a symlink loop, a directory, a
+/// FIFO, a file over [`MAX_FILE_BYTES`], no permission — rejects the directory like a YAML error
+/// does: the last good state stays, since treating it as deleted would drop the policies it holds.
+/// Only an entry gone from the listing is a deletion.
 ///
 /// Write files atomically (write elsewhere, then rename): a half-written file that happens to
 /// parse would be published until the next poll corrects it.
@@ -55,6 +131,125 @@ pub struct ManifestDir {
     dir: PathBuf,
     tx: watch::Sender<Option<Arc<ClusterState>>>,
     inner: Mutex<Inner>,
+    /// One poll at a time: a poll works on the file cache outside `inner`'s lock.
+    polling: Mutex<()>,
+    counters: Counters,
+}
+
+/// One manifest entry of the directory listing.
+struct Entry {
+    path: PathBuf,
+    stamp: FileStamp,
+}
+
+enum ReadError {
+    /// Removed between the listing and the read: simply gone.
+    Gone,
+    Rejected(PolicyError),
+}
+
+fn io_error(path: &Path, reason: impl std::fmt::Display) -> PolicyError {
+    PolicyError::Io {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+fn too_large(path: &Path, len: u64) -> PolicyError {
+    io_error(
+        path,
+        format_args!(
+            "{len} bytes ({:.1} MiB) is over the limit of {MAX_FILE_BYTES} bytes ({} MiB) per manifest file",
+            len as f64 / (1 << 20) as f64,
+            MAX_FILE_BYTES >> 20
+        ),
+    )
+}
+
+fn kind_of(md: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let t = md.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Why an entry the listing shows cannot be stat'ed or opened; `None` when it is simply gone.
+fn unreadable(path: &Path, e: &std::io::Error) -> Option<PolicyError> {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        // Following the name failed; the name itself may still be there (a dangling symlink).
+        return match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Ok(md) if md.file_type().is_symlink() => {
+                let target = std::fs::read_link(path)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                Some(io_error(
+                    path,
+                    format_args!("a symlink to {target}, which does not exist"),
+                ))
+            }
+            Ok(_) => Some(io_error(path, e)),
+            Err(e) => Some(io_error(path, e)),
+        };
+    }
+    Some(io_error(path, e))
+}
+
+/// Reads a regular file of at most [`MAX_FILE_BYTES`], never blocking: a FIFO put in place of
+/// the file between the listing and the open must not hang the watcher.
+fn read_bounded(path: &Path) -> Result<(Vec<u8>, FileStamp), ReadError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let reject = |e: &std::io::Error| match unreadable(path, e) {
+        Some(e) => ReadError::Rejected(e),
+        None => ReadError::Gone,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| reject(&e))?;
+    let md = file.metadata().map_err(|e| reject(&e))?;
+    if !md.is_file() {
+        return Err(ReadError::Rejected(io_error(path, kind_of(&md))));
+    }
+    if md.len() > MAX_FILE_BYTES {
+        return Err(ReadError::Rejected(too_large(path, md.len())));
+    }
+    let mut bytes = Vec::with_capacity(md.len() as usize);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ReadError::Rejected(io_error(path, e)))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(ReadError::Rejected(too_large(path, bytes.len() as u64)));
+    }
+    Ok((bytes, FileStamp::of(&md)))
+}
+
+fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// UTF-8 check, then [`parse_file`].
+fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<Object>, PolicyError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        io_error(
+            path,
+            format_args!("not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+        )
+    })?;
+    parse_file(path, text)
 }
 
 impl ManifestDir {
@@ -66,6 +261,8 @@ impl ManifestDir {
             dir: dir.into(),
             tx,
             inner: Mutex::new(Inner::default()),
+            polling: Mutex::new(()),
+            counters: Counters::default(),
         };
         let _ = me.poll();
         me
@@ -75,16 +272,27 @@ impl ManifestDir {
         &self.dir
     }
 
+    pub fn activity(&self) -> Activity {
+        let c = &self.counters;
+        Activity {
+            polls: c.polls.load(Ordering::Relaxed),
+            reads: c.reads.load(Ordering::Relaxed),
+            parses: c.parses.load(Ordering::Relaxed),
+            reports: c.reports.load(Ordering::Relaxed),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn files(&self) -> Result<Vec<FileStamp>, PolicyError> {
-        let io = |e: std::io::Error| PolicyError::Io {
-            path: self.dir.clone(),
-            reason: e.to_string(),
-        };
+    /// The manifest entries of the directory, in path order, or the first one that cannot be
+    /// read as a manifest.
+    fn list(&self) -> Result<Vec<Entry>, PolicyError> {
+        let io = |e: std::io::Error| io_error(&self.dir, e);
         let mut out = Vec::new();
+        let mut broken: Option<PolicyError> = None;
+        let mut total = 0u64;
         for e in std::fs::read_dir(&self.dir).map_err(io)? {
             let e = e.map_err(io)?;
             let path = e.path();
@@ -94,75 +302,101 @@ impl ManifestDir {
             ) {
                 continue;
             }
-            // A file removed between listing and stat is simply gone.
-            let Ok(md) = std::fs::metadata(&path) else {
-                continue;
+            let problem = match std::fs::metadata(&path) {
+                Ok(md) if md.is_file() && md.len() > MAX_FILE_BYTES => {
+                    Some(too_large(&path, md.len()))
+                }
+                Ok(md) if md.is_file() => {
+                    total += md.len();
+                    out.push(Entry {
+                        path: path.clone(),
+                        stamp: FileStamp::of(&md),
+                    });
+                    None
+                }
+                Ok(md) => Some(io_error(&path, kind_of(&md))),
+                Err(e) => unreadable(&path, &e),
             };
-            if !md.is_file() {
-                continue;
+            // The first in path order, so the same directory always gives the same reason.
+            if let Some(p) = problem
+                && broken
+                    .as_ref()
+                    .is_none_or(|b| error_path(&p) < error_path(b))
+            {
+                broken = Some(p);
             }
-            out.push(FileStamp {
-                path,
-                len: md.len(),
-                modified: md.modified().ok(),
-            });
+        }
+        if let Some(b) = broken {
+            return Err(b);
+        }
+        if total > MAX_TOTAL_BYTES {
+            return Err(io_error(
+                &self.dir,
+                format_args!(
+                    "the manifests total {total} bytes ({:.1} MiB), over the limit of {MAX_TOTAL_BYTES} bytes ({} MiB) per directory",
+                    total as f64 / (1 << 20) as f64,
+                    MAX_TOTAL_BYTES >> 20
+                ),
+            ));
         }
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
     }
 
     /// Checks the directory and publishes a new state if the content changed. Returns whether a
-    /// new state was published. Cheap when nothing changed: only metadata is read, except while
-    /// a file's mtime is too recent to trust (a same-size rewrite within the filesystem's
-    /// timestamp granularity would otherwise go unnoticed).
+    /// new state was published. Cheap when nothing changed: one listing and a `stat` per file;
+    /// a file is read only when its stamp changed or has not settled yet (see [`STAMP_SETTLE`]),
+    /// and parsed only when its content is new. A rejected content is remembered too, so it is
+    /// reported once, not on every poll.
     pub fn poll(&self) -> Result<bool, PolicyError> {
-        let stamps = match self.files() {
-            Ok(s) => s,
+        let _one = self.polling.lock().unwrap_or_else(|p| p.into_inner());
+        self.counters.polls.fetch_add(1, Ordering::Relaxed);
+        let entries = match self.list() {
+            Ok(e) => e,
             Err(e) => return Err(self.fail(e)),
         };
-        let now = SystemTime::now();
-        let racy = stamps.iter().any(|s| {
-            s.modified
-                .and_then(|m| now.duration_since(m).ok())
-                .is_none_or(|age| age < Duration::from_secs(2))
-        });
-        {
+        let mut cache = std::mem::take(&mut self.lock().files);
+        let result = self.refresh(entries, &mut cache);
+        let mut inner = self.lock();
+        inner.files = cache;
+        drop(inner);
+        let (combined, first_error) = match result {
+            Ok(r) => r,
+            Err(e) => return Err(self.fail(e)),
+        };
+        let (good, rejected) = {
             let inner = self.lock();
-            if !racy && inner.stamps == stamps && inner.content_hash.is_some() {
-                return Ok(false);
-            }
+            (inner.good, inner.rejected)
+        };
+        if good == Some(combined) {
+            // Back to the content in force (e.g. the bad file was removed): nothing is wrong.
+            self.lock().error = None;
+            return Ok(false);
         }
-        let mut texts = Vec::new();
-        let mut h = DefaultHasher::new();
-        for s in &stamps {
-            let text = match std::fs::read_to_string(&s.path) {
-                Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(self.fail(PolicyError::Io {
-                        path: s.path.clone(),
-                        reason: e.to_string(),
-                    }));
-                }
-            };
-            s.path.hash(&mut h);
-            text.hash(&mut h);
-            texts.push((s.path.clone(), text));
-        }
-        let hash = h.finish();
+        if rejected == Some(combined)
+            && let Some(e) = self.last_error()
         {
-            let mut inner = self.lock();
-            if inner.content_hash == Some(hash) {
-                inner.stamps = stamps;
-                return Ok(false);
-            }
+            return Err(e);
         }
-        match self.parse_cached(&texts) {
+        let state = match first_error {
+            Some(e) => Err(e),
+            None => {
+                let inner = self.lock();
+                let parsed: Vec<Arc<Vec<Object>>> = inner
+                    .files
+                    .values()
+                    .filter_map(|c| c.parsed.as_ref().ok().cloned())
+                    .collect();
+                drop(inner);
+                assemble(parsed.iter().map(|o| o.as_slice()))
+            }
+        };
+        match state {
             Ok(mut state) => {
                 let prev = self.tx.borrow().clone();
                 let mut inner = self.lock();
-                inner.stamps = stamps;
-                inner.content_hash = Some(hash);
+                inner.good = Some(combined);
+                inner.rejected = None;
                 inner.error = None;
                 drop(inner);
                 if let Some(prev) = &prev
@@ -180,53 +414,115 @@ impl ManifestDir {
                 Ok(true)
             }
             Err(e) => {
-                // Remember the content so a broken file is reported once, not on every poll.
-                let mut inner = self.lock();
-                inner.stamps = stamps;
-                inner.content_hash = Some(hash);
-                drop(inner);
+                self.lock().rejected = Some(combined);
                 Err(self.fail(e))
             }
         }
     }
 
-    /// [`parse_files`], re-using what earlier polls parsed of unchanged files.
-    fn parse_cached(&self, texts: &[(PathBuf, String)]) -> Result<ClusterState, PolicyError> {
-        let cached = std::mem::take(&mut self.lock().parsed);
-        let mut parsed = BTreeMap::new();
-        for (path, text) in texts {
-            let mut h = DefaultHasher::new();
-            text.hash(&mut h);
-            let hash = h.finish();
-            let objects = match cached.get(path) {
-                Some((old, objects)) if *old == hash => objects.clone(),
-                _ => Arc::new(parse_file(path, text)?),
+    /// Brings `cache` to the listed entries (reading and parsing only what changed); returns the
+    /// combined content hash and the first file's rejection, if any.
+    fn refresh(
+        &self,
+        entries: Vec<Entry>,
+        cache: &mut BTreeMap<PathBuf, Cached>,
+    ) -> Result<(u64, Option<PolicyError>), PolicyError> {
+        let mut old = std::mem::take(cache);
+        let mut failure = None;
+        for entry in entries {
+            let prev = old.remove(&entry.path);
+            let cached = match prev {
+                Some(c) if c.stamp == entry.stamp && c.settled => c,
+                prev => {
+                    let read_at = Instant::now();
+                    self.counters.reads.fetch_add(1, Ordering::Relaxed);
+                    let (bytes, stamp) = match read_bounded(&entry.path) {
+                        Ok(r) => r,
+                        Err(ReadError::Gone) => continue,
+                        Err(ReadError::Rejected(e)) => {
+                            // Keep what is known of it: once readable again with the same
+                            // content it need not be parsed again.
+                            if let Some(c) = prev {
+                                cache.insert(entry.path, c);
+                            }
+                            failure.get_or_insert(e);
+                            continue;
+                        }
+                    };
+                    // After the stat: the last write before it is older than this.
+                    let first_seen = match &prev {
+                        Some(c) if c.stamp == stamp => c.first_seen,
+                        _ => Instant::now(),
+                    };
+                    let hash = hash_bytes(&bytes);
+                    let parsed = match prev {
+                        Some(c) if c.hash == hash => c.parsed,
+                        _ => {
+                            self.counters.parses.fetch_add(1, Ordering::Relaxed);
+                            parse_bytes(&entry.path, &bytes).map(Arc::new)
+                        }
+                    };
+                    Cached {
+                        stamp,
+                        first_seen,
+                        settled: read_at.duration_since(first_seen) >= STAMP_SETTLE,
+                        hash,
+                        parsed,
+                    }
+                }
             };
-            parsed.insert(path.clone(), (hash, objects));
+            cache.insert(entry.path, cached);
         }
-        let state = assemble(parsed.values().map(|(_, o)| o.as_slice()));
-        self.lock().parsed = parsed;
-        state
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let mut h = DefaultHasher::new();
+        let mut first_error = None;
+        for (path, c) in cache.iter() {
+            path.hash(&mut h);
+            c.hash.hash(&mut h);
+            if let (Err(e), None) = (&c.parsed, &first_error) {
+                first_error = Some(e.clone());
+            }
+        }
+        Ok((h.finish(), first_error))
     }
 
+    /// Records why the newest input is rejected; logs it only when the reason changed.
     fn fail(&self, e: PolicyError) -> PolicyError {
-        tracing::warn!(error = %e, "manifests rejected; the previous cluster state stays in force");
-        self.lock().error = Some(e.clone());
+        let mut inner = self.lock();
+        if inner.error.as_ref() != Some(&e) {
+            self.counters.reports.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "manifests rejected; the previous cluster state stays in force");
+            inner.error = Some(e.clone());
+        }
         e
     }
 
-    /// Watches the directory until the `ManifestDir` is dropped: inotify wakes it on every
-    /// write, rename or delete in the directory (so a change is read within milliseconds), and a
-    /// poll every `interval` covers filesystems without inotify and same-size rewrites inside
-    /// the mtime granularity.
+    /// Watches the directory until the `ManifestDir` is dropped. inotify wakes it on every
+    /// change of an entry (so a change is read within milliseconds) — not on reads, its own
+    /// included, which would make it spin. Without inotify it polls every `interval`; with it,
+    /// every [`EVENT_FALLBACK_POLL`] (or `interval` if longer).
     pub fn spawn_watcher(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         use notify::Watcher as _;
+        use notify::event::{AccessKind, AccessMode, EventKind};
         let weak: Weak<Self> = Arc::downgrade(self);
         let wake = Arc::new(tokio::sync::Notify::new());
         let events = {
             let wake = wake.clone();
             notify::recommended_watcher(move |r: notify::Result<notify::Event>| {
-                if r.is_ok() {
+                let changed = match r {
+                    Ok(e) => match e.kind {
+                        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                        EventKind::Access(_) => false,
+                        // Create, modify (data, metadata, rename), remove, and "rescan" after
+                        // a queue overflow.
+                        _ => true,
+                    },
+                    // Something was lost; look.
+                    Err(_) => true,
+                };
+                if changed {
                     wake.notify_one();
                 }
             })
@@ -235,12 +531,12 @@ impl ManifestDir {
             w.watch(&self.dir, notify::RecursiveMode::NonRecursive)?;
             Ok(w)
         });
-        let events = match events {
-            Ok(w) => Some(w),
+        let (events, interval) = match events {
+            Ok(w) => (Some(w), interval.max(EVENT_FALLBACK_POLL)),
             Err(e) => {
                 tracing::warn!(dir = %self.dir.display(), error = %e,
                     "no inotify watch on the manifests; changes are seen by polling only");
-                None
+                (None, interval)
             }
         };
         tokio::spawn(async move {
@@ -264,6 +560,14 @@ impl ManifestDir {
                 }
             }
         })
+    }
+}
+
+fn error_path(e: &PolicyError) -> &Path {
+    match e {
+        PolicyError::Io { path, .. } => path,
+        PolicyError::Manifest { file, .. } => file,
+        _ => Path::new(""),
     }
 }
 
@@ -313,19 +617,304 @@ enum ObjectKind {
 /// Parses and validates one file's documents. The expensive half of reading the state: a
 /// [`ManifestDir`] keeps the result per file and content, so a change to one file does not
 /// re-parse the others.
+///
+/// Two passes: the first reads only each document's `apiVersion`, `kind` and name, skipping the
+/// rest without building it; the second builds just the wanted documents, straight into their
+/// Kubernetes types. So a file of ConfigMaps or Secrets costs a scan, not a tree of it in memory.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, PolicyError> {
-    let mut out = Vec::new();
+    let err = |document: usize, reason: String| PolicyError::Manifest {
+        file: path.to_path_buf(),
+        document: document + 1,
+        reason,
+    };
+    let mut wanted = BTreeMap::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let err = |reason: String| PolicyError::Manifest {
-            file: path.to_path_buf(),
-            document: i + 1,
-            reason,
-        };
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| err(e.to_string()))?;
+        let h = Header::deserialize(doc).map_err(|e| err(i, e.to_string()))?;
+        match (h.api_version.as_str(), h.kind.as_str()) {
+            ("v1", "Namespace" | "Pod" | "List") | ("networking.k8s.io/v1", "NetworkPolicy") => {
+                wanted.insert(i, h);
+            }
+            // Ignoring a policy we cannot read would silently allow what it denies.
+            (api, "NetworkPolicy") => {
+                return Err(err(
+                    i,
+                    format!(
+                        "NetworkPolicy with apiVersion {api:?}: only networking.k8s.io/v1 is supported"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if wanted.is_empty() {
+        return Ok(out);
+    }
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let Some(h) = wanted.get(&i) else { continue };
         let origin = format!("{}#{}", path.display(), i + 1);
-        objects(value, &origin, &mut out).map_err(err)?;
+        let describe = |e: &dyn std::fmt::Display| {
+            let name = h.name.as_deref().unwrap_or("(unnamed)");
+            format!("{} {name}: {e}", h.kind)
+        };
+        let kind = match h.kind.as_str() {
+            "Namespace" => {
+                let ns = core::Namespace::deserialize(doc).map_err(|e| err(i, describe(&e)))?;
+                ObjectKind::Namespace(Namespace::from_k8s(&ns).map_err(|e| err(i, e.to_string()))?)
+            }
+            "Pod" => {
+                let pod = core::Pod::deserialize(doc).map_err(|e| err(i, describe(&e)))?;
+                ObjectKind::Pod(Pod::from_k8s(&pod).map_err(|e| err(i, e.to_string()))?)
+            }
+            "NetworkPolicy" => {
+                let np = NetworkPolicy::deserialize(doc).map_err(|e| err(i, describe(&e)))?;
+                ObjectKind::Policy(Arc::new(
+                    super::model::Policy::from_k8s(&np).map_err(|e| err(i, e.to_string()))?,
+                ))
+            }
+            _ => {
+                serde::Deserializer::deserialize_map(
+                    doc,
+                    ListVisitor {
+                        origin: &origin,
+                        out: &mut out,
+                    },
+                )
+                .map_err(|e| err(i, e.to_string()))?;
+                continue;
+            }
+        };
+        out.push(Object { origin, kind });
     }
     Ok(out)
+}
+
+/// What a document is: its `apiVersion`, `kind` and `metadata.name`, everything else skipped.
+/// Anything but a mapping (an empty document, a scalar) is no object and is ignored.
+#[derive(Debug, Default)]
+struct Header {
+    api_version: String,
+    kind: String,
+    name: Option<String>,
+}
+
+/// The visitor methods of a lenient visitor: whatever is not a mapping gives the default.
+macro_rules! default_unless_map {
+    () => {
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(Default::default())
+        }
+        fn visit_enum<A: serde::de::EnumAccess<'de>>(
+            self,
+            data: A,
+        ) -> Result<Self::Value, A::Error> {
+            use serde::de::VariantAccess as _;
+            let (serde::de::IgnoredAny, v) = data.variant()?;
+            v.newtype_variant::<serde::de::IgnoredAny>()?;
+            Ok(Default::default())
+        }
+    };
+}
+
+/// A string field's value; anything else reads as empty (and is skipped).
+#[derive(Default)]
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Text, E> {
+                Ok(Text(s.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Text::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Text::default())
+            }
+            fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<Text, A::Error> {
+                use serde::de::VariantAccess as _;
+                let (serde::de::IgnoredAny, v) = data.variant()?;
+                v.newtype_variant::<serde::de::IgnoredAny>()?;
+                Ok(Text::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `metadata.name`, the rest of `metadata` skipped.
+#[derive(Default)]
+struct MetaName(Option<String>);
+
+impl<'de> Deserialize<'de> for MetaName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MetaName;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("object metadata")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<MetaName, A::Error> {
+                let mut name = None;
+                while let Some(Text(k)) = map.next_key::<Text>()? {
+                    if k == "name" {
+                        name = Some(map.next_value::<Text>()?.0);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(MetaName(name))
+            }
+            default_unless_map!();
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Header {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Header;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a Kubernetes object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Header, A::Error> {
+                let mut h = Header::default();
+                while let Some(Text(k)) = map.next_key::<Text>()? {
+                    match k.as_str() {
+                        "apiVersion" => h.api_version = map.next_value::<Text>()?.0,
+                        "kind" => h.kind = map.next_value::<Text>()?.0,
+                        "metadata" => h.name = map.next_value::<MetaName>()?.0,
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(h)
+            }
+            default_unless_map!();
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A `kind: List` document: its items are built one at a time, each dropped once its object (if
+/// it is of a wanted kind) is taken out.
+struct ListVisitor<'a> {
+    origin: &'a str,
+    out: &'a mut Vec<Object>,
+}
+
+impl<'de> serde::de::Visitor<'de> for ListVisitor<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a List")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Text(k)) = map.next_key::<Text>()? {
+            if k == "items" {
+                map.next_value_seed(ItemsSeed {
+                    origin: self.origin,
+                    out: &mut *self.out,
+                })?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct ItemsSeed<'a> {
+    origin: &'a str,
+    out: &'a mut Vec<Object>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ItemsSeed<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ItemsSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a sequence of objects")
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut j = 0;
+        while let Some(item) = seq.next_element::<serde_yaml::Value>()? {
+            objects(item, &format!("{} item {j}", self.origin), self.out)
+                .map_err(|e| serde::de::Error::custom(format!("items[{j}]: {e}")))?;
+            j += 1;
+        }
+        Ok(())
+    }
 }
 
 /// Builds one state from parsed files; the same object twice fails the whole state.
@@ -568,6 +1157,273 @@ metadata: { name: ignored }
         assert!(src.subscribe().borrow().is_none());
         let missing = ManifestDir::new(dir.path().join("nope"));
         assert!(matches!(missing.snapshot(), Err(PolicyError::Io { .. })));
+    }
+
+    /// Counts the "manifests rejected" warnings `f` logs on this thread.
+    fn rejections_logged(f: impl FnOnce()) -> usize {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Lines::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+        text.lines()
+            .filter(|l| l.contains("manifests rejected"))
+            .count()
+    }
+
+    /// A directory whose `p.yaml` (a symlink) holds the deny policy, loaded.
+    fn isolated_by_a_symlinked_policy() -> (tempfile::TempDir, ManifestDir) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("data/p.json"), POLICY).unwrap();
+        std::os::unix::fs::symlink("data/p.json", dir.path().join("p.yaml")).unwrap();
+        let src = ManifestDir::new(dir.path());
+        assert!(!ab(&src.snapshot().unwrap()));
+        (dir, src)
+    }
+
+    fn assert_still_isolated(src: &ManifestDir, generation: u64, what: &str) {
+        let s = src.snapshot().unwrap();
+        assert_eq!(
+            s.generation(),
+            generation,
+            "{what}: a new state was published"
+        );
+        assert!(!ab(&s), "{what} opened the isolated pod");
+        let e = src
+            .last_error()
+            .unwrap_or_else(|| panic!("{what}: no error reported"));
+        assert!(e.to_string().contains("p.yaml"), "{what}: {e}");
+    }
+
+    #[test]
+    fn dangling_symlink_or_symlink_loop_keeps_the_last_good_state() {
+        let (dir, src) = isolated_by_a_symlinked_policy();
+        let generation = src.snapshot().unwrap().generation();
+        std::fs::remove_file(dir.path().join("data/p.json")).unwrap();
+        assert!(src.poll().is_err());
+        assert_still_isolated(&src, generation, "a dangling symlink");
+
+        std::fs::remove_file(dir.path().join("p.yaml")).unwrap();
+        std::os::unix::fs::symlink("p.yaml", dir.path().join("p.yaml")).unwrap();
+        assert!(src.poll().is_err());
+        assert_still_isolated(&src, generation, "a symlink loop");
+
+        // Only an entry gone from the directory is a deletion.
+        std::fs::remove_file(dir.path().join("p.yaml")).unwrap();
+        assert_eq!(src.poll(), Ok(true));
+        assert!(ab(&src.snapshot().unwrap()));
+        assert_eq!(src.last_error(), None);
+    }
+
+    #[test]
+    fn fifo_or_directory_in_place_of_a_manifest_keeps_the_last_good_state() {
+        let (dir, src) = isolated_by_a_symlinked_policy();
+        let generation = src.snapshot().unwrap().generation();
+        let p = dir.path().join("p.yaml");
+        std::fs::remove_file(&p).unwrap();
+        let fifo = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        // Opening a FIFO for reading blocks until a writer comes: the poll must not.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let src = Arc::new(src);
+        let s = src.clone();
+        std::thread::spawn(move || tx.send(s.poll().is_err()).unwrap());
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(true),
+            "poll blocked on a FIFO"
+        );
+        assert_still_isolated(&src, generation, "a FIFO");
+
+        // A symlink to a FIFO is opened through the link: the same.
+        std::fs::rename(&p, dir.path().join("data/fifo")).unwrap();
+        std::os::unix::fs::symlink("data/fifo", &p).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = src.clone();
+        std::thread::spawn(move || tx.send(s.poll().is_err()).unwrap());
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(true),
+            "poll blocked on a FIFO"
+        );
+        assert_still_isolated(&src, generation, "a symlink to a FIFO");
+
+        std::fs::remove_file(&p).unwrap();
+        std::fs::create_dir(&p).unwrap();
+        assert!(src.poll().is_err());
+        assert_still_isolated(&src, generation, "a directory");
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported_once_and_the_warning_clears_when_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("p.json"), POLICY).unwrap();
+        let src = ManifestDir::new(dir.path());
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, b"kind: \xff\xfe\n").unwrap();
+        let warnings = rejections_logged(|| {
+            for _ in 0..20 {
+                assert!(src.poll().is_err());
+            }
+        });
+        assert_eq!(warnings, 1, "one bad file, one warning");
+        let e = src.last_error().unwrap().to_string();
+        assert!(e.contains("bad.yaml") && e.contains("UTF-8"), "{e}");
+        assert!(!ab(&src.snapshot().unwrap()));
+
+        // The directory is back to the content in force: nothing to publish, nothing wrong.
+        std::fs::remove_file(&bad).unwrap();
+        assert_eq!(src.poll(), Ok(false));
+        assert_eq!(src.last_error(), None, "the warning outlived the bad file");
+    }
+
+    #[test]
+    fn oversized_file_is_rejected_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("p.json"), POLICY).unwrap();
+        let src = ManifestDir::new(dir.path());
+        // 200 MB of nothing: sparse, so the test costs no disk.
+        let huge = std::fs::File::create(dir.path().join("huge.yaml")).unwrap();
+        huge.set_len(200_000_000).unwrap();
+        drop(huge);
+        let start = std::time::Instant::now();
+        let e = src.poll().unwrap_err().to_string();
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(
+            e.contains("huge.yaml") && e.contains("200000000 bytes") && e.contains("limit"),
+            "{e}"
+        );
+        assert!(!ab(&src.snapshot().unwrap()));
+        assert_eq!(src.snapshot().unwrap().generation(), 1);
+        std::fs::remove_file(dir.path().join("huge.yaml")).unwrap();
+        assert_eq!(src.poll(), Ok(false));
+        assert_eq!(src.last_error(), None);
+    }
+
+    #[test]
+    fn directory_total_is_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("p.json"), POLICY).unwrap();
+        let src = ManifestDir::new(dir.path());
+        let n = MAX_TOTAL_BYTES / MAX_FILE_BYTES + 1;
+        for i in 0..n {
+            let f = std::fs::File::create(dir.path().join(format!("big{i}.yaml"))).unwrap();
+            f.set_len(MAX_FILE_BYTES).unwrap();
+        }
+        let reads = src.activity().reads;
+        let e = src.poll().unwrap_err();
+        assert!(
+            matches!(&e, PolicyError::Io { path, .. } if path == dir.path()),
+            "{e}"
+        );
+        assert!(e.to_string().contains("per directory"), "{e}");
+        assert_eq!(
+            src.activity().reads,
+            reads,
+            "read before the sizes were checked"
+        );
+        assert!(!ab(&src.snapshot().unwrap()));
+    }
+
+    #[test]
+    fn ignored_kinds_are_skipped_and_lists_are_read_item_by_item() {
+        let mut text = String::new();
+        for i in 0..20_000 {
+            text += &format!(
+                "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{ name: c{i} }}\ndata: {{ k: \"{}\" }}\n",
+                "x".repeat(400)
+            );
+        }
+        text += "---\nplain scalar\n---\n- a sequence\n---\n";
+        text += r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "in-list"}},
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "l"}},
+            {"apiVersion": "v1", "kind": "List", "items": [
+                {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "l"}}]}]}"#;
+        assert!(text.len() > 8 << 20);
+        let objects = parse_file(Path::new("m.yaml"), &text).unwrap();
+        let origins: Vec<&str> = objects.iter().map(|o| o.origin.as_str()).collect();
+        assert_eq!(
+            origins,
+            ["m.yaml#20003 item 1", "m.yaml#20003 item 2 item 0"],
+            "{origins:?}"
+        );
+        let e = parse_file(
+            Path::new("m.yaml"),
+            "kind: List\napiVersion: v1\nitems: [{apiVersion: v1, kind: Pod, metadata: {name: p}, spec: 3}]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("m.yaml: document 1") && e.contains("items[0]"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_watcher_reads_nothing() {
+        use notify::Watcher as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("p.json"), POLICY).unwrap();
+        // Also a broken input: its error must not make the watcher retry it.
+        std::fs::write(dir.path().join("bad.yaml"), b"kind: \xff\n").unwrap();
+        let src = Arc::new(ManifestDir::new(dir.path()));
+        let task = src.spawn_watcher(Duration::from_millis(50));
+        // Settle (the first tick, the first re-read), then count what the watcher opens.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let opens = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let o = opens.clone();
+        let mut spy = notify::recommended_watcher(move |r: notify::Result<notify::Event>| {
+            if let Ok(e) = r
+                && matches!(
+                    e.kind,
+                    notify::EventKind::Access(notify::event::AccessKind::Open(_))
+                )
+            {
+                o.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .unwrap();
+        spy.watch(dir.path(), notify::RecursiveMode::NonRecursive)
+            .unwrap();
+        let before = src.activity();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        drop(spy);
+        let after = src.activity();
+        assert_eq!(after.reads, before.reads, "{before:?} -> {after:?}");
+        assert_eq!(after.parses, before.parses, "{before:?} -> {after:?}");
+        assert_eq!(after.reports, 1, "{after:?}");
+        let opens = opens.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            opens <= 4,
+            "the idle watcher opened the directory or a file {opens} times in 1.5 s"
+        );
+        task.abort();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

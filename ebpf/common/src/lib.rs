@@ -29,7 +29,11 @@ pub enum DropReason {
     PolicyIngress = 7,
     /// NetworkPolicy: the source pod is isolated for egress and nothing allows this destination.
     PolicyEgress = 8,
-    MaxReason = 9,
+    /// Neither IPv4 nor ARP, on a pod's host veth (from the pod, or towards it). Pods are
+    /// IPv4-only and policy only understands IPv4: IPv6 (or anything else) passed to the kernel
+    /// would bypass isolation and policy wherever the node forwards it.
+    NotIpv4 = 9,
+    MaxReason = 10,
 }
 
 pub const DROP_REASONS: u32 = DropReason::MaxReason as u32;
@@ -44,6 +48,7 @@ pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = [
     "not-configured",
     "policy-ingress",
     "policy-egress",
+    "not-ipv4",
 ];
 
 /// Node-wide event counters (index into the `NODE_STATS` per-CPU array): where traffic went, so a

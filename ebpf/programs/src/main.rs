@@ -15,6 +15,8 @@
 //!   `KERNEL_FLOWS`, so the two forwarding programs hand the other direction of those flows to the
 //!   kernel too (see "Kernel flows" below). `endpoint_egress` also judges the pod's ingress
 //!   policy for what the kernel delivers; `uplink_egress` never drops.
+//! * Both host-veth programs drop what is neither IPv4 nor ARP (`not-ipv4`): pods are IPv4-only
+//!   and policy judges IPv4 only. The uplink programs pass the node's own non-IPv4 traffic.
 //! * NetworkPolicy: see [`enforce`]; the forwarding programs judge egress where a packet leaves
 //!   its pod and ingress where it reaches its pod.
 //!
@@ -667,10 +669,13 @@ pub fn endpoint_ingress(mut ctx: TcContext) -> i32 {
 
 fn try_endpoint_ingress(ctx: &mut TcContext) -> Verdict {
     let proto: u16 = ctx.load(OFF_ETH_PROTO).map_err(|_| DropReason::Malformed)?;
-    if u16::from_be(proto) != ETH_P_IP {
-        // Pods are IPv4-only; ARP and IPv6 link-local chatter stay with the kernel, which answers
-        // none of it and forwards none of it (pods have no other addresses).
-        return Ok(TC_ACT_OK);
+    match u16::from_be(proto) {
+        ETH_P_IP => {}
+        // The pod answers the node's ARP (the kernel's deliveries to it need its MAC).
+        ETH_P_ARP => return Ok(TC_ACT_OK),
+        // Pods are IPv4-only and policy judges IPv4 only: IPv6 (even link-local to the node)
+        // and anything else would reach whatever the kernel forwards it to, unjudged.
+        _ => return Err(DropReason::NotIpv4),
     }
     let ihl = check_ipv4(ctx)?;
     let src: u32 = ctx.load(OFF_IP_SRC).map_err(|_| DropReason::Malformed)?;
@@ -819,10 +824,14 @@ pub fn endpoint_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn kernel_delivery(ctx: &TcContext) -> Result<(), DropReason> {
     let Ok(proto) = ctx.load::<u16>(OFF_ETH_PROTO) else {
-        return Ok(());
+        return Err(DropReason::Malformed);
     };
-    if u16::from_be(proto) != ETH_P_IP {
-        return Ok(());
+    match u16::from_be(proto) {
+        ETH_P_IP => {}
+        // The node resolving the pod's MAC.
+        ETH_P_ARP => return Ok(()),
+        // Fail closed towards the pod as well: what policy cannot judge does not get in.
+        _ => return Err(DropReason::NotIpv4),
     }
     let Ok(ihl) = check_ipv4(ctx) else {
         return Ok(());
