@@ -286,11 +286,24 @@ fn del_with_daemon_down_queues_the_release() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(entries, vec!["c0ffee04-eth0.json".to_string()]);
-    let key: vpcnet_api::AttachmentKey =
-        serde_json::from_slice(&std::fs::read(q.join("c0ffee04-eth0.json")).unwrap()).unwrap();
-    assert_eq!(key.container_id, "c0ffee04");
-    assert_eq!(key.ifname, "eth0");
+    let key = vpcnet_api::AttachmentKey {
+        container_id: "c0ffee04".into(),
+        ifname: "eth0".into(),
+    };
+    assert_eq!(entries, vec![vpcnet_api::release_queue::file_name(&key)]);
+    let entry =
+        vpcnet_api::release_queue::read(&vpcnet_api::release_queue::path_for(&q, &key)).unwrap();
+    assert_eq!(entry.key, key);
+    // The address from prevResult, so a replay can never release another allocation of the key.
+    let ip: std::net::Ipv4Addr = r["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(entry.ip, Some(ip));
 }
 
 #[test]
