@@ -446,9 +446,7 @@ impl World {
 fn random_input_gets_spec_answers_in_bounded_time_and_leaks_nothing() {
     let f = Fixture::new();
     let fifo = f.dir.0.join("fifo");
-    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
-    // SAFETY: mkfifo on a NUL-terminated path we own.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    common::mkfifo(&fifo);
     let plain = f.dir.0.join("plain");
     std::fs::write(&plain, "x").unwrap();
     let world = World {

@@ -206,9 +206,7 @@ fn add_and_check_into_the_plugins_own_namespace_are_refused() {
 fn netns_that_is_no_network_namespace_fails_at_once() {
     let f = Fixture::new();
     let fifo = f.dir.0.join("fifo");
-    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
-    // SAFETY: mkfifo on a NUL-terminated path we own.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    common::mkfifo(&fifo);
     let plain = f.dir.0.join("plain");
     std::fs::write(&plain, "x").unwrap();
     let paths = [

@@ -539,3 +539,10 @@ pub fn run_timed(
     );
     (out, took)
 }
+
+/// A FIFO at `path`: what a hostile or mistaken CNI_NETNS can point at (opening it blocks).
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
