@@ -1,15 +1,15 @@
 //! Connects the service to the eBPF dataplane module.
 
 use crate::config::{DaemonConfig, EndpointAttach};
-use crate::dataplane::{
-    AttachMode, Dataplane, DataplaneConfig, Endpoint, PolicyMode, StartOptions, SyncStats,
-};
-use crate::policy::Compiled;
 use crate::service::{EndpointSpec, Forwarding};
 use anyhow::Context as _;
 use std::net::Ipv4Addr;
 use vpcnet_api::CountersInfo;
+use vpcnet_dataplane::{
+    AttachMode, Dataplane, DataplaneConfig, Endpoint, PolicyMode, StartOptions, SyncStats,
+};
 use vpcnet_ipam::Ipam;
+use vpcnet_policy::Compiled;
 
 struct Ebpf(Dataplane);
 
@@ -104,7 +104,7 @@ pub fn forwarding(config: &DaemonConfig, _ipam: &Ipam) -> anyhow::Result<Box<dyn
 }
 
 pub fn uninstall_node(config: &DaemonConfig) -> anyhow::Result<()> {
-    crate::dataplane::uninstall(&config.bpf_dir, &config.uplink)
+    vpcnet_dataplane::uninstall(&config.bpf_dir, &config.uplink)
         .map_err(|errors| {
             let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
             anyhow::anyhow!(

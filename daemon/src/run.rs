@@ -63,13 +63,13 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
 
     let policy = match &config.manifests_dir {
         Some(dir) => {
-            let source = Arc::new(crate::policy::ManifestDir::new(dir.clone()));
+            let source = Arc::new(crate::state::source::ManifestDir::new(dir.clone()));
             if let Err(e) = source.poll() {
                 warn!(error = %e, dir = %dir.display(), "cluster manifests rejected; keeping none until they are fixed");
             }
             source.spawn_watcher(Duration::from_secs(1));
             // The Kubernetes watchers will implement the same trait.
-            Some(source as Arc<dyn crate::policy::StateSource>)
+            Some(source as Arc<dyn crate::state::source::StateSource>)
         }
         None => None,
     };

@@ -1,11 +1,9 @@
 //! What vpcnetd does for each request, independent of the transport. Every method is blocking (IPAM
 //! commits to disk, the dataplane talks to the kernel); the server calls them from `spawn_blocking`.
 
-use crate::cluster_state;
 use crate::config::DaemonConfig;
-use crate::dataplane::SyncStats;
 use crate::metrics::Metrics;
-use crate::policy::Compiled;
+use crate::state::cluster_state;
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -16,7 +14,9 @@ use vpcnet_api::{
     AllocateRequest, Allocation, ApiError, AttachmentKey, CheckRequest, CountersInfo,
     EndpointReadyRequest, GcRequest, RequestBody, ResponseBody, StatusInfo, code,
 };
+use vpcnet_dataplane::SyncStats;
 use vpcnet_ipam::{AllocRequest, Ipam, IpamError, Record};
+use vpcnet_policy::Compiled;
 
 /// A pod endpoint as the dataplane needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +86,7 @@ impl Forwarding for KernelRoutes {
 pub struct Service {
     pub ipam: Arc<Ipam>,
     /// Cluster state for NetworkPolicy (standalone: the watched manifest directory).
-    pub policy: Option<Arc<dyn crate::policy::StateSource>>,
+    pub policy: Option<Arc<dyn crate::state::source::StateSource>>,
     pub fwd: Mutex<Box<dyn Forwarding>>,
     pub config: DaemonConfig,
     pub metrics: Arc<Metrics>,
@@ -138,7 +138,7 @@ impl Readiness {
 #[derive(Default)]
 pub struct PolicySync {
     /// `None` until seeded from what the pinned maps hold.
-    compiler: Option<crate::policy::compile::Compiler>,
+    compiler: Option<vpcnet_policy::compile::Compiler>,
     /// Generation of the cluster state last applied.
     pub generation: Option<u64>,
     pub last_error: Option<String>,
@@ -199,11 +199,11 @@ impl Service {
         let state = source
             .snapshot()
             .map_err(|e| ApiError::new(code::INVALID_CONFIG, format!("cluster state: {e}")))?;
-        let pod = crate::policy::model::ObjRef::new(namespace, name);
+        let pod = vpcnet_policy::model::ObjRef::new(namespace, name);
         // As the sync sees it: this node's pods with their allocated addresses.
         let records = self.ipam.list().map_err(ipam_err)?;
         let state = cluster_state::with_local_allocations(&state, &records, &self.config.node);
-        let mut text = crate::policy::explain(&state, &pod)
+        let mut text = vpcnet_policy::explain(&state, &pod)
             .map_err(|e| ApiError::new(code::UNKNOWN_CONTAINER, e.to_string()))?;
         if let Some(e) = source.last_error() {
             text.push_str(&format!(
@@ -267,13 +267,13 @@ impl Service {
                         return Ok((SyncStats::default(), state.generation()));
                     }
                     let mut c =
-                        crate::policy::compile::Compiler::new(Some(self.config.node.clone()));
+                        vpcnet_policy::compile::Compiler::new(Some(self.config.node.clone()));
                     // Keep the numbers the pinned maps use, so a restart rewrites nothing that
                     // did not change.
                     if let Some(applied) = fwd.applied_policy() {
                         c.seed(applied.ip_identity.iter().filter_map(|(ip, id)| {
                             let pod = state.pod_by_ip(*ip)?;
-                            Some((crate::policy::compile::IdentityKey::of(&state, pod), *id))
+                            Some((vpcnet_policy::compile::IdentityKey::of(&state, pod), *id))
                         }));
                     }
                     slot.insert(c)
@@ -334,7 +334,7 @@ impl Service {
         };
         if let Some(pin) = pin {
             c.conntrack =
-                Some(crate::dataplane::conntrack_entries(&pin).map_err(|e| err(e.to_string()))?);
+                Some(vpcnet_dataplane::conntrack_entries(&pin).map_err(|e| err(e.to_string()))?);
         }
         Ok(c)
     }

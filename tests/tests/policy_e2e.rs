@@ -1,5 +1,5 @@
 //! Kubernetes NetworkPolicy enforced by the eBPF dataplane, checked against the same truth tables
-//! the policy engine is tested with (`daemon/src/policy/scenarios.rs`, included below, not copied).
+//! the policy engine is tested with (`policy/src/scenarios.rs`, included below, not copied).
 //!
 //! A 3-node cluster: namespace x's pods a, b, c on node 1, y's on node 2, z's on node 3, so pairs
 //! inside a namespace stay on one node and every other pair crosses the fabric. Pod addresses
@@ -21,7 +21,7 @@
 //! with one allow, probing without pause: the pinned maps keep enforcing while it is down, the
 //! restart opens no window, and a policy changed while it was down is enforced after it returns.
 
-#[path = "../../daemon/src/policy/scenarios.rs"]
+#[path = "../../policy/src/scenarios.rs"]
 mod scenarios;
 
 use scenarios::{ALL, SCENARIOS, Scenario, XA_CLOSED};

@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 /// even when a manifest does not spell it out.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// Standalone manifests have no `status.podIP`; vpcnet's own address annotation stands in.
-pub const ANNOTATION_IP: &str = crate::cluster_state::ANNOTATION_IP;
+pub const ANNOTATION_IP: &str = "vpcnet.io/ip";
 
 pub type Labels = BTreeMap<String, String>;
 

@@ -1,8 +1,8 @@
 //! Kubernetes NetworkPolicy: the cluster model, exact semantics, and compilation for the dataplane.
 //!
 //! - [`model`]: typed cluster state (namespaces, pods, validated policies) with a generation counter.
-//! - [`source`]: one [`source::StateSource`] interface; [`source::ManifestDir`] feeds it from a
-//!   directory of ordinary manifests (the API-server watcher will implement the same trait).
+//! - [`manifest`]: Kubernetes manifests (YAML/JSON documents) parsed and validated into the model;
+//!   the agent's manifest-directory source and the tests feed states through it.
 //! - [`selector`]: label selectors.
 //! - [`engine`]: the reference semantics — the oracle every other representation is tested against.
 //! - [`cidr`]: IPv4 prefixes, `except` resolution and the LPM-exact prefix table.
@@ -10,18 +10,18 @@
 //!   dataplane whose lookup cost does not depend on the number of pods or policies, plus the
 //!   ordered update plan between two compilations.
 //!
-//! Enforcement lives elsewhere: [`crate::dataplane`] turns a [`Compiled`] into pinned eBPF maps
+//! Enforcement lives elsewhere: the dataplane crate turns a [`Compiled`] into pinned eBPF maps
 //! along [`compile::plan`] (see `dataplane/policy.rs`), and the service
 //! (`Service::sync_policy`) compiles the watched state with this node's IPAM allocations laid
-//! over it ([`crate::cluster_state::with_local_allocations`]) on every state change, before every
+//! over it (the agent's `with_local_allocations`) on every state change, before every
 //! new endpoint and after every release.
 
 pub mod cidr;
 pub mod compile;
 pub mod engine;
+pub mod manifest;
 pub mod model;
 pub mod selector;
-pub mod source;
 
 #[cfg(test)]
 mod engine_tests;
@@ -35,7 +35,6 @@ use std::path::PathBuf;
 pub use compile::{Compiled, compile};
 pub use engine::{Peer, Verdict, allowed, explain};
 pub use model::{ClusterState, Protocol};
-pub use source::{ManifestDir, StateSource};
 
 /// Everything that can go wrong between manifests and a compiled rule set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -18,9 +18,6 @@
 //! at that point.
 
 use super::{DataplaneError, ignore_missing};
-use crate::policy::cidr::Cidr;
-use crate::policy::compile::{Compiled, DirectionRules, EndpointRules, Op, PortSet, UpdatePlan};
-use crate::policy::model::{Direction, PodRef, Protocol};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData};
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,6 +27,9 @@ use vpcnet_common::{
     POLICY_EGRESS_OPEN, POLICY_INGRESS_OPEN, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PROTO,
     PolicyCidrKey, PolicyKey, ip_key,
 };
+use vpcnet_policy::cidr::Cidr;
+use vpcnet_policy::compile::{Compiled, DirectionRules, EndpointRules, Op, PortSet, UpdatePlan};
+use vpcnet_policy::model::{Direction, PodRef, Protocol};
 
 pub(super) const M_POLICY: &str = "POLICY";
 pub(super) const M_POLICY_CIDRS: &str = "POLICY_CIDRS";

@@ -8,12 +8,12 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vpcnet_daemon::dataplane::{
+use vpcnet_dataplane::{
     AttachMode, Dataplane, DataplaneConfig, Endpoint, HOST_VETH_PREFIX, PolicyMode, StartOptions,
 };
-use vpcnet_daemon::policy::compile::{Compiled, Compiler, plan};
-use vpcnet_daemon::policy::source::parse_files;
 use vpcnet_ipam::{NetworkConfig, SubnetConfig};
+use vpcnet_policy::compile::{Compiled, Compiler, plan};
+use vpcnet_policy::manifest::parse_files;
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -31,7 +31,7 @@ struct Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = vpcnet_daemon::dataplane::uninstall(&self.pins, "eth0");
+        let _ = vpcnet_dataplane::uninstall(&self.pins, "eth0");
         let _ = std::fs::remove_dir_all(&self.pins);
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
@@ -47,7 +47,7 @@ const REMOTE: [(&str, &str, Ipv4Addr); 2] = [
     ("z", "a", Ipv4Addr::new(10, 20, 2, 11)),
 ];
 
-fn state(policies: &str) -> vpcnet_daemon::policy::ClusterState {
+fn state(policies: &str) -> vpcnet_policy::ClusterState {
     let mut m = String::new();
     for ns in ["x", "y", "z"] {
         m += &format!(

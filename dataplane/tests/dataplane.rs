@@ -24,9 +24,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use vpcnet_daemon::dataplane::{
-    self, AttachMode, Dataplane, DataplaneConfig, Endpoint, StartOptions,
-};
+use vpcnet_dataplane::{self, AttachMode, Dataplane, DataplaneConfig, Endpoint, StartOptions};
 use vpcnet_ipam::{NetworkConfig, SubnetConfig};
 
 const P1: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 10);
@@ -519,7 +517,7 @@ fn dataplane_end_to_end() {
         t.uplink_attach,
         dp1.attach_mode()
     );
-    assert_eq!(dp1.attach_mode(), dataplane::AttachMode::Tcx);
+    assert_eq!(dp1.attach_mode(), vpcnet_dataplane::AttachMode::Tcx);
     let n1 = topo.ns("n1");
     let n2 = topo.ns("n2");
     for name in ["p1", "p2", "p4"] {
@@ -823,7 +821,7 @@ fn dataplane_end_to_end() {
     for (role, node) in [("n1", "node1"), ("n2", "node2")] {
         let pin_dir = topo.pin_dir(node);
         in_ns(&topo.ns(role), || {
-            dataplane::detach_programs(&pin_dir, "eth0").expect("detach")
+            vpcnet_dataplane::detach_programs(&pin_dir, "eth0").expect("detach")
         });
     }
     topo.pings(&[
@@ -857,8 +855,8 @@ fn dataplane_end_to_end() {
     for (role, node) in [("n1", "node1"), ("n2", "node2")] {
         let pin_dir = topo.pin_dir(node);
         in_ns(&topo.ns(role), || {
-            dataplane::uninstall(&pin_dir, "eth0").expect("uninstall");
-            dataplane::uninstall(&pin_dir, "eth0").expect("uninstall is idempotent");
+            vpcnet_dataplane::uninstall(&pin_dir, "eth0").expect("uninstall");
+            vpcnet_dataplane::uninstall(&pin_dir, "eth0").expect("uninstall is idempotent");
             for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
                 let (_, progs) = SchedClassifier::query_tcx("eth0", dir).unwrap();
                 assert!(progs.is_empty(), "programs left on the uplink");
@@ -919,7 +917,7 @@ fn uninstall_of_nothing_is_ok() {
     let _g = Guard(ns.clone());
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/vpcnet/{prefix}-none"));
     in_ns(&ns, || {
-        dataplane::uninstall(&pin_dir, "lo").expect("nothing to remove is not an error")
+        vpcnet_dataplane::uninstall(&pin_dir, "lo").expect("nothing to remove is not an error")
     });
 }
 
@@ -1056,7 +1054,7 @@ fn kernel_nat_flows_are_reverse_natted() {
     for (role, node) in [("n1", "node1"), ("n2", "node2")] {
         let pin_dir = topo.pin_dir(node);
         in_ns(&topo.ns(role), || {
-            dataplane::uninstall(&pin_dir, "eth0").expect("uninstall")
+            vpcnet_dataplane::uninstall(&pin_dir, "eth0").expect("uninstall")
         });
     }
     drop((dp1, dp2));

@@ -389,7 +389,7 @@ impl Dataplane {
         let t = Instant::now();
         let bpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
-            .load(crate::ebpf_object::BYTES)?;
+            .load(ebpf_object::BYTES)?;
         let load = t.elapsed();
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| io_err(what)(e))?;
         let uplink_mode = if cfg.pin_dir.join(CLASSIC_MARKER).exists() {
@@ -657,17 +657,17 @@ impl Dataplane {
     }
 
     /// What the policy maps hold (address → identity included), as the compile layer's type.
-    pub fn applied_policy(&self) -> &crate::policy::Compiled {
+    pub fn applied_policy(&self) -> &vpcnet_policy::Compiled {
         self.policy.mirror()
     }
 
-    /// Takes the policy maps from what they hold to `new` along [`crate::policy::compile::plan`],
+    /// Takes the policy maps from what they hold to `new` along [`vpcnet_policy::compile::plan`],
     /// phase after phase; when anything narrowed, established connections are judged again.
     pub fn sync_policy(
         &mut self,
-        new: &crate::policy::Compiled,
+        new: &vpcnet_policy::Compiled,
     ) -> Result<SyncStats, DataplaneError> {
-        let plan = crate::policy::compile::plan(self.policy.mirror(), new);
+        let plan = vpcnet_policy::compile::plan(self.policy.mirror(), new);
         if plan.is_empty() {
             return Ok(SyncStats::default());
         }
@@ -1318,4 +1318,10 @@ pub fn uninstall(pin_dir: &Path, uplink: &str) -> Result<(), Vec<DataplaneError>
     } else {
         Err(errors)
     }
+}
+
+/// The eBPF object this dataplane was built with (built by `build.rs`): the loader and its programs
+/// can never drift apart on a node.
+pub mod ebpf_object {
+    pub static BYTES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vpcnet-ebpf"));
 }

@@ -3,8 +3,8 @@
 //! Reads the same watched state the policy layer uses (one parser, one watcher), never the files
 //! themselves: an ADD must not re-parse every manifest.
 
-use crate::policy::ClusterState;
-use crate::policy::model::{ObjRef, Pod};
+use vpcnet_policy::ClusterState;
+use vpcnet_policy::model::{ObjRef, Pod};
 
 pub const ANNOTATION_SUBNET: &str = "vpcnet.io/subnet";
 pub const ANNOTATION_IP: &str = "vpcnet.io/ip";
@@ -85,7 +85,7 @@ pub fn with_local_allocations(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{ManifestDir, StateSource as _};
+    use crate::state::source::{ManifestDir, StateSource as _};
 
     #[test]
     fn pod_annotation_wins_over_namespace_and_ip_is_not_inherited() {

@@ -1,0 +1,442 @@
+//! Kubernetes manifests — YAML or JSON documents, lists included — parsed and validated into the
+//! [`crate::model`]. Pure: the agent's directory watcher reads the files and calls this.
+
+use crate::PolicyError;
+use crate::model::{ClusterState, Namespace, Pod};
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub fn parse_files(files: &[(PathBuf, String)]) -> Result<ClusterState, PolicyError> {
+    let parsed = files
+        .iter()
+        .map(|(path, text)| parse_file(path, text))
+        .collect::<Result<Vec<_>, _>>()?;
+    assemble(parsed.iter().map(|v| v.as_slice()))
+}
+
+/// One object of a manifest, validated, with where it came from (`file#document`).
+#[derive(Debug, Clone)]
+pub struct Object {
+    origin: String,
+    kind: ObjectKind,
+}
+
+impl Object {
+    /// Where the object came from: `file#document`.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+}
+
+#[derive(Debug, Clone)]
+enum ObjectKind {
+    Namespace(Namespace),
+    Pod(Pod),
+    Policy(Arc<crate::model::Policy>),
+}
+
+/// Parses and validates one file's documents. The expensive half of reading the state: a
+/// [`ManifestDir`] keeps the result per file and content, so a change to one file does not
+/// re-parse the others.
+///
+/// Two passes: the first reads only each document's `apiVersion`, `kind` and name, skipping the
+/// rest without building it; the second builds just the wanted documents, straight into their
+/// Kubernetes types. So a file of ConfigMaps or Secrets costs a scan, not a tree of it in memory.
+pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, PolicyError> {
+    let err = |document: usize, reason: String| PolicyError::Manifest {
+        file: path.to_path_buf(),
+        document: document + 1,
+        reason,
+    };
+    let mut wanted = BTreeMap::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let h = Header::deserialize(doc).map_err(|e| err(i, e.to_string()))?;
+        match (h.api_version.as_str(), h.kind.as_str()) {
+            ("v1", "Namespace" | "Pod" | "List") | ("networking.k8s.io/v1", "NetworkPolicy") => {
+                wanted.insert(i, h);
+            }
+            // Ignoring a policy we cannot read would silently allow what it denies.
+            (api, "NetworkPolicy") => {
+                return Err(err(
+                    i,
+                    format!(
+                        "NetworkPolicy with apiVersion {api:?}: only networking.k8s.io/v1 is supported"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if wanted.is_empty() {
+        return Ok(out);
+    }
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let Some(h) = wanted.get(&i) else { continue };
+        let origin = format!("{}#{}", path.display(), i + 1);
+        let describe = |e: &dyn std::fmt::Display| {
+            let name = h.name.as_deref().unwrap_or("(unnamed)");
+            format!("{} {name}: {e}", h.kind)
+        };
+        let kind = match h.kind.as_str() {
+            "Namespace" => {
+                let ns = core::Namespace::deserialize(doc).map_err(|e| err(i, describe(&e)))?;
+                ObjectKind::Namespace(Namespace::from_k8s(&ns).map_err(|e| err(i, e.to_string()))?)
+            }
+            "Pod" => {
+                let pod = core::Pod::deserialize(doc).map_err(|e| err(i, describe(&e)))?;
+                ObjectKind::Pod(Pod::from_k8s(&pod).map_err(|e| err(i, e.to_string()))?)
+            }
+            "NetworkPolicy" => {
+                let np = NetworkPolicy::deserialize(doc).map_err(|e| err(i, describe(&e)))?;
+                ObjectKind::Policy(Arc::new(
+                    crate::model::Policy::from_k8s(&np).map_err(|e| err(i, e.to_string()))?,
+                ))
+            }
+            _ => {
+                serde::Deserializer::deserialize_map(
+                    doc,
+                    ListVisitor {
+                        origin: &origin,
+                        out: &mut out,
+                    },
+                )
+                .map_err(|e| err(i, e.to_string()))?;
+                continue;
+            }
+        };
+        out.push(Object { origin, kind });
+    }
+    Ok(out)
+}
+
+/// What a document is: its `apiVersion`, `kind` and `metadata.name`, everything else skipped.
+/// Anything but a mapping (an empty document, a scalar) is no object and is ignored.
+#[derive(Debug, Default)]
+struct Header {
+    api_version: String,
+    kind: String,
+    name: Option<String>,
+}
+
+/// The visitor methods of a lenient visitor: whatever is not a mapping gives the default.
+macro_rules! default_unless_map {
+    () => {
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(Default::default())
+        }
+        fn visit_enum<A: serde::de::EnumAccess<'de>>(
+            self,
+            data: A,
+        ) -> Result<Self::Value, A::Error> {
+            use serde::de::VariantAccess as _;
+            let (serde::de::IgnoredAny, v) = data.variant()?;
+            v.newtype_variant::<serde::de::IgnoredAny>()?;
+            Ok(Default::default())
+        }
+    };
+}
+
+/// A string field's value; anything else reads as empty (and is skipped).
+#[derive(Default)]
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Text, E> {
+                Ok(Text(s.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<Text, E> {
+                Ok(Text::default())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Text::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Text::default())
+            }
+            fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<Text, A::Error> {
+                use serde::de::VariantAccess as _;
+                let (serde::de::IgnoredAny, v) = data.variant()?;
+                v.newtype_variant::<serde::de::IgnoredAny>()?;
+                Ok(Text::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `metadata.name`, the rest of `metadata` skipped.
+#[derive(Default)]
+struct MetaName(Option<String>);
+
+impl<'de> Deserialize<'de> for MetaName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MetaName;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("object metadata")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<MetaName, A::Error> {
+                let mut name = None;
+                while let Some(Text(k)) = map.next_key::<Text>()? {
+                    if k == "name" {
+                        name = Some(map.next_value::<Text>()?.0);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(MetaName(name))
+            }
+            default_unless_map!();
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Header {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Header;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a Kubernetes object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Header, A::Error> {
+                let mut h = Header::default();
+                while let Some(Text(k)) = map.next_key::<Text>()? {
+                    match k.as_str() {
+                        "apiVersion" => h.api_version = map.next_value::<Text>()?.0,
+                        "kind" => h.kind = map.next_value::<Text>()?.0,
+                        "metadata" => h.name = map.next_value::<MetaName>()?.0,
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(h)
+            }
+            default_unless_map!();
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A `kind: List` document: its items are built one at a time, each dropped once its object (if
+/// it is of a wanted kind) is taken out.
+struct ListVisitor<'a> {
+    origin: &'a str,
+    out: &'a mut Vec<Object>,
+}
+
+impl<'de> serde::de::Visitor<'de> for ListVisitor<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a List")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Text(k)) = map.next_key::<Text>()? {
+            if k == "items" {
+                map.next_value_seed(ItemsSeed {
+                    origin: self.origin,
+                    out: &mut *self.out,
+                })?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct ItemsSeed<'a> {
+    origin: &'a str,
+    out: &'a mut Vec<Object>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ItemsSeed<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ItemsSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a sequence of objects")
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut j = 0;
+        while let Some(item) = seq.next_element::<serde_yaml::Value>()? {
+            objects(item, &format!("{} item {j}", self.origin), self.out)
+                .map_err(|e| serde::de::Error::custom(format!("items[{j}]: {e}")))?;
+            j += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Builds one state from parsed files; the same object twice fails the whole state.
+pub fn assemble<'a>(
+    files: impl IntoIterator<Item = &'a [Object]>,
+) -> Result<ClusterState, PolicyError> {
+    let mut state = ClusterState::new();
+    let mut seen: BTreeMap<(&'static str, String), &str> = BTreeMap::new();
+    for o in files.into_iter().flatten() {
+        let (kind, name) = match &o.kind {
+            ObjectKind::Namespace(ns) => ("Namespace", ns.name.clone()),
+            ObjectKind::Pod(p) => ("Pod", p.key().to_string()),
+            ObjectKind::Policy(p) => ("NetworkPolicy", p.key().to_string()),
+        };
+        if let Some(first) = seen.get(&(kind, name.clone())) {
+            return Err(PolicyError::Duplicate {
+                kind,
+                name,
+                first: first.to_string(),
+                second: o.origin.clone(),
+            });
+        }
+        seen.insert((kind, name), &o.origin);
+        match &o.kind {
+            ObjectKind::Namespace(ns) => state.upsert_namespace(ns.clone()),
+            ObjectKind::Pod(p) => state.upsert_pod(p.clone()),
+            ObjectKind::Policy(p) => state.insert_policy(p.clone()),
+        }
+    }
+    Ok(state)
+}
+
+fn objects(value: serde_yaml::Value, origin: &str, out: &mut Vec<Object>) -> Result<(), String> {
+    if value.is_null() {
+        return Ok(()); // an empty document, e.g. a trailing `---`
+    }
+    let field = |k: &str| {
+        value
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let (api, kind) = (field("apiVersion"), field("kind"));
+    let describe = |e: &dyn std::fmt::Display| {
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("(unnamed)");
+        format!("{kind} {name}: {e}")
+    };
+    let mut push = |kind| {
+        out.push(Object {
+            origin: origin.to_string(),
+            kind,
+        })
+    };
+    match (api.as_str(), kind.as_str()) {
+        ("v1", "Namespace") => {
+            let ns: core::Namespace =
+                serde_yaml::from_value(value.clone()).map_err(|e| describe(&e))?;
+            push(ObjectKind::Namespace(
+                Namespace::from_k8s(&ns).map_err(|e| e.to_string())?,
+            ));
+        }
+        ("v1", "Pod") => {
+            let pod: core::Pod = serde_yaml::from_value(value.clone()).map_err(|e| describe(&e))?;
+            push(ObjectKind::Pod(
+                Pod::from_k8s(&pod).map_err(|e| e.to_string())?,
+            ));
+        }
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            let np: NetworkPolicy =
+                serde_yaml::from_value(value.clone()).map_err(|e| describe(&e))?;
+            push(ObjectKind::Policy(Arc::new(
+                crate::model::Policy::from_k8s(&np).map_err(|e| e.to_string())?,
+            )));
+        }
+        // Ignoring a policy we cannot read would silently allow what it denies.
+        (_, "NetworkPolicy") => {
+            return Err(format!(
+                "NetworkPolicy with apiVersion {api:?}: only networking.k8s.io/v1 is supported"
+            ));
+        }
+        ("v1", "List") => {
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
+            for (j, item) in items.into_iter().enumerate() {
+                objects(item, &format!("{origin} item {j}"), out)
+                    .map_err(|e| format!("items[{j}]: {e}"))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
