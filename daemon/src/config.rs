@@ -118,8 +118,14 @@ impl DaemonConfig {
             path: p.clone(),
             source,
         })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses a config file's text (`path` only names it in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
+        let p = path.display().to_string();
         let config: DaemonConfig =
-            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
                 path: p.clone(),
                 source,
             })?;

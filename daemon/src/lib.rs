@@ -8,3 +8,5 @@ pub mod run;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod topology;
+pub mod watch;

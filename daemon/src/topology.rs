@@ -1,0 +1,309 @@
+//! The topology — virtual networks, their subnets and this node's blocks — as a value that changes
+//! at runtime, published by a source and applied live by IPAM and the dataplane.
+//!
+//! Standalone mode publishes the `ipam:` section of the daemon's own config file ([`ConfigFile`]),
+//! re-read whenever the file (or, for a mounted ConfigMap, its directory's `..data` symlink)
+//! changes; the Kubernetes mode publishes the VirtualNetwork and Subnet objects through the same
+//! [`TopologySource`]. A topology that fails validation is reported and never published: the one
+//! in force stays, because half a topology would strand pods or open routes.
+
+use crate::config::DaemonConfig;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash as _, Hasher as _};
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use vpcnet_ipam::IpamConfig;
+
+/// Networks, subnets and blocks as one consistent value. `generation` grows by one with every
+/// published change, so logs, metrics and STATUS can say which topology is in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub generation: u64,
+    pub ipam: IpamConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopologyError {
+    #[error("{path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("{path}: {reason} (the topology in force stays until this is fixed)")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// A feed of whole, validated topologies. There is always one in force: the one the daemon
+/// started with until a newer one is published.
+pub trait TopologySource: Send + Sync {
+    fn current(&self) -> Arc<Topology>;
+    /// Fires on every newly published topology.
+    fn subscribe(&self) -> watch::Receiver<Arc<Topology>>;
+    /// Why the newest input was rejected, if it was.
+    fn last_error(&self) -> Option<TopologyError>;
+}
+
+/// Largest config file read: a topology of thousands of nodes' blocks is well below this.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+struct Inner {
+    /// Hash of the last text looked at, valid or not: an unchanged file is neither re-parsed
+    /// nor re-reported.
+    seen: Option<u64>,
+    error: Option<TopologyError>,
+}
+
+/// The `ipam:` section of the daemon's config file, followed live. Only the topology is taken
+/// from a changed file; any other setting needs a restart, and a change to one is logged once.
+pub struct ConfigFile {
+    path: PathBuf,
+    /// The config as the daemon started with it (after command-line overrides).
+    running: DaemonConfig,
+    tx: watch::Sender<Arc<Topology>>,
+    inner: Mutex<Inner>,
+}
+
+impl ConfigFile {
+    pub fn new(path: impl Into<PathBuf>, running: DaemonConfig) -> Arc<ConfigFile> {
+        let topology = Arc::new(Topology {
+            generation: 1,
+            ipam: running.ipam.clone(),
+        });
+        Arc::new(ConfigFile {
+            path: path.into(),
+            running,
+            tx: watch::Sender::new(topology),
+            inner: Mutex::new(Inner {
+                seen: None,
+                error: None,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the file once; publishes its topology if it is valid and differs from the one in
+    /// force. `Ok(true)` when a new topology was published.
+    pub fn poll(&self) -> Result<bool, TopologyError> {
+        let text = match read_bounded(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                // A ConfigMap update swaps a symlink: the file can be missing for an instant.
+                // Keep what is in force and say so once.
+                return Err(self.reject(None, e));
+            }
+        };
+        let mut h = DefaultHasher::new();
+        text.hash(&mut h);
+        let hash = h.finish();
+        if self.lock().seen == Some(hash) {
+            return match self.lock().error.clone() {
+                Some(e) => Err(e),
+                None => Ok(false),
+            };
+        }
+        let invalid = |reason: String| TopologyError::Invalid {
+            path: self.path.clone(),
+            reason,
+        };
+        let parsed = DaemonConfig::parse(&self.path, &text).map_err(|e| invalid(e.to_string()));
+        let parsed = parsed.and_then(|c| {
+            c.ipam
+                .validate()
+                .map_err(|e| invalid(e.to_string()))
+                .map(|()| c)
+        });
+        let new = match parsed {
+            Ok(c) => c,
+            Err(e) => return Err(self.reject(Some(hash), e)),
+        };
+        self.warn_restart_only_changes(&new);
+        {
+            let mut inner = self.lock();
+            inner.seen = Some(hash);
+            inner.error = None;
+        }
+        let current = self.tx.borrow().clone();
+        if current.ipam == new.ipam {
+            return Ok(false);
+        }
+        let next = Arc::new(Topology {
+            generation: current.generation + 1,
+            ipam: new.ipam,
+        });
+        tracing::info!(generation = next.generation, path = %self.path.display(), "new topology");
+        self.tx.send_replace(next);
+        Ok(true)
+    }
+
+    fn reject(&self, hash: Option<u64>, e: TopologyError) -> TopologyError {
+        let mut inner = self.lock();
+        if inner.error.as_ref() != Some(&e) {
+            tracing::warn!(error = %e, "topology change rejected");
+        }
+        inner.error = Some(e.clone());
+        inner.seen = hash;
+        e
+    }
+
+    fn warn_restart_only_changes(&self, new: &DaemonConfig) {
+        let running = &self.running;
+        let mut candidate = new.clone();
+        // Neither the topology (applied live) nor the node name (the command line may override
+        // it) is a restart-only setting.
+        candidate.ipam = running.ipam.clone();
+        candidate.node = running.node.clone();
+        let (a, b) = (
+            serde_json::to_string(running).unwrap_or_default(),
+            serde_json::to_string(&candidate).unwrap_or_default(),
+        );
+        if a != b {
+            tracing::warn!(path = %self.path.display(),
+                "settings other than the topology changed; they take effect when vpcnetd restarts");
+        }
+    }
+
+    /// Follows the file until this `ConfigFile` is dropped. Watches the directory, not the file:
+    /// a mounted ConfigMap replaces the file by renaming a symlink.
+    pub fn spawn_watcher(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        crate::watch::spawn_dir_watcher(self, &dir, interval, "config file", |me: &Self| {
+            let _ = me.poll();
+        })
+    }
+}
+
+impl TopologySource for ConfigFile {
+    fn current(&self) -> Arc<Topology> {
+        self.tx.borrow().clone()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<Topology>> {
+        self.tx.subscribe()
+    }
+
+    fn last_error(&self) -> Option<TopologyError> {
+        self.lock().error.clone()
+    }
+}
+
+fn read_bounded(path: &Path) -> Result<String, TopologyError> {
+    let unreadable = |reason: String| TopologyError::Unreadable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| unreadable(e.to_string()))?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| unreadable(e.to_string()))?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(unreadable(format!(
+            "larger than {} MiB",
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "node: n1\nuplink: eth0\nmetrics_addr: null\n";
+
+    fn ipam(blocks: &str) -> String {
+        format!(
+            "ipam:\n  networks:\n  - name: vpc\n    id: 1\n    subnets:\n    - name: s1\n      cidr: 10.1.0.0/16\n      blocks: {{ n1: [{blocks}] }}\n"
+        )
+    }
+
+    fn source(text: &str) -> (tempfile::TempDir, PathBuf, Arc<ConfigFile>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vpcnetd.yaml");
+        std::fs::write(&path, text).unwrap();
+        let running = DaemonConfig::load(&path).unwrap();
+        let src = ConfigFile::new(&path, running);
+        (dir, path, src)
+    }
+
+    #[test]
+    fn a_changed_topology_is_published_with_the_next_generation() {
+        let (_d, path, src) = source(&format!("{BASE}{}", ipam("10.1.0.0/26")));
+        assert_eq!(src.poll(), Ok(false), "the running topology is not news");
+        let rx = src.subscribe();
+        std::fs::write(
+            &path,
+            format!("{BASE}{}", ipam("10.1.0.0/26, 10.1.0.64/26")),
+        )
+        .unwrap();
+        assert_eq!(src.poll(), Ok(true));
+        assert!(rx.has_changed().unwrap());
+        let t = src.current();
+        assert_eq!(t.generation, 2);
+        assert_eq!(t.ipam.networks[0].subnets[0].node_blocks("n1").len(), 2);
+        assert_eq!(src.poll(), Ok(false), "an unchanged file publishes nothing");
+    }
+
+    #[test]
+    fn an_invalid_or_missing_file_keeps_the_topology_in_force() {
+        let (_d, path, src) = source(&format!("{BASE}{}", ipam("10.1.0.0/26")));
+        let before = src.current();
+        std::fs::write(&path, format!("{BASE}{}", ipam("10.9.0.0/26"))).unwrap();
+        let e = src.poll().unwrap_err();
+        assert!(matches!(e, TopologyError::Invalid { .. }), "{e}");
+        assert_eq!(src.current(), before);
+        assert_eq!(src.last_error(), Some(e));
+        std::fs::write(&path, "node: [").unwrap();
+        assert!(matches!(src.poll(), Err(TopologyError::Invalid { .. })));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(src.poll(), Err(TopologyError::Unreadable { .. })));
+        assert_eq!(src.current(), before);
+        std::fs::write(&path, format!("{BASE}{}", ipam("10.1.0.64/26"))).unwrap();
+        assert_eq!(src.poll(), Ok(true), "fixed input is applied");
+        assert_eq!(src.last_error(), None);
+    }
+
+    #[tokio::test]
+    async fn the_watcher_sees_a_configmap_style_symlink_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let data1 = dir.path().join("..data1");
+        std::fs::create_dir(&data1).unwrap();
+        std::fs::write(
+            data1.join("vpcnetd.yaml"),
+            format!("{BASE}{}", ipam("10.1.0.0/26")),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("..data1", dir.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/vpcnetd.yaml", dir.path().join("vpcnetd.yaml")).unwrap();
+        let path = dir.path().join("vpcnetd.yaml");
+        let src = ConfigFile::new(&path, DaemonConfig::load(&path).unwrap());
+        let _w = src.spawn_watcher(Duration::from_secs(60));
+        let mut rx = src.subscribe();
+        // The watcher's first look happens at once; the swap must be seen by a later one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(src.current().generation, 1);
+        // What kubelet does: new data dir, then an atomic rename of the `..data` symlink.
+        let data2 = dir.path().join("..data2");
+        std::fs::create_dir(&data2).unwrap();
+        std::fs::write(
+            data2.join("vpcnetd.yaml"),
+            format!("{BASE}{}", ipam("10.1.0.0/26, 10.1.1.0/26")),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("..data2", dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("the swap is seen well before the fallback poll")
+            .unwrap();
+        assert_eq!(src.current().generation, 2);
+    }
+}
