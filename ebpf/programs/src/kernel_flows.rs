@@ -47,12 +47,12 @@ static KERNEL_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(MAX_KER
 /// Whether the packet belongs to a flow this table can hold: a connection's TCP or UDP packet.
 #[inline(always)]
 fn applies(pkt: &Packet) -> bool {
-    pkt.tracked && (pkt.key.proto == IPPROTO_TCP || pkt.key.proto == IPPROTO_UDP)
+    pkt.l4.tracked && (pkt.l4.key.proto == IPPROTO_TCP || pkt.l4.key.proto == IPPROTO_UDP)
 }
 
 #[inline(always)]
 fn timeout(pkt: &Packet) -> u64 {
-    if pkt.key.proto == IPPROTO_TCP {
+    if pkt.l4.key.proto == IPPROTO_TCP {
         KERNEL_FLOW_TCP_TIMEOUT_NS
     } else {
         KERNEL_FLOW_UDP_TIMEOUT_NS
@@ -67,7 +67,7 @@ pub(crate) fn carried(pkt: &Packet) -> bool {
     if !applies(pkt) {
         return false;
     }
-    let Some(v) = KERNEL_FLOWS.get_ptr_mut(pkt.key) else {
+    let Some(v) = KERNEL_FLOWS.get_ptr_mut(pkt.l4.key) else {
         return false;
     };
     let now = now_ns();
@@ -77,10 +77,10 @@ pub(crate) fn carried(pkt: &Packet) -> bool {
     if expires <= now {
         return false;
     }
-    if pkt.tcp_flags & TCP_SYN != 0
+    if pkt.l4.tcp_flags & TCP_SYN != 0
         && (syn_ns <= fin_ns || now.saturating_sub(syn_ns) > KERNEL_FLOW_SYN_WINDOW_NS)
     {
-        let _ = KERNEL_FLOWS.remove(pkt.key);
+        let _ = KERNEL_FLOWS.remove(pkt.l4.key);
         count_node(NodeCounter::KernelFlowStale);
         return false;
     }
@@ -90,7 +90,7 @@ pub(crate) fn carried(pkt: &Packet) -> bool {
         if fresh > expires + REFRESH_NS {
             (*v).expires_ns = fresh;
         }
-        if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        if pkt.l4.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             (*v).fin_ns = now;
         }
     }
@@ -107,8 +107,8 @@ pub(crate) fn record(pkt: &Packet) {
     let key = pkt.reply_key();
     let now = now_ns();
     let expires = now + timeout(pkt);
-    let syn = pkt.tcp_flags & TCP_SYN != 0;
-    let fin = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let syn = pkt.l4.tcp_flags & TCP_SYN != 0;
+    let fin = pkt.l4.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     if let Some(v) = KERNEL_FLOWS.get_ptr_mut(key) {
         // SAFETY: see `carried`.
         unsafe {

@@ -78,6 +78,15 @@ pub(crate) fn addressed_to_host(ctx: &TcContext) -> bool {
 /// which sides it may trust to be local pods.
 pub(crate) struct Packet {
     pub(crate) ctx: TcContext,
+    pub(crate) l4: L4,
+    /// The sender, when it is an endpoint of this node the program has authenticated.
+    pub(crate) src_ep: Option<EndpointInfo>,
+    /// The receiver, when it is an endpoint of this node.
+    pub(crate) dst_ep: Option<EndpointInfo>,
+}
+
+/// What policy, conntrack and the kernel-flow table need of an IPv4 packet.
+pub(crate) struct L4 {
     /// The tuple as the packet carries it. Ports in network byte order; ICMP echo carries its
     /// identifier as both ports; 0 where the protocol has no ports or this fragment does not
     /// carry them.
@@ -90,10 +99,6 @@ pub(crate) struct Packet {
     /// echo request. Only these create conntrack entries, so a reply cannot open the way for
     /// the direction it answers.
     pub(crate) opens: bool,
-    /// The sender, when it is an endpoint of this node the program has authenticated.
-    pub(crate) src_ep: Option<EndpointInfo>,
-    /// The receiver, when it is an endpoint of this node.
-    pub(crate) dst_ep: Option<EndpointInfo>,
 }
 
 impl Packet {
@@ -107,17 +112,19 @@ impl Packet {
         let dst: u32 = ctx.load(OFF_IP_DST).map_err(|_| DropReason::Malformed)?;
         let mut pkt = Packet {
             ctx,
-            key: FlowKey {
-                src,
-                dst,
-                sport: 0,
-                dport: 0,
-                proto: 0,
-                _pad: [0; 3],
+            l4: L4 {
+                key: FlowKey {
+                    src,
+                    dst,
+                    sport: 0,
+                    dport: 0,
+                    proto: 0,
+                    _pad: [0; 3],
+                },
+                tcp_flags: 0,
+                tracked: false,
+                opens: false,
             },
-            tcp_flags: 0,
-            tracked: false,
-            opens: false,
             src_ep: None,
             dst_ep: None,
         };
@@ -132,7 +139,7 @@ impl Packet {
             return;
         };
         let proto = w[3];
-        self.key.proto = proto;
+        self.l4.key.proto = proto;
         if (w[0] & 0x1f) != 0 || w[1] != 0 {
             // A non-first fragment: no ports. Judged with port 0.
             return;
@@ -143,28 +150,28 @@ impl Packet {
                 let Ok(ports) = ctx.load::<[u16; 2]>(l4) else {
                     return;
                 };
-                self.key.sport = ports[0];
-                self.key.dport = ports[1];
+                self.l4.key.sport = ports[0];
+                self.l4.key.dport = ports[1];
                 if proto == IPPROTO_TCP {
                     let Ok(flags) = ctx.load::<u8>(l4 + OFF_TCP_FLAGS) else {
                         return;
                     };
-                    self.tcp_flags = flags;
-                    self.opens = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                    self.l4.tcp_flags = flags;
+                    self.l4.opens = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
                 } else {
-                    self.opens = true;
+                    self.l4.opens = true;
                 }
-                self.tracked = true;
+                self.l4.tracked = true;
             }
             IPPROTO_ICMP => {
                 let (Ok(ty), Ok(id)) = (ctx.load::<u8>(l4), ctx.load::<u16>(l4 + 4)) else {
                     return;
                 };
                 if ty == ICMP_ECHO_REQUEST || ty == ICMP_ECHO_REPLY {
-                    self.key.sport = id;
-                    self.key.dport = id;
-                    self.tracked = true;
-                    self.opens = ty == ICMP_ECHO_REQUEST;
+                    self.l4.key.sport = id;
+                    self.l4.key.dport = id;
+                    self.l4.tracked = true;
+                    self.l4.opens = ty == ICMP_ECHO_REQUEST;
                 }
             }
             _ => {}
@@ -173,23 +180,23 @@ impl Packet {
 
     #[inline(always)]
     pub(crate) fn src(&self) -> u32 {
-        self.key.src
+        self.l4.key.src
     }
 
     #[inline(always)]
     pub(crate) fn dst(&self) -> u32 {
-        self.key.dst
+        self.l4.key.dst
     }
 
     /// The tuple of the packets that answer this one.
     #[inline(always)]
     pub(crate) fn reply_key(&self) -> FlowKey {
         FlowKey {
-            src: self.key.dst,
-            dst: self.key.src,
-            sport: self.key.dport,
-            dport: self.key.sport,
-            proto: self.key.proto,
+            src: self.l4.key.dst,
+            dst: self.l4.key.src,
+            sport: self.l4.key.dport,
+            dport: self.l4.key.sport,
+            proto: self.l4.key.proto,
             _pad: [0; 3],
         }
     }

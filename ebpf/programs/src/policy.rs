@@ -42,14 +42,14 @@ static POLICY_EPOCH: Array<u32> = Array::pinned(1, 0);
 /// selects.
 #[inline(always)]
 pub(crate) fn enforce(pkt: &Packet) -> Result<(), DropReason> {
-    // Copies: the packet's address reaches map helpers below, after which the compiler could
-    // no longer tell that an endpoint the program never set is `None`.
+    // Copied out before conntrack hands the packet's tuple to map helpers: what is read back
+    // after such a call is unknown to the compiler, and the verifier explores both arms.
     let (src_ep, dst_ep) = (pkt.src_ep, pkt.dst_ep);
     let (src_ep, dst_ep) = (src_ep.as_ref(), dst_ep.as_ref());
     if !isolated(src_ep) && !isolated(dst_ep) {
         return Ok(());
     }
-    let k = pkt.key;
+    let k = pkt.l4.key;
     let epoch = policy_epoch();
     if let Some(entry) = conntrack::lookup(pkt) {
         if entry.epoch != epoch {
@@ -69,7 +69,7 @@ pub(crate) fn enforce(pkt: &Packet) -> Result<(), DropReason> {
         return Ok(());
     }
     judge(k.src, src_ep, k.dst, dst_ep, k.proto, k.dport)?;
-    if pkt.tracked && pkt.opens {
+    if pkt.l4.tracked && pkt.l4.opens {
         conntrack::create(pkt, epoch);
     }
     Ok(())
