@@ -289,7 +289,7 @@ pub struct Counters {
     pub node: Vec<(String, u64)>,
 }
 
-/// What [`Dataplane::restore_endpoints`] did.
+/// What [`Dataplane::restore_endpoints`] did; every list is sorted by address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RestoreReport {
     /// Endpoints of the list whose record was written (missing, or different from the list)
@@ -892,6 +892,10 @@ impl Dataplane {
                 let _ = sys::detach_and_unpin(&entry.path());
             }
         }
+        report.written.sort();
+        report.kept.sort();
+        report.removed.sort();
+        report.skipped.sort();
         Ok(())
     }
 
