@@ -3,19 +3,29 @@
 use crate::config::{DaemonConfig, EndpointAttach};
 use crate::service::{EndpointSpec, Forwarding};
 use anyhow::Context as _;
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use vpcnet_api::CountersInfo;
+use std::sync::OnceLock;
+use vpcnet_api::{CountersInfo, EndpointCounters};
 use vpcnet_dataplane::{
     AttachMode, Dataplane, DataplaneConfig, Endpoint, PolicyMode, StartOptions, SyncStats,
 };
 use vpcnet_ipam::Ipam;
 use vpcnet_policy::Compiled;
 
-struct Ebpf(Dataplane);
+/// The dataplane behind the service's `Forwarding` port. The dataplane itself is `Sync` with its
+/// own locks; the port's `&mut self` methods just call its `&self` ones.
+struct Ebpf {
+    dp: Dataplane,
+    /// A copy of the applied policy for `applied_policy`, which must hand out a plain reference
+    /// while the dataplane keeps its mirror under the policy lock. Taken on demand (the service
+    /// asks once, when it seeds its compiler) and dropped by every sync.
+    applied: OnceLock<Compiled>,
+}
 
 impl Forwarding for Ebpf {
     fn add_endpoint(&mut self, ep: &EndpointSpec) -> Result<(), String> {
-        self.0
+        self.dp
             .add_endpoint(&Endpoint {
                 ip: ep.ip,
                 host_ifindex: ep.host_ifindex,
@@ -25,22 +35,39 @@ impl Forwarding for Ebpf {
             .map_err(|e| e.to_string())
     }
     fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), String> {
-        self.0.remove_endpoint(ip).map_err(|e| e.to_string())
+        self.dp.remove_endpoint(ip).map_err(|e| e.to_string())
     }
     fn endpoints(&self) -> Result<Vec<Ipv4Addr>, String> {
-        self.0
+        self.dp
             .endpoints()
             .map(|v| v.into_iter().map(|e| e.ip).collect())
             .map_err(|e| e.to_string())
     }
     fn counters(&self) -> Result<CountersInfo, String> {
-        self.0.counters().map_err(|e| e.to_string())
+        let c = self.dp.counters().map_err(|e| e.to_string())?;
+        Ok(CountersInfo {
+            endpoints: c
+                .endpoints
+                .into_iter()
+                .map(|e| EndpointCounters {
+                    ip: e.ip,
+                    rx_packets: e.rx_packets,
+                    rx_bytes: e.rx_bytes,
+                    tx_packets: e.tx_packets,
+                    tx_bytes: e.tx_bytes,
+                })
+                .collect(),
+            drops: c.drops,
+            node: c.node,
+            // Filled in by the service outside its lock: see `conntrack_entries`.
+            conntrack: None,
+        })
     }
     fn describe(&self) -> String {
         format!(
             "eBPF (uplink {:?}, endpoints {:?}, NetworkPolicy {})",
-            self.0.attach_mode(),
-            self.0.endpoint_attach_mode(),
+            self.dp.attach_mode(),
+            self.dp.endpoint_attach_mode(),
             if self.enforces_policy() {
                 "enforced"
             } else {
@@ -49,19 +76,24 @@ impl Forwarding for Ebpf {
         )
     }
     fn health(&self) -> Result<(), String> {
-        self.0.health().map_or(Ok(()), Err)
+        self.dp.health().map_or(Ok(()), Err)
     }
     fn enforces_policy(&self) -> bool {
-        self.0.policy_mode() == PolicyMode::Enforce
+        self.dp.policy_mode() == PolicyMode::Enforce
     }
     fn conntrack_pin(&self) -> Option<std::path::PathBuf> {
-        Some(self.0.conntrack_pin())
+        Some(self.dp.conntrack_pin())
     }
     fn applied_policy(&self) -> Option<&Compiled> {
-        Some(self.0.applied_policy())
+        Some(
+            self.applied
+                .get_or_init(|| self.dp.applied_policy().clone()),
+        )
     }
     fn sync_policy(&mut self, new: &Compiled) -> Result<SyncStats, String> {
-        self.0.sync_policy(new).map_err(|e| e.to_string())
+        // Also after a failed sync: the maps may hold part of the plan.
+        self.applied = OnceLock::new();
+        self.dp.sync_policy(new).map_err(|e| e.to_string())
     }
 }
 
@@ -81,7 +113,57 @@ fn dataplane_config(config: &DaemonConfig) -> DataplaneConfig {
     }
 }
 
-pub fn forwarding(config: &DaemonConfig, _ipam: &Ipam) -> anyhow::Result<Box<dyn Forwarding>> {
+/// The endpoints to restore: the store's allocations (the durable list) whose host veth is on the
+/// node, with the pod MAC the store does not keep yet taken from the pinned map's records
+/// (readable across record layouts, see `pinned_endpoints`). An allocation without a known MAC
+/// is left out: its pod was never wired to the dataplane (the plugin's ADD failed before) or the
+/// map was lost, and the service's reconcile handles it like a pod without an endpoint.
+fn durable_endpoints(config: &DaemonConfig, ipam: &Ipam) -> anyhow::Result<Vec<Endpoint>> {
+    let pinned: BTreeMap<Ipv4Addr, Endpoint> =
+        match vpcnet_dataplane::pinned_endpoints(&config.bpf_dir) {
+            Ok(eps) => eps.into_iter().map(|e| (e.ip, e)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "pinned endpoint records unreadable");
+                BTreeMap::new()
+            }
+        };
+    let ids: BTreeMap<&str, u16> = config
+        .ipam
+        .networks
+        .iter()
+        .map(|n| (n.name.as_str(), n.id))
+        .collect();
+    let mut out = Vec::new();
+    for r in ipam.list().context("listing allocations")? {
+        let Some(&network_id) = ids.get(r.network.as_str()) else {
+            tracing::warn!(ip = %r.ip, network = %r.network, "allocation of an unknown network; not restored");
+            continue;
+        };
+        let Some(host_ifindex) = ifindex(&r.host_veth) else {
+            continue;
+        };
+        let Some(mac) = pinned.get(&r.ip).map(|e| e.pod_mac) else {
+            tracing::warn!(ip = %r.ip, "no pod MAC recorded for the allocation; not restored");
+            continue;
+        };
+        out.push(Endpoint {
+            ip: r.ip,
+            host_ifindex,
+            pod_mac: mac,
+            network_id,
+        });
+    }
+    Ok(out)
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated string that outlives the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+pub fn forwarding(config: &DaemonConfig, ipam: &Ipam) -> anyhow::Result<Box<dyn Forwarding>> {
     let endpoint_attach = match config.endpoint_attach {
         EndpointAttach::Classic => AttachMode::Classic,
         EndpointAttach::Tcx => AttachMode::Tcx,
@@ -93,14 +175,29 @@ pub fn forwarding(config: &DaemonConfig, _ipam: &Ipam) -> anyhow::Result<Box<dyn
     } else {
         PolicyMode::Open
     };
-    let dp = Dataplane::start_with(
+    let endpoints = durable_endpoints(config, ipam)?;
+    let (dp, report) = Dataplane::start_restoring(
         dataplane_config(config),
         StartOptions {
             endpoint_attach,
             policy,
         },
+        &endpoints,
     )?;
-    Ok(Box::new(Ebpf(dp)))
+    for (ip, why) in &report.skipped {
+        tracing::warn!(%ip, reason = %why, "endpoint not restored");
+    }
+    tracing::info!(
+        written = report.written.len(),
+        kept = report.kept.len(),
+        removed = report.removed.len(),
+        recreated_maps = ?report.recreated_maps,
+        "endpoints restored from the store"
+    );
+    Ok(Box::new(Ebpf {
+        dp,
+        applied: OnceLock::new(),
+    }))
 }
 
 pub fn uninstall_node(config: &DaemonConfig) -> anyhow::Result<()> {

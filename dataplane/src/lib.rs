@@ -71,12 +71,27 @@
 //!   VPC destination the programs should have handled, so nothing reaches pods behind the
 //!   programs' back — see [`nft::render`].
 //! * **Attach**: the uplink program through a TCX link pinned in `pin_dir` (clsact only when
-//!   TCX attach fails). Endpoints: TCX by default, or classic clsact filters with
-//!   [`StartOptions::endpoint_attach`] — measured on kernel 6.18: a TCX attach costs 8–20 ms per
-//!   host veth, every time (the kernel waits for an RCU grace period under RTNL on every attach
-//!   that adds a program), a classic filter 0.3–0.5 ms (clsact qdisc + filter). Upgrades and
-//!   restarts swap programs in place either way (`bpf_link_update` ≈ 0.03 ms; filter replace at a
-//!   fixed priority/handle ≈ 0.1 ms), losing no packet.
+//!   TCX attach fails). Endpoints: see [`StartOptions::endpoint_attach`] (the one place that
+//!   states the default and why). Upgrades and restarts swap programs in place either way
+//!   (`bpf_link_update` ≈ 0.03 ms; filter replace at a fixed priority/handle ≈ 0.1 ms), losing no
+//!   packet.
+//!
+//! # The maps are a projection of the endpoints
+//! The durable endpoint list is the caller's (the daemon's store), not the maps':
+//! [`Dataplane::start_restoring`] / [`Dataplane::restore_endpoints`] make `ENDPOINTS` exactly
+//! that list and attach this build's programs on every listed host veth. A pin whose layout
+//! differs from this build's (an upgrade that changed a record) is recreated empty and refilled
+//! from the list before any program is swapped to it — see [`Dataplane::start_restoring`] for
+//! why that order loses no packet.
+//!
+//! # Locks
+//! [`Dataplane`] is `Sync` and used through `&self`. Endpoint work (ADD/DEL/restore: links and
+//! attaches) and policy plans take different locks, so a long policy plan does not hold up an
+//! ADD and an ADD's attach does not hold up a plan. Both write `ENDPOINTS` records (an ADD the
+//! whole record, a plan its policy bits) through a third, short lock that also holds the policy
+//! bits as the last plan left them, so whichever writes second sees the other's change. Lock
+//! order: endpoint links → records/stats/epoch; policy → records/epoch; records, stats, epoch
+//! and topology take no other lock.
 //!
 //! # Pins (under `pin_dir`)
 //! Maps by name (`ENDPOINTS`, `ENDPOINT_STATS`, `ROUTES`, `PEERS`, `CONFIG`, `DROPS`,
@@ -86,32 +101,34 @@
 //! contain dots), `tc-classic` (and `tc-classic-egress`) markers when the uplink uses the
 //! fallback.
 
+mod maps;
 mod nft;
 mod plan;
 mod policy;
 mod sys;
 
-use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::MapInfo;
+use aya::maps::PerCpuValues;
+use aya::maps::lpm_trie::Key;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnetwork::Ipv4Network;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vpcnet_common::{
-    CtValue, DROP_REASON_NAMES, DROP_REASONS, EP_FLAG_EGRESS_TC_CLASSIC, EP_FLAG_TC_CLASSIC,
-    EndpointInfo, EndpointStats, FlowKey, FlowValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_IDENTITIES,
-    MAX_KERNEL_FLOWS, MAX_PEERS, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, MAX_ROUTES,
-    NODE_COUNTER_NAMES, NODE_COUNTERS, NodeConfig, POLICY_OPEN, PeerKey, PolicyCidrKey, PolicyKey,
-    RouteKey, RouteValue, ip_key,
+    CtValue, DROP_REASON_NAMES, EP_FLAG_EGRESS_TC_CLASSIC, EP_FLAG_TC_CLASSIC, EndpointInfo,
+    EndpointStats, FlowKey, NODE_COUNTER_NAMES, NodeConfig, POLICY_OPEN, PeerKey, RouteKey,
+    RouteValue, ip_key,
 };
 
+pub use maps::Layout as MapLayout;
 pub use nft::{HOST_VETH_PREFIX, TABLE as NFT_TABLE};
-use policy::{M_CONNTRACK, M_IDENTITIES, M_POLICY, M_POLICY_CIDRS, M_POLICY_EPOCH, PolicyTables};
+use policy::PolicyTables;
 pub use policy::{PolicyMode, SyncStats};
 
 const PROG_UPLINK: &str = "uplink_ingress";
@@ -134,59 +151,13 @@ const CLASSIC_MARKER_EGRESS: &str = "tc-classic-egress";
 const CLASSIC_PRIORITY: u16 = 1;
 const CLASSIC_HANDLE: TcHandle = TcHandle::new(0, 0x7663);
 
-const M_ENDPOINTS: &str = "ENDPOINTS";
-const M_ENDPOINT_STATS: &str = "ENDPOINT_STATS";
-const M_ROUTES: &str = "ROUTES";
-const M_PEERS: &str = "PEERS";
-const M_CONFIG: &str = "CONFIG";
-const M_DROPS: &str = "DROPS";
-const M_NODE_STATS: &str = "NODE_STATS";
-const M_KERNEL_FLOWS: &str = "KERNEL_FLOWS";
+/// The leading bytes of an `ENDPOINTS` value every release keeps: `ifindex: u32`, `mac: [u8; 6]`,
+/// `network_id: u16`. New fields go after them, so a record of another layout still tells which
+/// pod lived where ([`pinned_endpoints`]).
+const ENDPOINT_RECORD_STABLE_PREFIX: usize = 12;
 
-/// (map, key size, value size, max entries) as this build's programs expect them. A pin with
-/// another layout (left by an incompatible older release) is replaced rather than reused, since a
-/// program reading a differently-shaped value would misforward (and a counter array too short
-/// for a new counter would silently not count).
-const MAP_LAYOUTS: [(&str, usize, usize, u32); 13] = [
-    (M_ENDPOINTS, 4, size_of::<EndpointInfo>(), MAX_ENDPOINTS),
-    (
-        M_ENDPOINT_STATS,
-        4,
-        size_of::<EndpointStats>(),
-        MAX_ENDPOINTS,
-    ),
-    (
-        M_ROUTES,
-        4 + size_of::<RouteKey>(),
-        size_of::<RouteValue>(),
-        MAX_ROUTES,
-    ),
-    (M_PEERS, size_of::<PeerKey>(), 4, MAX_PEERS),
-    (M_CONFIG, 4, size_of::<NodeConfig>(), 1),
-    (M_DROPS, 4, 8, DROP_REASONS),
-    (M_NODE_STATS, 4, 8, NODE_COUNTERS),
-    (
-        M_KERNEL_FLOWS,
-        size_of::<FlowKey>(),
-        size_of::<FlowValue>(),
-        MAX_KERNEL_FLOWS,
-    ),
-    (M_POLICY, 4 + size_of::<PolicyKey>(), 4, MAX_POLICY_ENTRIES),
-    (
-        M_POLICY_CIDRS,
-        4 + size_of::<PolicyCidrKey>(),
-        4,
-        MAX_POLICY_CIDRS,
-    ),
-    (M_IDENTITIES, 4, 4, MAX_IDENTITIES),
-    (M_POLICY_EPOCH, 4, 4, 1),
-    (
-        M_CONNTRACK,
-        size_of::<FlowKey>(),
-        size_of::<CtValue>(),
-        MAX_CONNTRACK,
-    ),
-];
+/// Map layouts this build's programs expect (for tools and tests that check pins).
+pub const MAP_LAYOUTS: [MapLayout; 13] = maps::LAYOUTS;
 
 #[derive(Debug, Clone)]
 pub struct DataplaneConfig {
@@ -259,12 +230,13 @@ pub enum AttachMode {
 pub struct StartOptions {
     /// Mode for endpoints added from now on (existing endpoints keep theirs, recorded in the map).
     ///
-    /// TCX is the default and what the uplink always uses first. Its cost: every TCX attach that
-    /// adds a program waits for an RCU grace period (`tcx_entry_sync()` = `synchronize_rcu()`)
-    /// while holding RTNL — measured here at 8–20 ms per host veth, every time, not only for the
-    /// first link. A classic filter attaches in well under a millisecond, so `Classic` is the
-    /// choice when CNI ADD latency matters more than link ownership. Either mode falls back to
-    /// classic when TCX attach fails.
+    /// The default is `Classic`, as in the daemon's configuration (`endpoint_attach`), for CNI ADD
+    /// latency: every TCX attach that adds a program waits for an RCU grace period
+    /// (`tcx_entry_sync()` = `synchronize_rcu()`) while holding RTNL — measured on kernel 6.18 at
+    /// 8–20 ms per host veth, every time, not only for the first link — while a classic filter
+    /// (clsact qdisc + filter) attaches in 0.3–0.5 ms. `Tcx` gives the node owned, pinned links
+    /// instead; it falls back to classic when TCX attach fails. The uplink always tries TCX first
+    /// (one attach per start, so its cost does not matter).
     pub endpoint_attach: AttachMode,
     /// Whether NetworkPolicy decides the endpoints' policy bits (see [`PolicyMode`]).
     pub policy: PolicyMode,
@@ -273,7 +245,7 @@ pub struct StartOptions {
 impl Default for StartOptions {
     fn default() -> Self {
         StartOptions {
-            endpoint_attach: AttachMode::Tcx,
+            endpoint_attach: AttachMode::Classic,
             policy: PolicyMode::Open,
         }
     }
@@ -296,24 +268,177 @@ pub struct Timings {
     pub last_endpoint_updated: bool,
 }
 
+/// Per-endpoint packet and byte counters (`tx` = sent by the pod, `rx` = delivered to it by the
+/// programs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointCounters {
+    pub ip: Ipv4Addr,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+/// What [`Dataplane::counters`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counters {
+    pub endpoints: Vec<EndpointCounters>,
+    /// Drops by reason name.
+    pub drops: Vec<(String, u64)>,
+    /// Node-wide events by name.
+    pub node: Vec<(String, u64)>,
+}
+
+/// What [`Dataplane::restore_endpoints`] did; every list is sorted by address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Endpoints of the list whose record was written (missing, or different from the list)
+    /// before their programs were attached.
+    pub written: Vec<Ipv4Addr>,
+    /// Endpoints of the list whose record was already right (only their links were updated).
+    pub kept: Vec<Ipv4Addr>,
+    /// Records the list does not have, removed with their links.
+    pub removed: Vec<Ipv4Addr>,
+    /// Endpoints of the list not installed, and why (host veth gone, attach failed, …).
+    pub skipped: Vec<(Ipv4Addr, String)>,
+    /// Maps recreated at start because their pin had another layout.
+    pub recreated_maps: Vec<&'static str>,
+}
+
+/// `ENDPOINTS` and the policy bits, under one short lock: see "Locks" in the crate docs.
+struct Records {
+    map: maps::Endpoints,
+    mode: PolicyMode,
+    /// `EndpointInfo::policy` per address as the applied policy sets it (Enforce mode); an
+    /// address without an entry is closed both ways.
+    bits: BTreeMap<Ipv4Addr, u32>,
+}
+
+impl Records {
+    fn policy_bits(&self, ip: Ipv4Addr) -> u32 {
+        match self.mode {
+            PolicyMode::Open => POLICY_OPEN,
+            PolicyMode::Enforce => self.bits.get(&ip).copied().unwrap_or(0),
+        }
+    }
+
+    fn get(&self, ip: Ipv4Addr) -> Option<EndpointInfo> {
+        self.map.0.get(&ip_key(ip.octets()), 0).ok()
+    }
+
+    /// Writes the record with the policy bits the applied policy gives it.
+    fn write(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<EndpointInfo, DataplaneError> {
+        let info = EndpointInfo {
+            policy: self.policy_bits(ip),
+            ..info
+        };
+        self.map.0.insert(ip_key(ip.octets()), info, 0)?;
+        Ok(info)
+    }
+
+    /// Changes the record's attach flags only, if it is still there.
+    fn set_flags(&mut self, ip: Ipv4Addr, flags: u32) -> Result<(), DataplaneError> {
+        if let Some(info) = self.get(ip)
+            && info.flags != flags
+        {
+            self.map
+                .0
+                .insert(ip_key(ip.octets()), EndpointInfo { flags, ..info }, 0)?;
+        }
+        Ok(())
+    }
+
+    /// A policy op decided the endpoint's bits.
+    fn set_policy(&mut self, ip: Ipv4Addr, bits: Option<u32>) -> Result<(), DataplaneError> {
+        match bits {
+            Some(b) => {
+                self.bits.insert(ip, b);
+            }
+            None => {
+                self.bits.remove(&ip);
+                return Ok(());
+            }
+        }
+        if let Some(info) = self.get(ip) {
+            let want = self.policy_bits(ip);
+            if info.policy != want {
+                self.map.0.insert(
+                    ip_key(ip.octets()),
+                    EndpointInfo {
+                        policy: want,
+                        ..info
+                    },
+                    0,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
+        ignore_missing(self.map.0.remove(&ip_key(ip.octets())))
+    }
+
+    fn dump(&self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>, DataplaneError> {
+        let mut out = Vec::new();
+        for item in self.map.0.iter() {
+            let (k, v) = item?;
+            out.push((Ipv4Addr::from(k.to_ne_bytes()), v));
+        }
+        Ok(out)
+    }
+}
+
+/// Counter maps (written by the programs; userspace creates and removes per-endpoint slots).
+struct Stats {
+    endpoints: maps::EndpointStatsMap,
+    drops: maps::Drops,
+    node: maps::NodeStats,
+}
+
+/// The loaded programs and what attaching them needs: the endpoint lock.
+struct Links {
+    bpf: Ebpf,
+    timings: Timings,
+}
+
+/// The policy lock: the rule maps and the mirror of what they hold.
+struct PolicyState {
+    policy: maps::Policy,
+    cidrs: maps::PolicyCidrs,
+    identities: maps::Identities,
+    tables: PolicyTables,
+}
+
+/// The topology lock: what `ROUTES`/`PEERS` and the nftables table are rendered from.
+struct TopologyState {
+    routes: maps::Routes,
+    peers: maps::Peers,
+}
+
 /// The node's dataplane. Operates on the netns of the calling thread: create it and call it on a
 /// thread that is in the node's netns (the daemon runs there entirely).
 pub struct Dataplane {
-    bpf: Ebpf,
     pin_dir: PathBuf,
     uplink: String,
     uplink_mode: AttachMode,
     endpoint_mode: AttachMode,
-    nr_cpus: usize,
-    timings: Timings,
     policy_mode: PolicyMode,
-    policy: PolicyTables,
+    nr_cpus: usize,
+    links: Mutex<Links>,
+    records: Mutex<Records>,
+    stats: Mutex<Stats>,
+    policy: Mutex<PolicyState>,
+    epoch: Mutex<maps::PolicyEpoch>,
+    topology: Mutex<TopologyState>,
+    /// Kept so the programs' config map lives as long as they are loaded by us.
+    _config: maps::Config,
 }
 
-// The daemon keeps the dataplane behind a Mutex and calls it from spawn_blocking.
+// The daemon calls the dataplane from several blocking tasks at once.
 const _: () = {
-    const fn assert_send<T: Send>() {}
-    assert_send::<Dataplane>();
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Dataplane>();
 };
 
 impl std::fmt::Debug for Dataplane {
@@ -325,6 +450,12 @@ impl std::fmt::Debug for Dataplane {
             .field("endpoint_mode", &self.endpoint_mode)
             .finish_non_exhaustive()
     }
+}
+
+/// A poisoned lock means a panic mid-operation; the maps are still the kernel's truth and every
+/// operation re-reads what it changes, so carrying on is safe.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Which side of an interface a program sits on.
@@ -350,21 +481,66 @@ enum LinkTarget<'a> {
     Endpoint(Ipv4Addr, &'a str, Dir),
 }
 
+/// An endpoint of the list, checked against the node: its host veth's name.
+struct Checked<'a> {
+    ep: &'a Endpoint,
+    ifname: String,
+    /// Whether the record had to be (re)written.
+    written: bool,
+}
+
 impl Dataplane {
-    /// Loads the programs with their maps pinned in `pin_dir` — adopting existing pins, so
-    /// endpoints, counters and routes survive a restart — rewrites the routes/peers/config maps
-    /// and the nftables table from `cfg`, and attaches (or updates in place) the uplink program and
-    /// the endpoint program of every known endpoint. Established flows lose no packet: the old
-    /// programs keep running until `bpf_link_update` swaps them atomically.
+    /// [`Dataplane::start_with`] with the default options.
     pub fn start(cfg: DataplaneConfig) -> Result<Dataplane, DataplaneError> {
         Self::start_with(cfg, StartOptions::default())
     }
 
-    /// [`Dataplane::start`] with explicit attach options.
+    /// Starts with the endpoint list the pinned `ENDPOINTS` map holds ([`pinned_endpoints`]): for
+    /// callers without a durable list of their own. A restart keeps every endpoint; so does an
+    /// upgrade that changed the record layout, as far as [`pinned_endpoints`] can still read it.
     pub fn start_with(
         cfg: DataplaneConfig,
         opts: StartOptions,
     ) -> Result<Dataplane, DataplaneError> {
+        let eps = match pinned_endpoints(&cfg.pin_dir) {
+            Ok(eps) => eps,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the pinned endpoints; starting without them");
+                Vec::new()
+            }
+        };
+        Self::start_restoring(cfg, opts, &eps).map(|(dp, _)| dp)
+    }
+
+    /// Loads the programs with their maps pinned in `pin_dir` — adopting existing pins, so
+    /// counters, connections and policy survive a restart — writes the routes/peers/config maps
+    /// and the nftables table from `cfg`, makes `ENDPOINTS` exactly `endpoints` and attaches (or
+    /// updates in place) the uplink programs and the endpoint programs of every endpoint.
+    ///
+    /// Order, so that no packet is lost, also when a map was recreated:
+    /// 1. pins of another layout are unlinked. The map behind such a pin lives on as long as a
+    ///    program uses it: the previous release's programs, still attached, keep forwarding with
+    ///    the old map and its entries;
+    /// 2. the object is loaded: a new, empty map is created and pinned for every unlinked pin;
+    /// 3. every map the new programs read is filled: config, routes, peers, then the endpoint
+    ///    records from `endpoints`. Nothing runs the new programs yet, so nothing sees them empty;
+    /// 4. only then are programs swapped — uplink first (it only needs the filled maps), then each
+    ///    endpoint's host veth, in place (`bpf_link_update` / filter replace at a fixed
+    ///    priority/handle: atomic per hook). A packet runs either the old program with the old
+    ///    maps or the new one with the new, filled maps. When the last hook is swapped nothing
+    ///    references the old map any more and the kernel frees it.
+    ///
+    /// Recreated policy maps cannot be refilled here (their content is the compiled policy, which
+    /// the caller syncs next with [`Dataplane::sync_policy`]): in enforce mode every endpoint's
+    /// policy bits are then closed until that sync has written the rules, so the new programs
+    /// never judge traffic against a partial rule set (fail closed: denied, counted by reason).
+    /// Recreated conntrack/kernel-flow maps start empty; a policy-selected connection is judged
+    /// again on its next packet.
+    pub fn start_restoring(
+        cfg: DataplaneConfig,
+        opts: StartOptions,
+        endpoints: &[Endpoint],
+    ) -> Result<(Dataplane, RestoreReport), DataplaneError> {
         let uplink_ifindex = sys::ifindex(&cfg.uplink)
             .ok_or_else(|| DataplaneError::NoSuchInterface(cfg.uplink.clone()))?;
         let (mac, node_addrs) =
@@ -384,10 +560,10 @@ impl Dataplane {
                 cfg.pin_dir.display()
             )));
         }
-        drop_incompatible_pins(&cfg.pin_dir);
+        let recreated = drop_incompatible_pins(&cfg.pin_dir);
 
         let t = Instant::now();
-        let bpf = EbpfLoader::new()
+        let mut bpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
             .load(ebpf_object::BYTES)?;
         let load = t.elapsed();
@@ -397,49 +573,103 @@ impl Dataplane {
         } else {
             AttachMode::Tcx
         };
-        let mut dp = Dataplane {
-            bpf,
+        let mut config = maps::Config::take(&mut bpf)?;
+        let endpoints_map = maps::Endpoints::take(&mut bpf)?;
+        let stats = Stats {
+            endpoints: maps::EndpointStatsMap::take(&mut bpf)?,
+            drops: maps::Drops::take(&mut bpf)?,
+            node: maps::NodeStats::take(&mut bpf)?,
+        };
+        let mut policy = PolicyState {
+            policy: maps::Policy::take(&mut bpf)?,
+            cidrs: maps::PolicyCidrs::take(&mut bpf)?,
+            identities: maps::Identities::take(&mut bpf)?,
+            tables: PolicyTables::default(),
+        };
+        let epoch = maps::PolicyEpoch::take(&mut bpf)?;
+        let mut topology = TopologyState {
+            routes: maps::Routes::take(&mut bpf)?,
+            peers: maps::Peers::take(&mut bpf)?,
+        };
+        // What the pinned maps enforce now (they kept enforcing while no daemon ran); the next
+        // policy sync is planned against exactly that. A recreated rule map holds nothing, so
+        // the mirror must not claim anything for it.
+        let policy_recreated = recreated.iter().any(|m| maps::POLICY_MAPS.contains(m));
+        policy.tables = PolicyTables::read(
+            &policy.policy.0,
+            &policy.cidrs.0,
+            &policy.identities.0,
+            &endpoints_map.0,
+        )?;
+        let mut bits: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        if !policy_recreated {
+            for ip in policy.tables.mirror().endpoints.keys() {
+                bits.insert(*ip, policy.tables.flags(*ip));
+            }
+        } else {
+            tracing::warn!(
+                maps = ?recreated,
+                "policy maps recreated: every endpoint stays closed until the next policy sync"
+            );
+        }
+        let records = Records {
+            map: endpoints_map,
+            mode: opts.policy,
+            bits,
+        };
+
+        let t = Instant::now();
+        for name in PROGRAMS {
+            program(&mut bpf, name)?.load()?;
+        }
+        let verify = t.elapsed();
+
+        // Maps first, programs second: a freshly attached program must never see an empty config.
+        config.0.set(
+            0,
+            NodeConfig {
+                uplink_ifindex,
+                uplink_mac,
+                _pad: [0; 2],
+            },
+            0,
+        )?;
+        sync_routes(&mut topology.routes, &plan)?;
+        sync_peers(&mut topology.peers, &plan)?;
+        set_ip_forward()?;
+        nft::apply(&plan, &cfg.uplink)?;
+
+        let dp = Dataplane {
             pin_dir: cfg.pin_dir.clone(),
             uplink: cfg.uplink.clone(),
             uplink_mode,
             endpoint_mode: opts.endpoint_attach,
-            nr_cpus,
-            timings: Timings {
-                load,
-                ..Timings::default()
-            },
             policy_mode: opts.policy,
-            policy: PolicyTables::default(),
+            nr_cpus,
+            links: Mutex::new(Links {
+                bpf,
+                timings: Timings {
+                    load,
+                    verify,
+                    ..Timings::default()
+                },
+            }),
+            records: Mutex::new(records),
+            stats: Mutex::new(stats),
+            policy: Mutex::new(policy),
+            epoch: Mutex::new(epoch),
+            topology: Mutex::new(topology),
+            _config: config,
         };
-        // What the pinned maps enforce now (they kept enforcing while no daemon ran); the next
-        // policy sync is planned against exactly that.
-        dp.policy = dp.read_policy()?;
-        if dp.policy_mode == PolicyMode::Open {
+        let mut links = lock(&dp.links);
+        if opts.policy == PolicyMode::Open {
             dp.open_all_endpoints()?;
         }
-        let t = Instant::now();
-        for name in PROGRAMS {
-            dp.program(name)?.load()?;
-        }
-        dp.timings.verify = t.elapsed();
-
-        // Maps first, programs second: a freshly attached program must never see an empty config.
-        {
-            let mut config: Array<_, NodeConfig> = Array::try_from(dp.map_mut(M_CONFIG)?)?;
-            config.set(
-                0,
-                NodeConfig {
-                    uplink_ifindex,
-                    uplink_mac,
-                    _pad: [0; 2],
-                },
-                0,
-            )?;
-        }
-        dp.sync_routes(&plan)?;
-        dp.sync_peers(&plan)?;
-        set_ip_forward()?;
-        nft::apply(&plan, &cfg.uplink)?;
+        let mut report = RestoreReport {
+            recreated_maps: recreated,
+            ..Default::default()
+        };
+        let checked = dp.write_records(endpoints, &mut report)?;
 
         let t = Instant::now();
         // The observer first: flows the kernel carries from now on are recorded before the
@@ -447,31 +677,226 @@ impl Dataplane {
         let egress_wanted = if cfg.pin_dir.join(CLASSIC_MARKER_EGRESS).exists() {
             AttachMode::Classic
         } else {
-            dp.uplink_mode
+            uplink_mode
         };
-        let egress = dp.attach(LinkTarget::Uplink(Dir::Out), uplink_ifindex, egress_wanted)?;
+        let egress = dp.attach(
+            &mut links,
+            LinkTarget::Uplink(Dir::Out),
+            uplink_ifindex,
+            egress_wanted,
+        )?;
         if egress == AttachMode::Classic && egress_wanted != AttachMode::Classic {
             std::fs::write(dp.pin_dir.join(CLASSIC_MARKER_EGRESS), b"")
                 .map_err(io_err("writing the classic-mode marker"))?;
         }
-        let mode = dp.attach(LinkTarget::Uplink(Dir::In), uplink_ifindex, dp.uplink_mode)?;
-        if mode != dp.uplink_mode {
+        let mode = dp.attach(
+            &mut links,
+            LinkTarget::Uplink(Dir::In),
+            uplink_ifindex,
+            uplink_mode,
+        )?;
+        let mut dp_uplink_mode = uplink_mode;
+        if mode != uplink_mode {
             std::fs::write(dp.pin_dir.join(CLASSIC_MARKER), b"")
                 .map_err(io_err("writing the classic-mode marker"))?;
-            dp.uplink_mode = mode;
+            dp_uplink_mode = mode;
         }
-        dp.timings.uplink_attach = t.elapsed();
-        dp.readopt_endpoints()?;
+        links.timings.uplink_attach = t.elapsed();
+        dp.attach_restored(&mut links, checked, &mut report)?;
+        let timings = links.timings;
+        drop(links);
+        let dp = Dataplane {
+            uplink_mode: dp_uplink_mode,
+            ..dp
+        };
         tracing::info!(
             pin_dir = %dp.pin_dir.display(),
             uplink = %dp.uplink,
             uplink_mode = ?dp.uplink_mode,
-            load_ms = load.as_secs_f64() * 1e3,
-            verify_ms = dp.timings.verify.as_secs_f64() * 1e3,
-            uplink_attach_ms = dp.timings.uplink_attach.as_secs_f64() * 1e3,
+            load_ms = timings.load.as_secs_f64() * 1e3,
+            verify_ms = timings.verify.as_secs_f64() * 1e3,
+            uplink_attach_ms = timings.uplink_attach.as_secs_f64() * 1e3,
+            endpoints = report.written.len() + report.kept.len(),
+            removed = report.removed.len(),
+            skipped = report.skipped.len(),
             "dataplane started"
         );
-        Ok(dp)
+        Ok((dp, report))
+    }
+
+    /// Makes `ENDPOINTS` exactly `endpoints`: writes missing records and records that differ
+    /// from the list, (re)attaches this build's programs on every listed host veth (in place
+    /// where a link or filter exists), and removes records and links the list does not have.
+    /// Records are written before any attach, so a swapped program finds its endpoint. An
+    /// endpoint whose host veth is gone, is not a vpcnet veth, or whose pinned link belongs to
+    /// another interface is skipped (a reused ifindex must never receive another pod's traffic).
+    pub fn restore_endpoints(
+        &self,
+        endpoints: &[Endpoint],
+    ) -> Result<RestoreReport, DataplaneError> {
+        let mut links = lock(&self.links);
+        let mut report = RestoreReport::default();
+        let checked = self.write_records(endpoints, &mut report)?;
+        self.attach_restored(&mut links, checked, &mut report)?;
+        Ok(report)
+    }
+
+    /// Phase 1 of a restore: the records. Called with the endpoint lock held.
+    fn write_records<'a>(
+        &self,
+        endpoints: &'a [Endpoint],
+        report: &mut RestoreReport,
+    ) -> Result<Vec<Checked<'a>>, DataplaneError> {
+        let mut checked = Vec::new();
+        let mut seen = BTreeSet::new();
+        for ep in endpoints {
+            if !seen.insert(ep.ip) {
+                report.skipped.push((ep.ip, "listed twice".into()));
+                continue;
+            }
+            if ep.network_id == vpcnet_common::NODE_SCOPE {
+                report
+                    .skipped
+                    .push((ep.ip, "network id 0 is reserved".into()));
+                continue;
+            }
+            let Some(ifname) =
+                sys::ifname(ep.host_ifindex).filter(|n| n.starts_with(HOST_VETH_PREFIX))
+            else {
+                report.skipped.push((
+                    ep.ip,
+                    format!("no vpcnet host veth with index {}", ep.host_ifindex),
+                ));
+                continue;
+            };
+            if let Ok(link) = sys::pinned_link_info(&self.ep_pin(ep.ip))
+                && link.ifindex != 0
+                && link.ifindex != ep.host_ifindex
+            {
+                report.skipped.push((
+                    ep.ip,
+                    format!("its link is bound to interface {}", link.ifindex),
+                ));
+                continue;
+            }
+            checked.push(Checked {
+                ep,
+                ifname,
+                written: false,
+            });
+        }
+        let mut records = lock(&self.records);
+        for c in &mut checked {
+            let old = records.get(c.ep.ip);
+            let flags = match old {
+                // Same veth: keep the mode it is attached with.
+                Some(o) if o.ifindex == c.ep.host_ifindex => o.flags,
+                _ => self.default_flags(c.ep.ip),
+            };
+            let want = EndpointInfo {
+                ifindex: c.ep.host_ifindex,
+                mac: c.ep.pod_mac,
+                network_id: c.ep.network_id,
+                flags,
+                policy: records.policy_bits(c.ep.ip),
+            };
+            if old != Some(want) {
+                records.write(c.ep.ip, want)?;
+                c.written = true;
+            }
+        }
+        drop(records);
+        for c in &checked {
+            self.ensure_stats(c.ep.ip)?;
+        }
+        Ok(checked)
+    }
+
+    /// Attach flags for an endpoint without a usable record: the mode its pinned link shows
+    /// (a link pin means TCX), else the configured default.
+    fn default_flags(&self, ip: Ipv4Addr) -> u32 {
+        if sys::pinned_link_info(&self.ep_pin(ip)).is_ok() {
+            flags_for(AttachMode::Tcx, AttachMode::Tcx)
+        } else {
+            flags_for(self.endpoint_mode, self.endpoint_mode)
+        }
+    }
+
+    /// Phase 2 of a restore: links, then what the list no longer has.
+    fn attach_restored(
+        &self,
+        links: &mut Links,
+        checked: Vec<Checked<'_>>,
+        report: &mut RestoreReport,
+    ) -> Result<(), DataplaneError> {
+        let listed: BTreeSet<Ipv4Addr> = checked.iter().map(|c| c.ep.ip).collect();
+        for c in checked {
+            let ip = c.ep.ip;
+            let Some(info) = lock(&self.records).get(ip) else {
+                report.skipped.push((ip, "record vanished".into()));
+                continue;
+            };
+            match self.attach_endpoint(links, ip, &c.ifname, c.ep.host_ifindex, mode_of(&info)) {
+                Ok(flags) => {
+                    lock(&self.records).set_flags(ip, flags)?;
+                    if c.written && mode_of(&info) == AttachMode::Tcx {
+                        // A release that attached classic filters recorded that in a record we
+                        // could not read: take such a filter off so the old program stops.
+                        let _ = aya::programs::tc::qdisc_detach_program(
+                            &c.ifname,
+                            TcAttachType::Ingress,
+                            PROG_ENDPOINT,
+                        );
+                        let _ = aya::programs::tc::qdisc_detach_program(
+                            &c.ifname,
+                            TcAttachType::Egress,
+                            PROG_ENDPOINT_EGRESS,
+                        );
+                    }
+                    if c.written {
+                        report.written.push(ip);
+                    } else {
+                        report.kept.push(ip);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%ip, error = %e, "attaching a restored endpoint failed");
+                    report.skipped.push((ip, format!("attach: {e}")));
+                }
+            }
+        }
+        let stale: Vec<(Ipv4Addr, EndpointInfo)> = lock(&self.records)
+            .dump()?
+            .into_iter()
+            .filter(|(ip, _)| !listed.contains(ip))
+            .collect();
+        for (ip, info) in stale {
+            tracing::info!(%ip, ifindex = info.ifindex, "endpoint not in the list; removed");
+            self.remove_locked(ip, Some(info))?;
+            report.removed.push(ip);
+        }
+        let dir = std::fs::read_dir(&self.pin_dir)
+            .map_err(io_err(format!("reading {}", self.pin_dir.display())))?;
+        let records = lock(&self.records);
+        for entry in dir.flatten() {
+            let fname = entry.file_name().to_string_lossy().into_owned();
+            if let Some(ip) = fname
+                .strip_prefix(LINK_EP_PREFIX)
+                .or_else(|| fname.strip_prefix(LINK_EP_EGRESS_PREFIX))
+                && !ip
+                    .replace('_', ".")
+                    .parse()
+                    .is_ok_and(|ip| records.get(ip).is_some())
+            {
+                tracing::info!(pin = %fname, "removing link pin without an endpoint");
+                let _ = sys::detach_and_unpin(&entry.path());
+            }
+        }
+        report.written.sort();
+        report.kept.sort();
+        report.removed.sort();
+        report.skipped.sort();
+        Ok(())
     }
 
     /// How the uplink program is attached.
@@ -493,7 +918,7 @@ impl Dataplane {
     /// intact. The programs keep running on this process's handles either way; without the pins
     /// the next vpcnetd would start from empty maps and pods would lose forwarding and policy.
     pub fn health(&self) -> Option<String> {
-        let mut pins = vec![M_ENDPOINTS];
+        let mut pins = vec![maps::Endpoints::LAYOUT.name];
         if self.uplink_mode == AttachMode::Tcx {
             pins.push(LINK_UPLINK);
         }
@@ -513,13 +938,38 @@ impl Dataplane {
     }
 
     pub fn timings(&self) -> Timings {
-        self.timings
+        lock(&self.links).timings
+    }
+
+    /// Recomputes routes, peers and the nftables table from a new topology and applies the
+    /// difference while pods keep running: every wanted `ROUTES`/`PEERS` entry is written before
+    /// any stale one is deleted (an entry in both the old and the new topology never disappears),
+    /// and the table is replaced in one `nft -f` transaction. Endpoints and policy are untouched.
+    /// The node's own addresses are read again, as at start.
+    pub fn apply_topology(
+        &self,
+        networks: &[vpcnet_ipam::NetworkConfig],
+        local_pod_cidrs: &[Ipv4Network],
+    ) -> Result<(), DataplaneError> {
+        let (_, node_addrs) = sys::interface_addresses(&self.uplink)
+            .map_err(io_err("listing interface addresses"))?;
+        let plan = plan::plan(networks, local_pod_cidrs, &node_addrs)?;
+        let mut topo = lock(&self.topology);
+        sync_routes(&mut topo.routes, &plan)?;
+        sync_peers(&mut topo.peers, &plan)?;
+        nft::apply(&plan, &self.uplink)?;
+        tracing::info!(
+            routes = plan.routes.len(),
+            peers = plan.peers.len(),
+            "topology applied"
+        );
+        Ok(())
     }
 
     /// Installs the endpoint: map entries, then the endpoint program on the host veth (pinned link),
     /// all in place before it returns. Idempotent; an existing link on the same veth is updated in
     /// place, one left on another veth (address reused) is replaced.
-    pub fn add_endpoint(&mut self, ep: &Endpoint) -> Result<(), DataplaneError> {
+    pub fn add_endpoint(&self, ep: &Endpoint) -> Result<(), DataplaneError> {
         let t = Instant::now();
         if ep.network_id == vpcnet_common::NODE_SCOPE {
             return Err(DataplaneError::Config(format!(
@@ -529,69 +979,60 @@ impl Dataplane {
         }
         let ifname =
             sys::ifname(ep.host_ifindex).ok_or(DataplaneError::NoSuchIfindex(ep.host_ifindex))?;
-        let key = ip_key(ep.ip.octets());
-        let nr_cpus = self.nr_cpus;
-        let default_mode = self.endpoint_mode;
-        let policy = self.endpoint_policy(ep.ip);
-        let (existed, mut info) = {
-            let mut stats: PerCpuHashMap<_, u32, EndpointStats> =
-                PerCpuHashMap::try_from(self.map_mut(M_ENDPOINT_STATS)?)?;
-            // Keep the counters of a re-added endpoint (idempotent ADD, restart reconcile).
-            if stats.get(&key, 0).is_err() {
-                let zero = PerCpuValues::try_from(vec![EndpointStats::default(); nr_cpus])
-                    .map_err(io_err("per-CPU values"))?;
-                stats.insert(key, zero, 0)?;
-            }
-            let mut eps: HashMap<_, u32, EndpointInfo> =
-                HashMap::try_from(self.map_mut(M_ENDPOINTS)?)?;
-            let old = eps.get(&key, 0).ok();
+        let mut links = lock(&self.links);
+        // Keep the counters of a re-added endpoint (idempotent ADD, restart reconcile).
+        self.ensure_stats(ep.ip)?;
+        let (existed, info) = {
+            let mut records = lock(&self.records);
+            let old = records.get(ep.ip);
             // A re-ADD on the same veth keeps its attach mode; a new veth gets the default.
             let mode = match old {
                 Some(o) if o.ifindex == ep.host_ifindex => mode_of(&o),
-                _ => default_mode,
-            };
-            let info = EndpointInfo {
-                ifindex: ep.host_ifindex,
-                mac: ep.pod_mac,
-                network_id: ep.network_id,
-                flags: flags_for(mode, mode),
-                policy,
+                _ => self.endpoint_mode,
             };
             // The entry goes in before the program: its first packet must find its source.
-            eps.insert(key, info, 0)?;
+            let info = records.write(
+                ep.ip,
+                EndpointInfo {
+                    ifindex: ep.host_ifindex,
+                    mac: ep.pod_mac,
+                    network_id: ep.network_id,
+                    flags: flags_for(mode, mode),
+                    policy: 0,
+                },
+            )?;
             (old.is_some(), info)
         };
         let ta = Instant::now();
-        let wanted = mode_of(&info);
-        match self.attach_endpoint(ep.ip, &ifname, ep.host_ifindex, wanted) {
-            Ok(flags) if flags != info.flags => {
-                info.flags = flags;
-                let mut eps: HashMap<_, u32, EndpointInfo> =
-                    HashMap::try_from(self.map_mut(M_ENDPOINTS)?)?;
-                eps.insert(key, info, 0)?;
-            }
-            Ok(_) => {}
+        match self.attach_endpoint(&mut links, ep.ip, &ifname, ep.host_ifindex, mode_of(&info)) {
+            Ok(flags) => lock(&self.records).set_flags(ep.ip, flags)?,
             Err(e) => {
                 if !existed {
                     let _ = sys::detach_and_unpin(&self.ep_pin(ep.ip));
                     let _ = sys::detach_and_unpin(&self.ep_egress_pin(ep.ip));
-                    let _ = self.remove_entries(key);
+                    let _ = self.remove_entries(ep.ip);
                 }
                 return Err(e);
             }
         }
-        self.timings.last_endpoint_attach = ta.elapsed();
-        self.timings.last_add_endpoint = t.elapsed();
+        links.timings.last_endpoint_attach = ta.elapsed();
+        links.timings.last_add_endpoint = t.elapsed();
         Ok(())
     }
 
     /// Removes the endpoint's link (detaching the program) and map entries. Idempotent.
-    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
-        let key = ip_key(ip.octets());
-        let info = {
-            let eps: HashMap<_, u32, EndpointInfo> = HashMap::try_from(self.map(M_ENDPOINTS)?)?;
-            eps.get(&key, 0).ok()
-        };
+    pub fn remove_endpoint(&self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
+        let _links = lock(&self.links);
+        let info = lock(&self.records).get(ip);
+        self.remove_locked(ip, info)
+    }
+
+    /// [`Dataplane::remove_endpoint`] with the endpoint lock held.
+    fn remove_locked(
+        &self,
+        ip: Ipv4Addr,
+        info: Option<EndpointInfo>,
+    ) -> Result<(), DataplaneError> {
         for pin in [self.ep_pin(ip), self.ep_egress_pin(ip)] {
             sys::detach_and_unpin(&pin).map_err(io_err(format!("detaching {}", pin.display())))?;
         }
@@ -613,7 +1054,7 @@ impl Dataplane {
                 );
             }
         }
-        self.remove_entries(key)?;
+        self.remove_entries(ip)?;
         // Connections of the departed pod must not carry over to a pod that reuses its address.
         if info.is_some() {
             self.bump_policy_epoch()?;
@@ -621,140 +1062,87 @@ impl Dataplane {
         Ok(())
     }
 
-    /// `EndpointInfo::policy` for an endpoint being (re)installed.
-    fn endpoint_policy(&self, ip: Ipv4Addr) -> u32 {
-        match self.policy_mode {
-            PolicyMode::Open => POLICY_OPEN,
-            PolicyMode::Enforce => self.policy.flags(ip),
+    fn ensure_stats(&self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
+        let key = ip_key(ip.octets());
+        let mut stats = lock(&self.stats);
+        if stats.endpoints.0.get(&key, 0).is_err() {
+            let zero = PerCpuValues::try_from(vec![EndpointStats::default(); self.nr_cpus])
+                .map_err(io_err("per-CPU values"))?;
+            stats.endpoints.0.insert(key, zero, 0)?;
         }
+        Ok(())
     }
 
-    fn open_all_endpoints(&mut self) -> Result<(), DataplaneError> {
-        let mut eps: HashMap<_, u32, EndpointInfo> = HashMap::try_from(self.map_mut(M_ENDPOINTS)?)?;
-        let raw: Vec<(u32, EndpointInfo)> = eps.iter().collect::<Result<_, _>>()?;
-        for (k, info) in raw {
+    fn open_all_endpoints(&self) -> Result<(), DataplaneError> {
+        let mut records = lock(&self.records);
+        for (ip, info) in records.dump()? {
             if info.policy != POLICY_OPEN {
-                eps.insert(
-                    k,
-                    EndpointInfo {
-                        policy: POLICY_OPEN,
-                        ..info
-                    },
-                    0,
-                )?;
+                records.write(ip, info)?;
             }
         }
         Ok(())
     }
 
-    fn read_policy(&self) -> Result<PolicyTables, DataplaneError> {
-        PolicyTables::read(
-            &LpmTrie::try_from(self.map(M_POLICY)?)?,
-            &LpmTrie::try_from(self.map(M_POLICY_CIDRS)?)?,
-            &HashMap::try_from(self.map(M_IDENTITIES)?)?,
-            &HashMap::try_from(self.map(M_ENDPOINTS)?)?,
-        )
-    }
-
     /// What the policy maps hold (address → identity included), as the compile layer's type.
-    pub fn applied_policy(&self) -> &vpcnet_policy::Compiled {
-        self.policy.mirror()
+    /// Holds the policy lock while the guard lives.
+    pub fn applied_policy(&self) -> AppliedPolicy<'_> {
+        AppliedPolicy(lock(&self.policy))
     }
 
     /// Takes the policy maps from what they hold to `new` along [`vpcnet_policy::compile::plan`],
     /// phase after phase; when anything narrowed, established connections are judged again.
-    pub fn sync_policy(
-        &mut self,
-        new: &vpcnet_policy::Compiled,
-    ) -> Result<SyncStats, DataplaneError> {
-        let plan = vpcnet_policy::compile::plan(self.policy.mirror(), new);
+    pub fn sync_policy(&self, new: &vpcnet_policy::Compiled) -> Result<SyncStats, DataplaneError> {
+        let mut guard = lock(&self.policy);
+        let st = &mut *guard;
+        let plan = vpcnet_policy::compile::plan(st.tables.mirror(), new);
         if plan.is_empty() {
             return Ok(SyncStats::default());
         }
-        let mut tables = std::mem::take(&mut self.policy);
-        let result = self.with_policy_maps(|maps| tables.apply(maps, &plan));
-        self.policy = tables;
-        let stats = result?;
+        let mut maps = policy::Maps {
+            policy: &mut st.policy.0,
+            cidrs: &mut st.cidrs.0,
+            identities: &mut st.identities.0,
+            records: &self.records,
+        };
+        let stats = st.tables.apply(&mut maps, &plan)?;
         if stats.narrowed {
             self.bump_policy_epoch()?;
         }
         Ok(stats)
     }
 
-    fn with_policy_maps<T>(
-        &mut self,
-        f: impl FnOnce(&mut policy::Maps<'_>) -> Result<T, DataplaneError>,
-    ) -> Result<T, DataplaneError> {
-        let [Some(p), Some(c), Some(i), Some(e)] =
-            self.bpf
-                .maps_disjoint_mut([M_POLICY, M_POLICY_CIDRS, M_IDENTITIES, M_ENDPOINTS])
-        else {
-            return Err(DataplaneError::Missing("policy maps"));
-        };
-        let mut maps = policy::Maps {
-            policy: LpmTrie::try_from(p)?,
-            cidrs: LpmTrie::try_from(c)?,
-            identities: HashMap::try_from(i)?,
-            endpoints: HashMap::try_from(e)?,
-        };
-        f(&mut maps)
-    }
-
-    fn bump_policy_epoch(&mut self) -> Result<(), DataplaneError> {
-        let mut epoch: Array<_, u32> = Array::try_from(self.map_mut(M_POLICY_EPOCH)?)?;
-        policy::bump_epoch(&mut epoch)
+    fn bump_policy_epoch(&self) -> Result<(), DataplaneError> {
+        policy::bump_epoch(&mut lock(&self.epoch).0)
     }
 
     /// The pinned conntrack map, for [`conntrack_entries`] (which needs no `&Dataplane`).
     pub fn conntrack_pin(&self) -> PathBuf {
-        self.pin_dir.join(M_CONNTRACK)
+        self.pin_dir.join(maps::CONNTRACK.name)
     }
-}
 
-/// Connection-tracking entries: (live, expired but not yet evicted). Walks the whole map (about
-/// 1 µs per entry), through its own handle on the pin so no caller's lock is held meanwhile.
-pub fn conntrack_entries(pin: &Path) -> Result<(u64, u64), DataplaneError> {
-    let data = MapData::from_pin(pin)?;
-    let ct: HashMap<_, FlowKey, CtValue> = HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
-    let now = sys::monotonic_ns();
-    let (mut live, mut expired) = (0, 0);
-    for item in ct.iter() {
-        let (_, v) = item?;
-        if v.expires_ns > now {
-            live += 1;
-        } else {
-            expired += 1;
-        }
-    }
-    Ok((live, expired))
-}
-
-impl Dataplane {
+    /// The endpoint records `ENDPOINTS` holds, by address (for reconcile and diagnostics).
     pub fn endpoints(&self) -> Result<Vec<Endpoint>, DataplaneError> {
-        let eps: HashMap<_, u32, EndpointInfo> = HashMap::try_from(self.map(M_ENDPOINTS)?)?;
-        let mut out = Vec::new();
-        for item in eps.iter() {
-            let (k, v) = item?;
-            out.push(Endpoint {
-                ip: Ipv4Addr::from(k.to_ne_bytes()),
+        let mut out: Vec<Endpoint> = lock(&self.records)
+            .dump()?
+            .into_iter()
+            .map(|(ip, v)| Endpoint {
+                ip,
                 host_ifindex: v.ifindex,
                 pod_mac: v.mac,
                 network_id: v.network_id,
-            });
-        }
+            })
+            .collect();
         out.sort_by_key(|e| e.ip);
         Ok(out)
     }
 
-    /// Per-endpoint packets/bytes (`tx` = sent by the pod, `rx` = delivered to it by the programs)
-    /// and drops by reason.
-    pub fn counters(&self) -> Result<vpcnet_api::CountersInfo, DataplaneError> {
-        let stats: PerCpuHashMap<_, u32, EndpointStats> =
-            PerCpuHashMap::try_from(self.map(M_ENDPOINT_STATS)?)?;
+    /// Per-endpoint packets/bytes and drops by reason.
+    pub fn counters(&self) -> Result<Counters, DataplaneError> {
+        let stats = lock(&self.stats);
         let mut endpoints = Vec::new();
-        for item in stats.iter() {
+        for item in stats.endpoints.0.iter() {
             let (k, per_cpu) = item?;
-            let mut c = vpcnet_api::EndpointCounters {
+            let mut c = EndpointCounters {
                 ip: Ipv4Addr::from(k.to_ne_bytes()),
                 rx_packets: 0,
                 rx_bytes: 0,
@@ -770,50 +1158,17 @@ impl Dataplane {
             endpoints.push(c);
         }
         endpoints.sort_by_key(|c| c.ip);
-        let drops = self.per_cpu_sums(M_DROPS, &DROP_REASON_NAMES)?;
-        Ok(vpcnet_api::CountersInfo {
+        Ok(Counters {
             endpoints,
-            drops,
-            node: self.node_counters()?,
-            // Filled in by the caller outside its lock: see `conntrack_entries`.
-            conntrack: None,
+            drops: per_cpu_sums(&stats.drops.0, &DROP_REASON_NAMES)?,
+            node: per_cpu_sums(&stats.node.0, &NODE_COUNTER_NAMES)?,
         })
     }
 
     /// Node-wide counters by name (ARP replies, pod-to-pod, pod-to-uplink, pod-to-kernel,
     /// uplink-to-pod): where traffic went.
     pub fn node_counters(&self) -> Result<Vec<(String, u64)>, DataplaneError> {
-        self.per_cpu_sums(M_NODE_STATS, &NODE_COUNTER_NAMES)
-    }
-
-    fn per_cpu_sums(
-        &self,
-        map: &'static str,
-        names: &[&str],
-    ) -> Result<Vec<(String, u64)>, DataplaneError> {
-        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(map)?)?;
-        let mut out = Vec::with_capacity(names.len());
-        for (i, name) in names.iter().enumerate() {
-            let v = arr.get(&(i as u32), 0)?;
-            out.push((name.to_string(), v.iter().sum()));
-        }
-        Ok(out)
-    }
-
-    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
-        self.bpf.map(name).ok_or(DataplaneError::Missing(name))
-    }
-
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
-        self.bpf.map_mut(name).ok_or(DataplaneError::Missing(name))
-    }
-
-    fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DataplaneError> {
-        let p = self
-            .bpf
-            .program_mut(name)
-            .ok_or(DataplaneError::Missing(name))?;
-        Ok(p.try_into()?)
+        per_cpu_sums(&lock(&self.stats).node.0, &NODE_COUNTER_NAMES)
     }
 
     fn ep_pin(&self, ip: Ipv4Addr) -> PathBuf {
@@ -830,23 +1185,39 @@ impl Dataplane {
     /// program, the observer in the mode the forwarding program ended up with. Returns the
     /// `EndpointInfo::flags` describing the result.
     fn attach_endpoint(
-        &mut self,
+        &self,
+        links: &mut Links,
         ip: Ipv4Addr,
         ifname: &str,
         ifindex: u32,
         mode: AttachMode,
     ) -> Result<u32, DataplaneError> {
-        let egress = self.attach(LinkTarget::Endpoint(ip, ifname, Dir::Out), ifindex, mode)?;
-        let egress_updated = self.timings.last_endpoint_updated;
-        let ingress = self.attach(LinkTarget::Endpoint(ip, ifname, Dir::In), ifindex, mode)?;
+        let egress = self.attach(
+            links,
+            LinkTarget::Endpoint(ip, ifname, Dir::Out),
+            ifindex,
+            mode,
+        )?;
+        let egress_updated = links.timings.last_endpoint_updated;
+        let ingress = self.attach(
+            links,
+            LinkTarget::Endpoint(ip, ifname, Dir::In),
+            ifindex,
+            mode,
+        )?;
         let egress = if ingress != egress {
             // TCX refused the forwarding program: keep both on one mechanism.
             self.detach_endpoint_egress(ip, ifname, egress);
-            self.attach(LinkTarget::Endpoint(ip, ifname, Dir::Out), ifindex, ingress)?
+            self.attach(
+                links,
+                LinkTarget::Endpoint(ip, ifname, Dir::Out),
+                ifindex,
+                ingress,
+            )?
         } else {
             egress
         };
-        self.timings.last_endpoint_updated &= egress_updated;
+        links.timings.last_endpoint_updated &= egress_updated;
         Ok(flags_for(ingress, egress))
     }
 
@@ -865,21 +1236,16 @@ impl Dataplane {
         }
     }
 
-    fn remove_entries(&mut self, key: u32) -> Result<(), DataplaneError> {
-        {
-            let mut eps: HashMap<_, u32, EndpointInfo> =
-                HashMap::try_from(self.map_mut(M_ENDPOINTS)?)?;
-            ignore_missing(eps.remove(&key))?;
-        }
-        let mut stats: PerCpuHashMap<_, u32, EndpointStats> =
-            PerCpuHashMap::try_from(self.map_mut(M_ENDPOINT_STATS)?)?;
-        ignore_missing(stats.remove(&key))
+    fn remove_entries(&self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
+        lock(&self.records).remove(ip)?;
+        ignore_missing(lock(&self.stats).endpoints.0.remove(&ip_key(ip.octets())))
     }
 
     /// Attaches the target's program, or swaps the program of its existing link/filter in place.
     /// Returns the mode actually used (TCX falls back to classic when the kernel refuses it).
     fn attach(
-        &mut self,
+        &self,
+        links: &mut Links,
         target: LinkTarget<'_>,
         ifindex: u32,
         mode: AttachMode,
@@ -907,20 +1273,20 @@ impl Dataplane {
                 Dir::Out,
             ),
         };
-        self.timings.last_endpoint_updated = false;
+        links.timings.last_endpoint_updated = false;
         if mode == AttachMode::Classic {
-            self.attach_classic(prog_name, &ifname, dir)?;
+            attach_classic(&mut links.bpf, prog_name, &ifname, dir)?;
             return Ok(AttachMode::Classic);
         }
         if let Ok(info) = sys::pinned_link_info(&pin) {
             if info.link_type == sys::BPF_LINK_TYPE_TCX && info.ifindex == ifindex {
                 let link =
                     SchedClassifierLink::try_from(FdLink::from(PinnedLink::from_pin(&pin)?))?;
-                let prog = self.program(prog_name)?;
+                let prog = program(&mut links.bpf, prog_name)?;
                 let id = prog.attach_to_link(link)?;
                 // The pin holds the link; our descriptor is not needed.
                 drop(prog.take_link(id)?);
-                self.timings.last_endpoint_updated = true;
+                links.timings.last_endpoint_updated = true;
                 return Ok(AttachMode::Tcx);
             }
             // Defunct (interface gone) or bound to another interface (address reused): the pin
@@ -930,7 +1296,7 @@ impl Dataplane {
         if pin.exists() {
             sys::detach_and_unpin(&pin).map_err(io_err(format!("detaching {}", pin.display())))?;
         }
-        let prog = self.program(prog_name)?;
+        let prog = program(&mut links.bpf, prog_name)?;
         let attached = prog.attach_with_options(
             &ifname,
             dir.tc(),
@@ -944,163 +1310,182 @@ impl Dataplane {
             }
             Err(e) => {
                 tracing::warn!(error = %e, interface = %ifname, "TCX attach failed; falling back to clsact");
-                self.attach_classic(prog_name, &ifname, dir)?;
+                attach_classic(&mut links.bpf, prog_name, &ifname, dir)?;
                 Ok(AttachMode::Classic)
             }
         }
     }
+}
 
-    /// Classic clsact filter at a fixed priority/handle: replaced in place when present, created
-    /// otherwise. The filter (not a link) keeps the program attached after we exit.
-    fn attach_classic(
-        &mut self,
-        prog_name: &'static str,
-        ifname: &str,
-        dir: Dir,
-    ) -> Result<(), DataplaneError> {
-        match aya::programs::tc::qdisc_add_clsact(ifname) {
-            Ok(()) => {}
-            Err(aya::programs::tc::TcError::NetlinkError(e))
-                if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(aya::programs::tc::TcError::AlreadyAttached) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let prog = self.program(prog_name)?;
-        let existing =
-            SchedClassifierLink::attached(ifname, dir.tc(), CLASSIC_PRIORITY, CLASSIC_HANDLE, None)
-                .map_err(io_err(format!("interface {ifname}")))?;
-        let id = match prog.attach_to_link(existing) {
-            Ok(id) => id,
-            Err(_) => prog.attach_with_options(
-                ifname,
-                dir.tc(),
-                TcAttachOptions::Netlink(NlOptions {
-                    priority: CLASSIC_PRIORITY,
-                    handle: CLASSIC_HANDLE,
-                    classid: None,
-                }),
-            )?,
-        };
-        // Dropping an aya netlink link detaches the filter; the filter must outlive us.
-        std::mem::forget(prog.take_link(id)?);
-        Ok(())
-    }
+/// [`Dataplane::applied_policy`]: the policy mirror, borrowed under the policy lock.
+pub struct AppliedPolicy<'a>(MutexGuard<'a, PolicyState>);
 
-    /// After a restart: updates the program of every endpoint link in place; re-attaches endpoints
-    /// whose link is missing but whose host veth still exists; forgets endpoints whose veth is gone
-    /// (a reused ifindex must never receive another pod's traffic) and pins without an endpoint.
-    fn readopt_endpoints(&mut self) -> Result<(), DataplaneError> {
-        let mut known = BTreeSet::new();
-        let raw: Vec<(u32, EndpointInfo)> = {
-            let eps: HashMap<_, u32, EndpointInfo> = HashMap::try_from(self.map(M_ENDPOINTS)?)?;
-            eps.iter().collect::<Result<_, _>>()?
-        };
-        for (key, info) in raw {
-            let ip = Ipv4Addr::from(key.to_ne_bytes());
-            known.insert(ip);
-            let mode = mode_of(&info);
-            let name = sys::ifname(info.ifindex)
-                .filter(|n| n.starts_with(HOST_VETH_PREFIX))
-                .filter(|_| match sys::pinned_link_info(&self.ep_pin(ip)) {
-                    Ok(link) => link.ifindex == info.ifindex,
-                    Err(_) => true,
-                });
-            match name {
-                Some(name) => {
-                    // Also attaches the observer of an endpoint added by a release without it.
-                    match self.attach_endpoint(ip, &name, info.ifindex, mode) {
-                        Ok(flags) if flags != info.flags => {
-                            let mut eps: HashMap<_, u32, EndpointInfo> =
-                                HashMap::try_from(self.map_mut(M_ENDPOINTS)?)?;
-                            eps.insert(key, EndpointInfo { flags, ..info }, 0)?;
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(%ip, error = %e, "re-attaching endpoint failed")
-                        }
-                    }
-                }
-                None => {
-                    tracing::warn!(%ip, ifindex = info.ifindex, "host veth gone; endpoint forgotten");
-                    let _ = sys::detach_and_unpin(&self.ep_pin(ip));
-                    let _ = sys::detach_and_unpin(&self.ep_egress_pin(ip));
-                    self.remove_entries(key)?;
-                }
-            }
-        }
-        let dir = std::fs::read_dir(&self.pin_dir)
-            .map_err(io_err(format!("reading {}", self.pin_dir.display())))?;
-        for entry in dir.flatten() {
-            let fname = entry.file_name().to_string_lossy().into_owned();
-            if let Some(ip) = fname
-                .strip_prefix(LINK_EP_PREFIX)
-                .or_else(|| fname.strip_prefix(LINK_EP_EGRESS_PREFIX))
-                && !ip
-                    .replace('_', ".")
-                    .parse()
-                    .is_ok_and(|ip| known.contains(&ip))
-            {
-                tracing::info!(pin = %fname, "removing link pin without an endpoint");
-                let _ = sys::detach_and_unpin(&entry.path());
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes `ROUTES` equal to the plan without a moment where a wanted entry is missing:
-    /// upsert everything wanted, then delete what is no longer wanted.
-    fn sync_routes(&mut self, plan: &plan::Plan) -> Result<(), DataplaneError> {
-        let mut routes: LpmTrie<_, RouteKey, RouteValue> =
-            LpmTrie::try_from(self.map_mut(M_ROUTES)?)?;
-        let mut wanted = BTreeSet::new();
-        for ((net, cidr), action) in &plan.routes {
-            let data = RouteKey::new(*net, ip_key(cidr.network().octets()));
-            let prefix = 32 + u32::from(cidr.prefix());
-            wanted.insert((prefix, data.network, data.addr));
-            routes.insert(
-                &Key::new(prefix, data),
-                RouteValue {
-                    action: *action,
-                    flags: 0,
-                },
-                0,
-            )?;
-        }
-        let stale: Vec<Key<RouteKey>> = routes
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data().network, k.data().addr)))
-            .collect();
-        for k in stale {
-            ignore_missing(routes.remove(&k))?;
-        }
-        Ok(())
-    }
-
-    fn sync_peers(&mut self, plan: &plan::Plan) -> Result<(), DataplaneError> {
-        let mut peers: HashMap<_, PeerKey, u32> = HashMap::try_from(self.map_mut(M_PEERS)?)?;
-        for (src, dst) in &plan.peers {
-            peers.insert(
-                PeerKey {
-                    src: *src,
-                    dst: *dst,
-                },
-                1,
-                0,
-            )?;
-        }
-        let stale: Vec<PeerKey> = peers
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !plan.peers.contains(&(k.src, k.dst)))
-            .collect();
-        for k in stale {
-            ignore_missing(peers.remove(&k))?;
-        }
-        Ok(())
+impl std::ops::Deref for AppliedPolicy<'_> {
+    type Target = vpcnet_policy::Compiled;
+    fn deref(&self) -> &vpcnet_policy::Compiled {
+        self.0.tables.mirror()
     }
 }
 
+fn program<'a>(
+    bpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    let p = bpf.program_mut(name).ok_or(DataplaneError::Missing(name))?;
+    Ok(p.try_into()?)
+}
+
+fn per_cpu_sums(
+    arr: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    names: &[&str],
+) -> Result<Vec<(String, u64)>, DataplaneError> {
+    let mut out = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let v = arr.get(&(i as u32), 0)?;
+        out.push((name.to_string(), v.iter().sum()));
+    }
+    Ok(out)
+}
+
+/// Classic clsact filter at a fixed priority/handle: replaced in place when present, created
+/// otherwise. The filter (not a link) keeps the program attached after we exit.
+fn attach_classic(
+    bpf: &mut Ebpf,
+    prog_name: &'static str,
+    ifname: &str,
+    dir: Dir,
+) -> Result<(), DataplaneError> {
+    match aya::programs::tc::qdisc_add_clsact(ifname) {
+        Ok(()) => {}
+        Err(aya::programs::tc::TcError::NetlinkError(e))
+            if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(aya::programs::tc::TcError::AlreadyAttached) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let prog = program(bpf, prog_name)?;
+    let existing =
+        SchedClassifierLink::attached(ifname, dir.tc(), CLASSIC_PRIORITY, CLASSIC_HANDLE, None)
+            .map_err(io_err(format!("interface {ifname}")))?;
+    let id = match prog.attach_to_link(existing) {
+        Ok(id) => id,
+        Err(_) => prog.attach_with_options(
+            ifname,
+            dir.tc(),
+            TcAttachOptions::Netlink(NlOptions {
+                priority: CLASSIC_PRIORITY,
+                handle: CLASSIC_HANDLE,
+                classid: None,
+            }),
+        )?,
+    };
+    // Dropping an aya netlink link detaches the filter; the filter must outlive us.
+    std::mem::forget(prog.take_link(id)?);
+    Ok(())
+}
+
+/// Makes `ROUTES` equal to the plan without a moment where a wanted entry is missing:
+/// upsert everything wanted, then delete what is no longer wanted.
+fn sync_routes(routes: &mut maps::Routes, plan: &plan::Plan) -> Result<(), DataplaneError> {
+    let routes = &mut routes.0;
+    let mut wanted = BTreeSet::new();
+    for ((net, cidr), action) in &plan.routes {
+        let data = RouteKey::new(*net, ip_key(cidr.network().octets()));
+        let prefix = 32 + u32::from(cidr.prefix());
+        wanted.insert((prefix, data.network, data.addr));
+        routes.insert(
+            &Key::new(prefix, data),
+            RouteValue {
+                action: *action,
+                flags: 0,
+            },
+            0,
+        )?;
+    }
+    let stale: Vec<Key<RouteKey>> = routes
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.contains(&(k.prefix_len(), k.data().network, k.data().addr)))
+        .collect();
+    for k in stale {
+        ignore_missing(routes.remove(&k))?;
+    }
+    Ok(())
+}
+
+/// `PEERS` to the plan, wanted entries first (see [`sync_routes`]).
+fn sync_peers(peers: &mut maps::Peers, plan: &plan::Plan) -> Result<(), DataplaneError> {
+    let peers = &mut peers.0;
+    for (src, dst) in &plan.peers {
+        peers.insert(
+            PeerKey {
+                src: *src,
+                dst: *dst,
+            },
+            1,
+            0,
+        )?;
+    }
+    let stale: Vec<PeerKey> = peers
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !plan.peers.contains(&(k.src, k.dst)))
+        .collect();
+    for k in stale {
+        ignore_missing(peers.remove(&k))?;
+    }
+    Ok(())
+}
+
+/// Connection-tracking entries: (live, expired but not yet evicted). Walks the whole map (about
+/// 1 µs per entry), through its own handle on the pin so no caller's lock is held meanwhile.
+pub fn conntrack_entries(pin: &Path) -> Result<(u64, u64), DataplaneError> {
+    let data = aya::maps::MapData::from_pin(pin)?;
+    let ct: aya::maps::HashMap<_, FlowKey, CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+    let now = sys::monotonic_ns();
+    let (mut live, mut expired) = (0, 0);
+    for item in ct.iter() {
+        let (_, v) = item?;
+        if v.expires_ns > now {
+            live += 1;
+        } else {
+            expired += 1;
+        }
+    }
+    Ok((live, expired))
+}
+
+/// The endpoints the `ENDPOINTS` map pinned in `pin_dir` records, also when an older or newer
+/// release left it with another value layout (read through the leading fields every release
+/// keeps: host ifindex, MAC, network). Empty when there is no pin. For callers whose durable
+/// store lacks a field the map has (and for [`Dataplane::start_with`]).
+pub fn pinned_endpoints(pin_dir: &Path) -> Result<Vec<Endpoint>, DataplaneError> {
+    let path = pin_dir.join(maps::Endpoints::LAYOUT.name);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let info = MapInfo::from_pin(&path)?;
+    let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
+    if key_size != 4 || value_size < ENDPOINT_RECORD_STABLE_PREFIX {
+        return Err(DataplaneError::Config(format!(
+            "{}: key size {key_size}, value size {value_size}: not an endpoint map",
+            path.display()
+        )));
+    }
+    let raw = sys::dump_pinned_map_raw(&path, key_size, value_size)
+        .map_err(io_err(format!("reading {}", path.display())))?;
+    let mut out: Vec<Endpoint> = raw
+        .into_iter()
+        .map(|(k, v)| Endpoint {
+            ip: Ipv4Addr::new(k[0], k[1], k[2], k[3]),
+            host_ifindex: u32::from_ne_bytes([v[0], v[1], v[2], v[3]]),
+            pod_mac: [v[4], v[5], v[6], v[7], v[8], v[9]],
+            network_id: u16::from_ne_bytes([v[10], v[11]]),
+        })
+        .collect();
+    out.sort_by_key(|e| e.ip);
+    Ok(out)
+}
 fn mode_of(info: &EndpointInfo) -> AttachMode {
     if info.flags & EP_FLAG_TC_CLASSIC != 0 {
         AttachMode::Classic
@@ -1160,34 +1545,40 @@ fn set_ip_forward() -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// Removes map pins whose key/value sizes differ from this build's, so the loader recreates them.
-fn drop_incompatible_pins(pin_dir: &Path) {
-    for (name, key, value, max_entries) in MAP_LAYOUTS {
-        let path = pin_dir.join(name);
+/// Unlinks map pins whose key/value sizes differ from this build's, so the loader creates them
+/// anew; returns their names. The unlinked maps stay alive while the previous programs use them
+/// (see [`Dataplane::start_restoring`]).
+fn drop_incompatible_pins(pin_dir: &Path) -> Vec<&'static str> {
+    let mut dropped = Vec::new();
+    for l in maps::LAYOUTS {
+        let path = pin_dir.join(l.name);
         if !path.exists() {
             continue;
         }
         match MapInfo::from_pin(&path) {
             Ok(info)
-                if info.key_size() as usize == key
-                    && info.value_size() as usize == value
-                    && info.max_entries() == max_entries => {}
+                if info.key_size() as usize == l.key_size
+                    && info.value_size() as usize == l.value_size
+                    && info.max_entries() == l.max_entries => {}
             Ok(info) => {
                 tracing::warn!(
-                    map = name,
+                    map = l.name,
                     key_size = info.key_size(),
                     value_size = info.value_size(),
                     max_entries = info.max_entries(),
-                    "pinned map has another layout; recreating it (its entries are lost)"
+                    "pinned map has another layout; recreating it and refilling it before the programs switch to it"
                 );
                 let _ = std::fs::remove_file(&path);
+                dropped.push(l.name);
             }
             Err(e) => {
-                tracing::warn!(map = name, error = %e, "unreadable map pin; recreating it");
+                tracing::warn!(map = l.name, error = %e, "unreadable map pin; recreating it");
                 let _ = std::fs::remove_file(&path);
+                dropped.push(l.name);
             }
         }
     }
+    dropped
 }
 
 /// Interfaces carrying a classic vpcnet filter, with its side and the program's name: the uplink
@@ -1202,9 +1593,9 @@ fn classic_attachments(pin_dir: &Path, uplink: &str) -> Vec<(String, Dir, &'stat
     } else if pin_dir.join(CLASSIC_MARKER_EGRESS).exists() {
         out.push((uplink.to_string(), Dir::Out, PROG_UPLINK_EGRESS));
     }
-    if let Ok(m) = MapData::from_pin(pin_dir.join(M_ENDPOINTS)) {
+    if let Ok(m) = aya::maps::MapData::from_pin(pin_dir.join(maps::Endpoints::LAYOUT.name)) {
         let map = aya::maps::Map::HashMap(m);
-        if let Ok(eps) = HashMap::<_, u32, EndpointInfo>::try_from(&map) {
+        if let Ok(eps) = aya::maps::HashMap::<_, u32, EndpointInfo>::try_from(&map) {
             for (_, v) in eps.iter().filter_map(Result::ok) {
                 let Some(name) = sys::ifname(v.ifindex) else {
                     continue;

@@ -17,11 +17,12 @@
 //! (after ⊆ before) and widen ops (before ⊆ after) that union never exceeds what the plan allows
 //! at that point.
 
-use super::{DataplaneError, ignore_missing};
+use super::{DataplaneError, Records, ignore_missing, lock};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Mutex;
 use vpcnet_common::{
     CIDR_SET_BASE, DIR_EGRESS, DIR_INGRESS, EndpointInfo, POLICY_CIDR_PREFIX_BASE,
     POLICY_EGRESS_OPEN, POLICY_INGRESS_OPEN, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PROTO,
@@ -30,12 +31,6 @@ use vpcnet_common::{
 use vpcnet_policy::cidr::Cidr;
 use vpcnet_policy::compile::{Compiled, DirectionRules, EndpointRules, Op, PortSet, UpdatePlan};
 use vpcnet_policy::model::{Direction, PodRef, Protocol};
-
-pub(super) const M_POLICY: &str = "POLICY";
-pub(super) const M_POLICY_CIDRS: &str = "POLICY_CIDRS";
-pub(super) const M_IDENTITIES: &str = "IDENTITIES";
-pub(super) const M_POLICY_EPOCH: &str = "POLICY_EPOCH";
-pub(super) const M_CONNTRACK: &str = "CONNTRACK";
 
 /// How endpoints get their `EndpointInfo::policy` bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,11 +130,13 @@ pub struct PolicyTables {
     next_set: u32,
 }
 
+/// What a plan writes: the rule maps (under the policy lock) and, for isolation changes, the
+/// endpoint records (under their own short lock, taken per op).
 pub(super) struct Maps<'a> {
-    pub policy: LpmTrie<&'a mut MapData, PolicyKey, u32>,
-    pub cidrs: LpmTrie<&'a mut MapData, PolicyCidrKey, u32>,
-    pub identities: HashMap<&'a mut MapData, u32, u32>,
-    pub endpoints: HashMap<&'a mut MapData, u32, EndpointInfo>,
+    pub policy: &'a mut LpmTrie<MapData, PolicyKey, u32>,
+    pub cidrs: &'a mut LpmTrie<MapData, PolicyCidrKey, u32>,
+    pub identities: &'a mut HashMap<MapData, u32, u32>,
+    pub records: &'a Mutex<Records>,
 }
 
 impl PolicyTables {
@@ -154,10 +151,10 @@ impl PolicyTables {
 
     /// Rebuilds the mirror from the maps (after a restart).
     pub(super) fn read(
-        policy: &LpmTrie<&MapData, PolicyKey, u32>,
-        cidrs: &LpmTrie<&MapData, PolicyCidrKey, u32>,
-        identities: &HashMap<&MapData, u32, u32>,
-        endpoints: &HashMap<&MapData, u32, EndpointInfo>,
+        policy: &LpmTrie<MapData, PolicyKey, u32>,
+        cidrs: &LpmTrie<MapData, PolicyCidrKey, u32>,
+        identities: &HashMap<MapData, u32, u32>,
+        endpoints: &HashMap<MapData, u32, EndpointInfo>,
     ) -> Result<PolicyTables, DataplaneError> {
         let mut t = PolicyTables {
             next_set: CIDR_SET_BASE,
@@ -264,14 +261,8 @@ impl PolicyTables {
         match op {
             Op::SetIsolated { endpoint, .. } => {
                 self.mirror.apply(op);
-                let key = ip_key(endpoint.octets());
-                if let Ok(mut info) = maps.endpoints.get(&key, 0) {
-                    let want = self.flags(*endpoint);
-                    if info.policy != want {
-                        info.policy = want;
-                        maps.endpoints.insert(key, info, 0)?;
-                    }
-                }
+                let bits = self.flags(*endpoint);
+                lock(maps.records).set_policy(*endpoint, Some(bits))?;
                 return Ok(());
             }
             Op::SetIdentity {
@@ -286,7 +277,7 @@ impl PolicyTables {
                     .cloned()
                     .unwrap_or_default();
                 replace_ports(
-                    &mut maps.policy,
+                    maps.policy,
                     &port_keys(*endpoint, *remote, *dir, &old),
                     &port_keys(*endpoint, *remote, *dir, ports),
                 )?;
@@ -301,11 +292,7 @@ impl PolicyTables {
                     .and_then(|r| r.identities.get(remote))
                     .cloned()
                 {
-                    replace_ports(
-                        &mut maps.policy,
-                        &port_keys(*endpoint, *remote, *dir, &old),
-                        &[],
-                    )?;
+                    replace_ports(maps.policy, &port_keys(*endpoint, *remote, *dir, &old), &[])?;
                 }
             }
             Op::SetCidr {
@@ -355,7 +342,7 @@ impl PolicyTables {
                     ] {
                         for (remote, ports) in &rules.identities {
                             replace_ports(
-                                &mut maps.policy,
+                                maps.policy,
                                 &port_keys(*endpoint, *remote, dir, ports),
                                 &[],
                             )?;
@@ -366,6 +353,8 @@ impl PolicyTables {
                         }
                     }
                 }
+                // A later ADD of this address starts closed, as the mirror now says.
+                lock(maps.records).set_policy(*endpoint, None)?;
             }
         }
         self.mirror.apply(op);
@@ -399,11 +388,7 @@ impl PolicyTables {
             number = number.checked_add(1).unwrap_or(CIDR_SET_BASE);
         }
         self.next_set = number.checked_add(1).unwrap_or(CIDR_SET_BASE);
-        replace_ports(
-            &mut maps.policy,
-            &[],
-            &port_keys(endpoint, number, dir, ports),
-        )?;
+        replace_ports(maps.policy, &[], &port_keys(endpoint, number, dir, ports))?;
         self.sets.insert(key, (number, 1));
         self.numbers.insert(number);
         Ok(number)
@@ -431,7 +416,7 @@ impl PolicyTables {
             let stale = port_keys(endpoint, number, dir, &key.ports);
             self.sets.remove(&key);
             self.numbers.remove(&number);
-            replace_ports(&mut maps.policy, &stale, &[])?;
+            replace_ports(maps.policy, &stale, &[])?;
         }
         Ok(())
     }
@@ -472,7 +457,7 @@ fn rules_mut(c: &mut Compiled, ip: Ipv4Addr, d: Direction) -> &mut DirectionRule
 
 /// Writes `new`, then deletes what of `old` is not in `new`.
 fn replace_ports(
-    map: &mut LpmTrie<&mut MapData, PolicyKey, u32>,
+    map: &mut LpmTrie<MapData, PolicyKey, u32>,
     old: &[Key<PolicyKey>],
     new: &[Key<PolicyKey>],
 ) -> Result<(), DataplaneError> {
@@ -489,7 +474,7 @@ fn replace_ports(
 }
 
 /// Bumps `POLICY_EPOCH`: established connections are judged again on their next packet.
-pub(super) fn bump_epoch(epoch: &mut Array<&mut MapData, u32>) -> Result<(), DataplaneError> {
+pub(super) fn bump_epoch(epoch: &mut Array<MapData, u32>) -> Result<(), DataplaneError> {
     let cur = epoch.get(&0, 0)?;
     epoch.set(0, cur.wrapping_add(1), 0)?;
     Ok(())

@@ -189,3 +189,50 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// Every (key, value) of the map pinned at `path`, as raw bytes of the sizes the kernel reports.
+/// aya's typed handles refuse a map whose value size differs from the type's; this reads a map
+/// an older release left with another layout, to salvage what its records say.
+pub fn dump_pinned_map_raw(
+    path: &Path,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    use std::os::fd::AsRawFd as _;
+    let fd = obj_get(path)?;
+    let raw = fd.as_raw_fd() as u32;
+    let mut out = Vec::new();
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut first = true;
+    loop {
+        // struct { u32 map_fd; u32 pad; u64 key; u64 next_key; }
+        let mut attr = [0u8; 24];
+        attr[..4].copy_from_slice(&raw.to_ne_bytes());
+        let key_ptr = if first { 0 } else { key.as_ptr() as u64 };
+        attr[8..16].copy_from_slice(&key_ptr.to_ne_bytes());
+        attr[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
+        match sys_bpf(BPF_MAP_GET_NEXT_KEY, attr.as_mut_ptr(), attr.len()) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+        let mut value = vec![0u8; value_size];
+        // struct { u32 map_fd; u32 pad; u64 key; u64 value; u64 flags; }
+        let mut attr = [0u8; 32];
+        attr[..4].copy_from_slice(&raw.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(value.as_mut_ptr() as u64).to_ne_bytes());
+        match sys_bpf(BPF_MAP_LOOKUP_ELEM, attr.as_mut_ptr(), attr.len()) {
+            Ok(_) => out.push((key.clone(), value)),
+            // Deleted between the two calls.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}

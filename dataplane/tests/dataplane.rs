@@ -1,514 +1,30 @@
-//! End-to-end tests of the eBPF dataplane on a topology of network namespaces (root only).
-//!
-//! Everything lives in namespaces named `<prefix>-<role>` created here (prefix unique per run and
-//! starting with the project prefix `vpcn`, so `cargo xtask clean` recognises leftovers); traffic
-//! only goes to those namespaces' addresses; nothing is attached in the root namespace. Pins live
-//! under `/sys/fs/bpf/vpcnet/<prefix>-node{1,2}`. The `Topology` guard removes all of it on drop,
-//! panics included.
-//!
-//! ```text
-//!             fabric bridge (10.20.0.0/16, the VPC subnet)
-//!   node1 eth0 .0.11   node2 eth0 .0.12   vpc host .0.100   router .0.1
-//!     pods p1 10.20.1.10, p2 10.20.1.11 (net 1)              ├ 10.30.0.1/24 ── phy 10.30.0.10
-//!          p4 10.40.0.10 (net 2, unpeered)                   └ 203.0.113.1/24 ── inet 203.0.113.10
-//!   node2: p3 10.20.1.140 (net 1)
-//! ```
+//! End-to-end tests of the eBPF dataplane on a topology of network namespaces (root only); the
+//! topology is the shared fixture in `common/`.
 
 mod common;
-use common::in_ns;
-use std::collections::BTreeMap;
+use common::*;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use vpcnet_dataplane::{self, AttachMode, Dataplane, DataplaneConfig, Endpoint, StartOptions};
-use vpcnet_ipam::{NetworkConfig, SubnetConfig};
 
-const P1: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 10);
-const P2: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 11);
-const P3: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 140);
-const P4: Ipv4Addr = Ipv4Addr::new(10, 40, 0, 10);
-const NODE1: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 11);
-const VPC_HOST: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
-const PHY_HOST: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 10);
-const INET_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-struct Topology {
-    prefix: String,
-    namespaces: Vec<String>,
-    pin_dirs: Vec<PathBuf>,
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        // Pins first: removing a link pin detaches its program; then the namespaces (and with
-        // them every interface, route and nft table of the run).
-        for d in &self.pin_dirs {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
-
-impl Topology {
-    fn ns(&self, role: &str) -> String {
-        format!("{}-{role}", self.prefix)
-    }
-
-    fn add_ns(&mut self, role: &str) -> String {
-        let name = self.ns(role);
-        run(Command::new("ip").args(["netns", "add", &name]));
-        self.namespaces.push(name.clone());
-        self.ip(role, "link set lo up");
-        name
-    }
-
-    fn ip(&self, role: &str, args: &str) -> String {
-        let out = run(Command::new("ip")
-            .arg("-n")
-            .arg(self.ns(role))
-            .args(args.split_whitespace()));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn exec(&self, role: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns(role)]).args(args);
-        c
-    }
-
-    fn pin_dir(&self, node: &str) -> PathBuf {
-        PathBuf::from(format!("/sys/fs/bpf/vpcnet/{}-{node}", self.prefix))
-    }
-
-    /// Plugs `role`'s `ifname` into the fabric bridge with `addr`, default route via the router.
-    fn on_fabric(&self, role: &str, ifname: &str, addr: &str, gw: Option<&str>) {
-        let port = format!("f{role}");
-        self.ip(
-            role,
-            &format!(
-                "link add {ifname} type veth peer name {port} netns {}",
-                self.ns("fab")
-            ),
-        );
-        self.ip("fab", &format!("link set {port} master br0 up"));
-        self.ip(role, &format!("addr add {addr} dev {ifname}"));
-        self.ip(role, &format!("link set {ifname} up"));
-        if let Some(gw) = gw {
-            self.ip(role, &format!("route add default via {gw}"));
-        }
-    }
-
-    /// Wires a pod exactly as the CNI plugin does. Returns the endpoint for the dataplane.
-    fn pod(
-        &mut self,
-        role: &str,
-        node: &str,
-        ip: Ipv4Addr,
-        mac: [u8; 6],
-        network_id: u16,
-    ) -> Endpoint {
-        self.add_ns(role);
-        let veth = format!("vpc{role}{}", "0".repeat(11 - role.len()));
-        let mac_s = mac.map(|b| format!("{b:02x}")).join(":");
-        self.ip(
-            node,
-            &format!(
-                "link add {veth} type veth peer name eth0 netns {}",
-                self.ns(role)
-            ),
-        );
-        self.ip(
-            node,
-            &format!("link set {veth} address ee:ee:ee:ee:ee:ee up"),
-        );
-        self.ip(node, &format!("route add {ip}/32 dev {veth} scope link"));
-        self.ip(role, &format!("link set eth0 address {mac_s} up"));
-        self.ip(role, &format!("addr add {ip}/32 dev eth0"));
-        self.ip(role, "route add 169.254.1.1/32 dev eth0 scope link");
-        self.ip(role, "route add default via 169.254.1.1 dev eth0");
-        self.ip(
-            role,
-            "neigh add 169.254.1.1 lladdr ee:ee:ee:ee:ee:ee dev eth0 nud permanent",
-        );
-        let line = self.ip(node, &format!("-o link show {veth}"));
-        let host_ifindex = line
-            .split(':')
-            .next()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| panic!("ifindex of {veth} in {line:?}"));
-        Endpoint {
-            ip,
-            host_ifindex,
-            pod_mac: mac,
-            network_id,
-        }
-    }
-
-    /// `tag` keeps the namespaces of tests running in parallel (same process id) apart.
-    fn build(tag: &str) -> (Topology, BTreeMap<&'static str, Endpoint>) {
-        let prefix = format!("vpcn{tag}{:x}", std::process::id() & 0xfffff);
-        let mut t = Topology {
-            prefix,
-            namespaces: Vec::new(),
-            pin_dirs: Vec::new(),
-        };
-        t.pin_dirs = vec![t.pin_dir("node1"), t.pin_dir("node2")];
-        for d in &t.pin_dirs {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        for role in ["fab", "n1", "n2", "vpc", "rtr", "phy", "inet"] {
-            t.add_ns(role);
-        }
-        t.ip("fab", "link add br0 type bridge");
-        t.ip("fab", "link set br0 up");
-        t.on_fabric("n1", "eth0", "10.20.0.11/16", Some("10.20.0.1"));
-        t.on_fabric("n2", "eth0", "10.20.0.12/16", Some("10.20.0.1"));
-        t.on_fabric("vpc", "eth0", "10.20.0.100/16", Some("10.20.0.1"));
-        t.on_fabric("rtr", "up0", "10.20.0.1/16", None);
-        for (role, ifname, raddr, haddr, gw) in [
-            ("phy", "phy0", "10.30.0.1/24", "10.30.0.10/24", "10.30.0.1"),
-            (
-                "inet",
-                "inet0",
-                "203.0.113.1/24",
-                "203.0.113.10/24",
-                "203.0.113.1",
-            ),
-        ] {
-            t.ip(
-                "rtr",
-                &format!(
-                    "link add {ifname} type veth peer name eth0 netns {}",
-                    t.ns(role)
-                ),
-            );
-            t.ip("rtr", &format!("addr add {raddr} dev {ifname}"));
-            t.ip("rtr", &format!("link set {ifname} up"));
-            t.ip(role, &format!("addr add {haddr} dev eth0"));
-            t.ip(role, "link set eth0 up");
-            t.ip(role, &format!("route add default via {gw}"));
-        }
-        run(&mut t.exec("rtr", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]));
-        let mut eps = BTreeMap::new();
-        eps.insert("p1", t.pod("p1", "n1", P1, [2, 0, 0, 0, 1, 10], 1));
-        eps.insert("p2", t.pod("p2", "n1", P2, [2, 0, 0, 0, 1, 11], 1));
-        eps.insert("p3", t.pod("p3", "n2", P3, [2, 0, 0, 0, 1, 140], 1));
-        eps.insert("p4", t.pod("p4", "n1", P4, [2, 0, 0, 0, 4, 10], 2));
-        (t, eps)
-    }
-
-    fn config(&self, node: &str) -> DataplaneConfig {
-        let net = |s: &str| s.parse().unwrap();
-        let subnet = |cidr: &str, blocks: &[(&str, &str)]| SubnetConfig {
-            name: "main".into(),
-            cidr: net(cidr),
-            gateway: None,
-            reserved: vec![],
-            blocks: blocks
-                .iter()
-                .map(|(n, b)| (n.to_string(), vec![net(b)]))
-                .collect(),
-        };
-        let networks = vec![
-            NetworkConfig {
-                name: "vpc-a".into(),
-                id: 1,
-                routable_cidrs: vec![net("10.20.0.0/16"), net("10.30.0.0/24")],
-                masquerade_exclude: vec![],
-                peers: vec![],
-                default_subnet: None,
-                subnets: vec![subnet(
-                    "10.20.0.0/16",
-                    &[("node1", "10.20.1.0/25"), ("node2", "10.20.1.128/25")],
-                )],
-            },
-            NetworkConfig {
-                name: "vpc-b".into(),
-                id: 2,
-                routable_cidrs: vec![net("10.40.0.0/16")],
-                masquerade_exclude: vec![],
-                peers: vec![],
-                default_subnet: None,
-                subnets: vec![subnet("10.40.0.0/24", &[("node1", "10.40.0.0/26")])],
-            },
-        ];
-        let local_pod_cidrs = networks
-            .iter()
-            .flat_map(|n| n.subnets.iter())
-            .flat_map(|s| s.blocks.get(node).cloned().unwrap_or_default())
-            .collect();
-        DataplaneConfig {
-            pin_dir: self.pin_dir(node),
-            uplink: "eth0".into(),
-            networks,
-            local_pod_cidrs,
-        }
-    }
-
-    /// node1 attaches endpoints with TCX links (the default), node2 with classic filters, so
-    /// both modes carry traffic, survive restarts and uninstall cleanly.
-    fn start(&self, node: &str) -> Dataplane {
-        let (ns, endpoint_attach) = if node == "node1" {
-            (self.ns("n1"), AttachMode::Tcx)
-        } else {
-            (self.ns("n2"), AttachMode::Classic)
-        };
-        let cfg = self.config(node);
-        in_ns(&ns, move || {
-            Dataplane::start_with(
-                cfg,
-                StartOptions {
-                    endpoint_attach,
-                    ..Default::default()
-                },
-            )
-            .expect("Dataplane::start")
-        })
-    }
-
-    fn ping(&self, from: &str, to: Ipv4Addr, count: u32) -> Child {
-        let count = count.to_string();
-        let to = to.to_string();
-        self.exec(
-            from,
-            &[
-                "ping", "-q", "-n", "-c", &count, "-i", "0.2", "-W", "1", &to,
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ping")
-    }
-
-    /// Runs all pings at once; asserts each one's outcome (reachable or not).
-    fn pings(&self, cases: &[(&str, Ipv4Addr, bool)]) {
-        let children: Vec<_> = cases
-            .iter()
-            .map(|(from, to, ok)| {
-                (
-                    *from,
-                    *to,
-                    *ok,
-                    self.ping(from, *to, if *ok { 3 } else { 2 }),
-                )
-            })
-            .collect();
-        let mut failures = Vec::new();
-        for (from, to, ok, child) in children {
-            let out = child.wait_with_output().expect("ping");
-            if out.status.success() != ok {
-                failures.push(format!(
-                    "{from} -> {to}: expected {}, got: {}",
-                    if ok { "reachable" } else { "unreachable" },
-                    String::from_utf8_lossy(&out.stdout).trim()
-                ));
-            }
-        }
-        assert!(
-            failures.is_empty(),
-            "ping failures:\n{}",
-            failures.join("\n")
-        );
-    }
-
-    /// Connects from `client` to a one-shot TCP server in `server` and returns the peer address
-    /// the server saw.
-    fn peer_seen(&self, server: &str, addr: Ipv4Addr, client: &str) -> Ipv4Addr {
-        let sa = SocketAddr::from((addr, 7000));
-        self.peer_seen_via(server, sa, client, sa, None)
-            .unwrap_or_else(|e| panic!("{client} -> {sa}: {e}"))
-    }
-
-    /// A one-shot TCP server on `bind` in `server` answers with the peer address it saw;
-    /// `client` connects to `connect` (from `src_port` when given) and reads the answer. The
-    /// client only gets it if every reply came back from `connect` — through NAT that means
-    /// de-NATed by conntrack. Never hangs: the server gives up after 4 s.
-    fn peer_seen_via(
-        &self,
-        server: &str,
-        bind: SocketAddr,
-        client: &str,
-        connect: SocketAddr,
-        src_port: Option<u16>,
-    ) -> Result<Ipv4Addr, String> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let server_ns = self.ns(server);
-        let client_ns = self.ns(client);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                in_ns(&server_ns, move || {
-                    let l = TcpListener::bind(bind).expect("bind");
-                    l.set_nonblocking(true).unwrap();
-                    tx.send(()).unwrap();
-                    let deadline = Instant::now() + Duration::from_secs(4);
-                    while Instant::now() < deadline {
-                        match l.accept() {
-                            Ok((mut c, peer)) => {
-                                c.set_nonblocking(false).unwrap();
-                                let _ = c.write_all(peer.ip().to_string().as_bytes());
-                                return;
-                            }
-                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                        }
-                    }
-                })
-            });
-            rx.recv().unwrap();
-            in_ns(&client_ns, move || {
-                let mut c = connect_from(connect, src_port).map_err(|e| format!("connect: {e}"))?;
-                c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                let mut s = String::new();
-                c.read_to_string(&mut s).map_err(|e| format!("read: {e}"))?;
-                s.parse().map_err(|e| format!("answer {s:?}: {e}"))
-            })
-        })
-    }
-
-    /// Packets counted by the nft guard's drop rules in `node`'s netns.
-    fn guard_drops(&self, node: &str) -> u64 {
-        let out = run(&mut self.exec(node, &["nft", "list", "chain", "ip", "vpcnet", "forward"]));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains("drop"))
-            .filter_map(|l| {
-                let mut it = l.split_whitespace();
-                it.position(|w| w == "packets")?;
-                it.next()?.parse::<u64>().ok()
-            })
-            .sum()
-    }
-}
-
-/// `TcpStream::connect_timeout`, optionally from a fixed source port (to reuse a 5-tuple).
-fn connect_from(to: SocketAddr, src_port: Option<u16>) -> std::io::Result<TcpStream> {
-    use std::os::fd::FromRawFd as _;
-    let Some(port) = src_port else {
-        return TcpStream::connect_timeout(&to, Duration::from_secs(3));
-    };
-    let SocketAddr::V4(to) = to else {
-        unreachable!("IPv4 only")
-    };
-    let sin = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls on a descriptor owned by the TcpStream built at once.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let stream = TcpStream::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        // Bounds the blocking connect below.
-        stream.set_write_timeout(Some(Duration::from_secs(3)))?;
-        let local = sin(Ipv4Addr::UNSPECIFIED, port);
-        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let remote = sin(*to.ip(), to.port());
-        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(stream)
-    }
-}
-
-fn drop_count(dp: &Dataplane, reason: &str) -> u64 {
-    dp.counters()
-        .unwrap()
-        .drops
-        .iter()
-        .find(|(r, _)| r == reason)
-        .map(|(_, n)| *n)
-        .unwrap_or_else(|| panic!("no drop reason {reason}"))
-}
-
-fn node_count(dp: &Dataplane, name: &str) -> u64 {
-    dp.node_counters()
-        .unwrap()
-        .iter()
-        .find(|(r, _)| r == name)
-        .map(|(_, n)| *n)
-        .unwrap()
-}
-
-fn require_root() {
-    // SAFETY: trivial getter.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the dataplane tests need root (netns, bpffs, TCX); run them as root"
-    );
-    assert!(
-        std::path::Path::new("/sys/fs/bpf").exists(),
-        "/sys/fs/bpf missing"
-    );
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .unwrap()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
-    if !mounted {
-        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]));
-    }
-}
-
-struct Phases(Instant, Instant);
-impl Phases {
-    fn new() -> Self {
-        Phases(Instant::now(), Instant::now())
-    }
-    fn done(&mut self, name: &str) {
-        eprintln!(
-            "[dataplane] {name}: {:.0} ms (total {:.1} s)",
-            self.1.elapsed().as_secs_f64() * 1e3,
-            self.0.elapsed().as_secs_f64()
-        );
-        self.1 = Instant::now();
-    }
-}
-
+/// Both attach modes carry traffic: reachability and isolation between networks, no SNAT inside
+/// the VPC, masquerade to the internet, receiver-side isolation, TTL, anti-spoofing, counters,
+/// and no VPC packet through the kernel's forward path.
 #[test]
-fn dataplane_end_to_end() {
+fn forwarding_isolation_and_counters() {
     require_root();
+    let _serial = serial();
     let mut ph = Phases::new();
     let (topo, eps) = Topology::build("dp");
     ph.done("topology");
 
     // --- start + endpoints -------------------------------------------------------------------
-    let mut dp1 = topo.start("node1");
-    let mut dp2 = topo.start("node2");
+    let dp1 = topo.start("node1");
+    let dp2 = topo.start("node2");
     let t = dp1.timings();
     eprintln!(
         "[dataplane] node1 start: load {:?}, verify {:?}, uplink attach {:?}, mode {:?}",
@@ -522,7 +38,7 @@ fn dataplane_end_to_end() {
     let n2 = topo.ns("n2");
     for name in ["p1", "p2", "p4"] {
         let ep = eps[name].clone();
-        let dp = &mut dp1;
+        let dp = &dp1;
         in_ns(&n1, || dp.add_endpoint(&ep).expect("add_endpoint"));
         let t = dp1.timings();
         eprintln!(
@@ -532,7 +48,7 @@ fn dataplane_end_to_end() {
     }
     {
         let ep = eps["p3"].clone();
-        let dp = &mut dp2;
+        let dp = &dp2;
         in_ns(&n2, || dp.add_endpoint(&ep).expect("add_endpoint"));
         let t = dp2.timings();
         eprintln!(
@@ -540,7 +56,7 @@ fn dataplane_end_to_end() {
             t.last_add_endpoint, t.last_endpoint_attach
         );
         let ep = eps["p3"].clone();
-        let dp = &mut dp2;
+        let dp = &dp2;
         in_ns(&n2, || dp.add_endpoint(&ep).expect("add_endpoint again"));
         let t = dp2.timings();
         eprintln!(
@@ -551,7 +67,7 @@ fn dataplane_end_to_end() {
     // Idempotent: the second ADD updates the link in place.
     {
         let ep = eps["p1"].clone();
-        let dp = &mut dp1;
+        let dp = &dp1;
         in_ns(&n1, || dp.add_endpoint(&ep).expect("add_endpoint again"));
         let t = dp1.timings();
         assert!(t.last_endpoint_updated, "second add must update in place");
@@ -706,12 +222,27 @@ fn dataplane_end_to_end() {
     );
     eprintln!("[dataplane] node1 counters: {c:?}");
     ph.done("counters");
+}
 
+/// A restart of both dataplanes from their pins under 100 pps floods and an open TCP connection
+/// loses nothing; endpoints and counters are adopted from the pins.
+#[test]
+fn restart_under_load_loses_nothing() {
+    require_root();
+    let _serial = serial();
+    let mut ph = Phases::new();
+    let Started {
+        topo,
+        eps: _,
+        dp1,
+        dp2,
+    } = Started::new("rs");
+    ph.done("topology + endpoints");
     // --- restart from pins under load: 0 loss ---------------------------------------------
     let echo_ns = topo.ns("vpc");
     let p1_ns = topo.ns("p1");
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (restart_ms, mut dp1, dp2) = std::thread::scope(|s| {
+    let (restart_ms, dp1, dp2) = std::thread::scope(|s| {
         s.spawn(|| {
             in_ns(&echo_ns, move || {
                 let l = TcpListener::bind((VPC_HOST, 7001)).unwrap();
@@ -795,28 +326,54 @@ fn dataplane_end_to_end() {
     );
     ph.done("restart under load");
 
+    drop((dp1, dp2));
+}
+
+/// A removed endpoint stops forwarding at once (its link pin goes); re-adding it restores it.
+#[test]
+fn remove_and_readd_endpoint() {
+    require_root();
+    let _serial = serial();
+    let mut ph = Phases::new();
+    let s = Started::new("ra");
+    let (topo, eps, dp1) = (&s.topo, &s.eps, &s.dp1);
+    let n1 = topo.ns("n1");
     // --- remove / re-add an endpoint ---------------------------------------------------------
     let pin_p2 = topo.pin_dir("node1").join("link_ep_10_20_1_11");
     assert!(pin_p2.exists());
     {
-        let dp = &mut dp1;
+        let dp = dp1;
         in_ns(&n1, || {
             dp.remove_endpoint(P2).unwrap();
             dp.remove_endpoint(P2).expect("remove is idempotent");
         });
     }
     assert!(!pin_p2.exists());
-    let before = drop_count(&dp1, "no-endpoint");
+    let before = drop_count(dp1, "no-endpoint");
     topo.pings(&[("p1", P2, false)]);
-    assert!(drop_count(&dp1, "no-endpoint") > before);
+    assert!(drop_count(dp1, "no-endpoint") > before);
     {
         let ep = eps["p2"].clone();
-        let dp = &mut dp1;
+        let dp = dp1;
         in_ns(&n1, || dp.add_endpoint(&ep).unwrap());
     }
     topo.pings(&[("p1", P2, true)]);
     ph.done("remove/re-add");
+}
 
+/// With the programs detached the nft guard keeps the kernel from forwarding pod traffic; a
+/// restart re-attaches every endpoint whose link vanished.
+#[test]
+fn detached_programs_block_the_kernel_path_until_restart() {
+    require_root();
+    let _serial = serial();
+    let mut ph = Phases::new();
+    let Started {
+        topo,
+        eps: _,
+        dp1,
+        dp2,
+    } = Started::new("dt");
     // --- programs detached: the kernel must not forward pod traffic --------------------------
     for (role, node) in [("n1", "node1"), ("n2", "node2")] {
         let pin_dir = topo.pin_dir(node);
@@ -850,7 +407,25 @@ fn dataplane_end_to_end() {
     drop(dp1);
     drop(dp2);
     ph.done("restart re-attaches");
+}
 
+/// Uninstall removes links, filters, qdiscs, pins and the nft table, is idempotent, and leaves
+/// the pods unreachable (nothing answers ARP for them any more).
+#[test]
+fn uninstall_removes_everything() {
+    require_root();
+    let _serial = serial();
+    let mut ph = Phases::new();
+    let Started {
+        topo,
+        eps: _,
+        dp1,
+        dp2,
+    } = Started::new("un");
+    topo.pings(&[("p1", P3, true), ("vpc", P1, true)]);
+    let n1 = topo.ns("n1");
+    drop(dp1);
+    drop(dp2);
     // --- uninstall ---------------------------------------------------------------------------
     for (role, node) in [("n1", "node1"), ("n2", "node2")] {
         let pin_dir = topo.pin_dir(node);
@@ -929,20 +504,21 @@ fn uninstall_of_nothing_is_ok() {
 #[test]
 fn kernel_nat_flows_are_reverse_natted() {
     require_root();
+    let _serial = serial();
     let mut ph = Phases::new();
     let (topo, eps) = Topology::build("dn");
-    let mut dp1 = topo.start("node1");
-    let mut dp2 = topo.start("node2");
+    let dp1 = topo.start("node1");
+    let dp2 = topo.start("node2");
     let n1 = topo.ns("n1");
     let n2 = topo.ns("n2");
     for name in ["p1", "p2"] {
         let ep = eps[name].clone();
-        let dp = &mut dp1;
+        let dp = &dp1;
         in_ns(&n1, || dp.add_endpoint(&ep).expect("add_endpoint"));
     }
     {
         let ep = eps["p3"].clone();
-        let dp = &mut dp2;
+        let dp = &dp2;
         in_ns(&n2, || dp.add_endpoint(&ep).expect("add_endpoint"));
     }
     ph.done("topology + start");

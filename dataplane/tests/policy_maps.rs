@@ -159,7 +159,7 @@ fn policy_maps_hold_the_compiled_rules_across_restarts() {
     ip("addr add 10.20.0.11/16 dev eth0");
     ip("link set eth0 up");
     ip("link set eth1 up");
-    let mut dp = start(&ns, &g.pins);
+    let dp = start(&ns, &g.pins);
     // Endpoints with real host veths, as after their ADDs.
     for (i, (_, _, addr)) in LOCAL.iter().enumerate() {
         let host = format!("{HOST_VETH_PREFIX}pm{i}");
@@ -184,14 +184,14 @@ fn policy_maps_hold_the_compiled_rules_across_restarts() {
     let stats = in_ns(&ns, || dp.sync_policy(&want)).unwrap();
     assert!(stats.ops > 0);
     assert!(
-        plan(dp.applied_policy(), &want).is_empty(),
+        plan(&dp.applied_policy(), &want).is_empty(),
         "the mirror is what was asked for"
     );
     drop(dp);
 
     // A restarted daemon reads the maps back: nothing left to do for the same state.
-    let mut dp = start(&ns, &g.pins);
-    let back = plan(dp.applied_policy(), &want);
+    let dp = start(&ns, &g.pins);
+    let back = plan(&dp.applied_policy(), &want);
     assert!(back.is_empty(), "read back differs: {back:#?}");
     assert_eq!(dp.applied_policy().ip_identity, want.ip_identity);
 
@@ -202,8 +202,8 @@ fn policy_maps_hold_the_compiled_rules_across_restarts() {
     let stats = in_ns(&ns, || dp.sync_policy(&want2)).unwrap();
     assert!(stats.narrowed, "{stats:?}");
     drop(dp);
-    let mut dp = start(&ns, &g.pins);
-    let back = plan(dp.applied_policy(), &want2);
+    let dp = start(&ns, &g.pins);
+    let back = plan(&dp.applied_policy(), &want2);
     assert!(
         back.is_empty(),
         "read back after narrowing differs: {back:#?}"
@@ -214,7 +214,7 @@ fn policy_maps_hold_the_compiled_rules_across_restarts() {
     in_ns(&ns, || dp.sync_policy(&open)).unwrap();
     drop(dp);
     let dp = start(&ns, &g.pins);
-    assert_eq!(entries(dp.applied_policy()), 0);
+    assert_eq!(entries(&dp.applied_policy()), 0);
     assert!(
         dp.applied_policy()
             .endpoints

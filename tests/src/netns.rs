@@ -113,6 +113,12 @@ impl Netns {
             .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
     }
 
+    /// Runs `f` on a scoped thread that has entered this namespace: unlike [`Netns::run`], `f`
+    /// may borrow from the caller (a dataplane handle, a listener).
+    pub fn run_scoped<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        in_netns(&self.name, f)
+    }
+
     /// Spawns a long-lived thread inside the namespace.
     pub fn spawn<T: Send + 'static>(
         &self,
@@ -136,6 +142,21 @@ impl Drop for Netns {
                 .status();
         }
     }
+}
+
+/// Runs `f` on a scoped thread that has entered the named namespace (`/run/netns/<name>`), for
+/// code that works on the calling thread's netns; a panic in `f` is resumed in the caller.
+pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = PathBuf::from("/run/netns").join(name);
+    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<T> {
+            enter(&file)?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
 }
 
 fn enter(file: &File) -> Result<()> {

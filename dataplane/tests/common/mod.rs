@@ -1,21 +1,608 @@
-//! Helpers shared by the daemon's root-only integration tests.
+//! The shared fixture of the dataplane's root-only tests: a topology of network namespaces with
+//! two nodes, a VPC host, a router and pods wired as the CNI plugin wires them.
+//!
+//! Everything lives in namespaces named `<prefix>-<role>` created here (prefix unique per run and
+//! test, starting with the project prefix so `cargo xtask clean` recognises leftovers); traffic
+//! only goes to those namespaces' addresses; nothing is attached in the root namespace. Pins live
+//! under `/sys/fs/bpf/vpcnet/<prefix>-node{1,2}`. The `Topology` guard removes all of it on drop,
+//! panics included.
+//!
+//! ```text
+//!             fabric bridge (10.20.0.0/16, the VPC subnet)
+//!   node1 eth0 .0.11   node2 eth0 .0.12   vpc host .0.100   router .0.1
+//!     pods p1 10.20.1.10, p2 10.20.1.11 (net 1)              ├ 10.30.0.1/24 ── phy 10.30.0.10
+//!          p4 10.40.0.10 (net 2, unpeered)                   └ 203.0.113.1/24 ── inet 203.0.113.10
+//!   node2: p3 10.20.1.140 (net 1)
+//! ```
 
-use std::fs::File;
-use std::os::fd::AsRawFd as _;
+// Each test binary uses a part of the fixture.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vpcnet_dataplane::{AttachMode, Dataplane, DataplaneConfig, Endpoint, StartOptions};
+use vpcnet_ipam::{NetworkConfig, SubnetConfig};
+use vpcnet_tests::netns::{Netns, PROJECT_PREFIX};
 
 /// Runs `f` on a thread that has entered namespace `ns` (the dataplane works on the calling
 /// thread's netns, like the daemon does inside the node's).
 pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: plain syscall on an fd we own; affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
+    vpcnet_tests::netns::in_netns(ns, f).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// The topology tests flood pings and measure loss: one at a time, so a test's loss figure is
+/// its own and not another's CPU contention on a small machine.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub const P1: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 10);
+pub const P2: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 11);
+pub const P3: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 140);
+pub const P4: Ipv4Addr = Ipv4Addr::new(10, 40, 0, 10);
+pub const NODE1: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 11);
+pub const VPC_HOST: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
+pub const PHY_HOST: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 10);
+pub const INET_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+
+pub fn run(cmd: &mut Command) -> Output {
+    vpcnet_tests::netns::run(cmd).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+pub struct Topology {
+    prefix: String,
+    /// Deleted (with every interface, route and nft table of the run) when dropped, after the
+    /// pins: see `Drop`.
+    namespaces: Vec<Netns>,
+    pin_dirs: Vec<PathBuf>,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Pins first: removing a link pin detaches its program; then the namespaces (and with
+        // them every interface, route and nft table of the run).
+        for d in &self.pin_dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        while let Some(ns) = self.namespaces.pop() {
+            drop(ns);
+        }
+    }
+}
+
+impl Topology {
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    pub fn add_ns(&mut self, role: &str) -> String {
+        let name = self.ns(role);
+        let ns = Netns::create(&name).unwrap_or_else(|e| panic!("{e:#}"));
+        self.namespaces.push(ns);
+        name
+    }
+
+    pub fn ip(&self, role: &str, args: &str) -> String {
+        let out = run(Command::new("ip")
+            .arg("-n")
+            .arg(self.ns(role))
+            .args(args.split_whitespace()));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn exec(&self, role: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(role)]).args(args);
+        c
+    }
+
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/vpcnet/{}-{node}", self.prefix))
+    }
+
+    /// Plugs `role`'s `ifname` into the fabric bridge with `addr`, default route via the router.
+    pub fn on_fabric(&self, role: &str, ifname: &str, addr: &str, gw: Option<&str>) {
+        let port = format!("f{role}");
+        self.ip(
+            role,
+            &format!(
+                "link add {ifname} type veth peer name {port} netns {}",
+                self.ns("fab")
+            ),
+        );
+        self.ip("fab", &format!("link set {port} master br0 up"));
+        self.ip(role, &format!("addr add {addr} dev {ifname}"));
+        self.ip(role, &format!("link set {ifname} up"));
+        if let Some(gw) = gw {
+            self.ip(role, &format!("route add default via {gw}"));
+        }
+    }
+
+    /// Wires a pod exactly as the CNI plugin does. Returns the endpoint for the dataplane.
+    pub fn pod(
+        &mut self,
+        role: &str,
+        node: &str,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+        network_id: u16,
+    ) -> Endpoint {
+        self.add_ns(role);
+        let veth = format!("vpc{role}{}", "0".repeat(11 - role.len()));
+        let mac_s = mac.map(|b| format!("{b:02x}")).join(":");
+        self.ip(
+            node,
+            &format!(
+                "link add {veth} type veth peer name eth0 netns {}",
+                self.ns(role)
+            ),
+        );
+        self.ip(
+            node,
+            &format!("link set {veth} address ee:ee:ee:ee:ee:ee up"),
+        );
+        self.ip(node, &format!("route add {ip}/32 dev {veth} scope link"));
+        self.ip(role, &format!("link set eth0 address {mac_s} up"));
+        self.ip(role, &format!("addr add {ip}/32 dev eth0"));
+        self.ip(role, "route add 169.254.1.1/32 dev eth0 scope link");
+        self.ip(role, "route add default via 169.254.1.1 dev eth0");
+        self.ip(
+            role,
+            "neigh add 169.254.1.1 lladdr ee:ee:ee:ee:ee:ee dev eth0 nud permanent",
+        );
+        let line = self.ip(node, &format!("-o link show {veth}"));
+        let host_ifindex = line
+            .split(':')
+            .next()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("ifindex of {veth} in {line:?}"));
+        Endpoint {
+            ip,
+            host_ifindex,
+            pod_mac: mac,
+            network_id,
+        }
+    }
+
+    /// `tag` keeps the namespaces of tests running in parallel (same process id) apart.
+    pub fn build(tag: &str) -> (Topology, BTreeMap<&'static str, Endpoint>) {
+        let prefix = format!("{PROJECT_PREFIX}{tag}{:x}", std::process::id() & 0xfffff);
+        let mut t = Topology {
+            prefix,
+            namespaces: Vec::new(),
+            pin_dirs: Vec::new(),
+        };
+        t.pin_dirs = vec![t.pin_dir("node1"), t.pin_dir("node2")];
+        for d in &t.pin_dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        for role in ["fab", "n1", "n2", "vpc", "rtr", "phy", "inet"] {
+            t.add_ns(role);
+        }
+        t.ip("fab", "link add br0 type bridge");
+        t.ip("fab", "link set br0 up");
+        t.on_fabric("n1", "eth0", "10.20.0.11/16", Some("10.20.0.1"));
+        t.on_fabric("n2", "eth0", "10.20.0.12/16", Some("10.20.0.1"));
+        t.on_fabric("vpc", "eth0", "10.20.0.100/16", Some("10.20.0.1"));
+        t.on_fabric("rtr", "up0", "10.20.0.1/16", None);
+        for (role, ifname, raddr, haddr, gw) in [
+            ("phy", "phy0", "10.30.0.1/24", "10.30.0.10/24", "10.30.0.1"),
+            (
+                "inet",
+                "inet0",
+                "203.0.113.1/24",
+                "203.0.113.10/24",
+                "203.0.113.1",
+            ),
+        ] {
+            t.ip(
+                "rtr",
+                &format!(
+                    "link add {ifname} type veth peer name eth0 netns {}",
+                    t.ns(role)
+                ),
+            );
+            t.ip("rtr", &format!("addr add {raddr} dev {ifname}"));
+            t.ip("rtr", &format!("link set {ifname} up"));
+            t.ip(role, &format!("addr add {haddr} dev eth0"));
+            t.ip(role, "link set eth0 up");
+            t.ip(role, &format!("route add default via {gw}"));
+        }
+        run(&mut t.exec("rtr", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]));
+        let mut eps = BTreeMap::new();
+        eps.insert("p1", t.pod("p1", "n1", P1, [2, 0, 0, 0, 1, 10], 1));
+        eps.insert("p2", t.pod("p2", "n1", P2, [2, 0, 0, 0, 1, 11], 1));
+        eps.insert("p3", t.pod("p3", "n2", P3, [2, 0, 0, 0, 1, 140], 1));
+        eps.insert("p4", t.pod("p4", "n1", P4, [2, 0, 0, 0, 4, 10], 2));
+        (t, eps)
+    }
+
+    pub fn config(&self, node: &str) -> DataplaneConfig {
+        let net = |s: &str| s.parse().unwrap();
+        let subnet = |cidr: &str, blocks: &[(&str, &str)]| SubnetConfig {
+            name: "main".into(),
+            cidr: net(cidr),
+            gateway: None,
+            reserved: vec![],
+            blocks: blocks
+                .iter()
+                .map(|(n, b)| (n.to_string(), vec![net(b)]))
+                .collect(),
+        };
+        let networks = vec![
+            NetworkConfig {
+                name: "vpc-a".into(),
+                id: 1,
+                routable_cidrs: vec![net("10.20.0.0/16"), net("10.30.0.0/24")],
+                masquerade_exclude: vec![],
+                peers: vec![],
+                default_subnet: None,
+                subnets: vec![subnet(
+                    "10.20.0.0/16",
+                    &[("node1", "10.20.1.0/25"), ("node2", "10.20.1.128/25")],
+                )],
+            },
+            NetworkConfig {
+                name: "vpc-b".into(),
+                id: 2,
+                routable_cidrs: vec![net("10.40.0.0/16")],
+                masquerade_exclude: vec![],
+                peers: vec![],
+                default_subnet: None,
+                subnets: vec![subnet("10.40.0.0/24", &[("node1", "10.40.0.0/26")])],
+            },
+        ];
+        let local_pod_cidrs = networks
+            .iter()
+            .flat_map(|n| n.subnets.iter())
+            .flat_map(|s| s.blocks.get(node).cloned().unwrap_or_default())
+            .collect();
+        DataplaneConfig {
+            pin_dir: self.pin_dir(node),
+            uplink: "eth0".into(),
+            networks,
+            local_pod_cidrs,
+        }
+    }
+
+    /// node1 attaches endpoints with TCX links (the default), node2 with classic filters, so
+    /// both modes carry traffic, survive restarts and uninstall cleanly.
+    pub fn start(&self, node: &str) -> Dataplane {
+        let (ns, endpoint_attach) = if node == "node1" {
+            (self.ns("n1"), AttachMode::Tcx)
+        } else {
+            (self.ns("n2"), AttachMode::Classic)
+        };
+        let cfg = self.config(node);
+        in_ns(&ns, move || {
+            Dataplane::start_with(
+                cfg,
+                StartOptions {
+                    endpoint_attach,
+                    ..Default::default()
+                },
+            )
+            .expect("Dataplane::start")
         })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
+    }
+
+    pub fn ping(&self, from: &str, to: Ipv4Addr, count: u32) -> Child {
+        let count = count.to_string();
+        let to = to.to_string();
+        self.exec(
+            from,
+            &[
+                "ping", "-q", "-n", "-c", &count, "-i", "0.2", "-W", "1", &to,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ping")
+    }
+
+    /// Runs all pings at once; asserts each one's outcome (reachable or not).
+    pub fn pings(&self, cases: &[(&str, Ipv4Addr, bool)]) {
+        let children: Vec<_> = cases
+            .iter()
+            .map(|(from, to, ok)| {
+                (
+                    *from,
+                    *to,
+                    *ok,
+                    self.ping(from, *to, if *ok { 3 } else { 2 }),
+                )
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for (from, to, ok, child) in children {
+            let out = child.wait_with_output().expect("ping");
+            if out.status.success() != ok {
+                failures.push(format!(
+                    "{from} -> {to}: expected {}, got: {}",
+                    if ok { "reachable" } else { "unreachable" },
+                    String::from_utf8_lossy(&out.stdout).trim()
+                ));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "ping failures:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    /// Connects from `client` to a one-shot TCP server in `server` and returns the peer address
+    /// the server saw.
+    pub fn peer_seen(&self, server: &str, addr: Ipv4Addr, client: &str) -> Ipv4Addr {
+        let sa = SocketAddr::from((addr, 7000));
+        self.peer_seen_via(server, sa, client, sa, None)
+            .unwrap_or_else(|e| panic!("{client} -> {sa}: {e}"))
+    }
+
+    /// A one-shot TCP server on `bind` in `server` answers with the peer address it saw;
+    /// `client` connects to `connect` (from `src_port` when given) and reads the answer. The
+    /// client only gets it if every reply came back from `connect` — through NAT that means
+    /// de-NATed by conntrack. Never hangs: the server gives up after 4 s.
+    pub fn peer_seen_via(
+        &self,
+        server: &str,
+        bind: SocketAddr,
+        client: &str,
+        connect: SocketAddr,
+        src_port: Option<u16>,
+    ) -> Result<Ipv4Addr, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server_ns = self.ns(server);
+        let client_ns = self.ns(client);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                in_ns(&server_ns, move || {
+                    let l = TcpListener::bind(bind).expect("bind");
+                    l.set_nonblocking(true).unwrap();
+                    tx.send(()).unwrap();
+                    let deadline = Instant::now() + Duration::from_secs(4);
+                    while Instant::now() < deadline {
+                        match l.accept() {
+                            Ok((mut c, peer)) => {
+                                c.set_nonblocking(false).unwrap();
+                                let _ = c.write_all(peer.ip().to_string().as_bytes());
+                                return;
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                        }
+                    }
+                })
+            });
+            rx.recv().unwrap();
+            in_ns(&client_ns, move || {
+                let mut c = connect_from(connect, src_port).map_err(|e| format!("connect: {e}"))?;
+                c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let mut s = String::new();
+                c.read_to_string(&mut s).map_err(|e| format!("read: {e}"))?;
+                s.parse().map_err(|e| format!("answer {s:?}: {e}"))
+            })
+        })
+    }
+
+    /// Packets counted by the nft guard's drop rules in `node`'s netns.
+    pub fn guard_drops(&self, node: &str) -> u64 {
+        let out = run(&mut self.exec(node, &["nft", "list", "chain", "ip", "vpcnet", "forward"]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("drop"))
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                it.position(|w| w == "packets")?;
+                it.next()?.parse::<u64>().ok()
+            })
+            .sum()
+    }
+}
+
+/// `TcpStream::connect_timeout`, optionally from a fixed source port (to reuse a 5-tuple).
+pub fn connect_from(to: SocketAddr, src_port: Option<u16>) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let Some(port) = src_port else {
+        return TcpStream::connect_timeout(&to, Duration::from_secs(3));
+    };
+    let SocketAddr::V4(to) = to else {
+        unreachable!("IPv4 only")
+    };
+    let sin = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor owned by the TcpStream built at once.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        // Bounds the blocking connect below.
+        stream.set_write_timeout(Some(Duration::from_secs(3)))?;
+        let local = sin(Ipv4Addr::UNSPECIFIED, port);
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin(*to.ip(), to.port());
+        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+pub fn drop_count(dp: &Dataplane, reason: &str) -> u64 {
+    dp.counters()
+        .unwrap()
+        .drops
+        .iter()
+        .find(|(r, _)| r == reason)
+        .map(|(_, n)| *n)
+        .unwrap_or_else(|| panic!("no drop reason {reason}"))
+}
+
+pub fn node_count(dp: &Dataplane, name: &str) -> u64 {
+    dp.node_counters()
+        .unwrap()
+        .iter()
+        .find(|(r, _)| r == name)
+        .map(|(_, n)| *n)
+        .unwrap()
+}
+
+pub fn require_root() {
+    // SAFETY: trivial getter.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the dataplane tests need root (netns, bpffs, TCX); run them as root"
+    );
+    assert!(
+        std::path::Path::new("/sys/fs/bpf").exists(),
+        "/sys/fs/bpf missing"
+    );
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
+    if !mounted {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]));
+    }
+}
+
+pub struct Phases(Instant, Instant);
+impl Phases {
+    pub fn new() -> Self {
+        Phases(Instant::now(), Instant::now())
+    }
+    pub fn done(&mut self, name: &str) {
+        eprintln!(
+            "[dataplane] {name}: {:.0} ms (total {:.1} s)",
+            self.1.elapsed().as_secs_f64() * 1e3,
+            self.0.elapsed().as_secs_f64()
+        );
+        self.1 = Instant::now();
+    }
+}
+
+/// A topology with both dataplanes started and every pod installed: node1 with p1, p2, p4,
+/// node2 with p3.
+pub struct Started {
+    pub topo: Topology,
+    pub eps: BTreeMap<&'static str, Endpoint>,
+    pub dp1: Dataplane,
+    pub dp2: Dataplane,
+}
+
+impl Started {
+    pub fn new(tag: &str) -> Started {
+        let (topo, eps) = Topology::build(tag);
+        let dp1 = topo.start("node1");
+        let dp2 = topo.start("node2");
+        let s = Started {
+            topo,
+            eps,
+            dp1,
+            dp2,
+        };
+        for name in ["p1", "p2", "p4"] {
+            s.add("node1", name);
+        }
+        s.add("node2", "p3");
+        s
+    }
+
+    pub fn dp(&self, node: &str) -> &Dataplane {
+        if node == "node1" {
+            &self.dp1
+        } else {
+            &self.dp2
+        }
+    }
+
+    pub fn node_ns(&self, node: &str) -> String {
+        self.topo.ns(if node == "node1" { "n1" } else { "n2" })
+    }
+
+    pub fn add(&self, node: &str, pod: &str) {
+        let ep = self.eps[pod].clone();
+        let dp = self.dp(node);
+        in_ns(&self.node_ns(node), || {
+            dp.add_endpoint(&ep).expect("add_endpoint")
+        });
+    }
+
+    /// Restarts node1's dataplane (drop, start from the pins), the way a daemon restart does.
+    pub fn restart_node1(self) -> Started {
+        let Started {
+            topo,
+            eps,
+            dp1,
+            dp2,
+        } = self;
+        drop(dp1);
+        let dp1 = topo.start("node1");
+        Started {
+            topo,
+            eps,
+            dp1,
+            dp2,
+        }
+    }
+}
+
+/// A `ping -i 0.01` (100 pps) of `count` packets from `from` to `to`, for loss across a change.
+pub fn flood(topo: &Topology, from: &str, to: Ipv4Addr, count: u32) -> Child {
+    topo.exec(
+        from,
+        &[
+            "ping",
+            "-q",
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            &to.to_string(),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+/// Waits for a [`flood`] and asserts it lost nothing.
+pub fn assert_no_loss(name: &str, child: Child, count: u32) {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{count} received")) && text.contains(" 0% packet loss"),
+        "{name} lost packets: {text}"
+    );
 }

@@ -1,0 +1,243 @@
+//! The maps as a projection of the endpoint list (an upgrade that changes a map's layout keeps
+//! every pod forwarding) and a live topology change, on the shared fixture (root only).
+
+mod common;
+use common::*;
+use std::ffi::CString;
+use std::net::Ipv4Addr;
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::Path;
+use std::time::Duration;
+
+use aya::maps::{HashMap, Map, MapData, MapInfo};
+use vpcnet_dataplane::{AttachMode, Dataplane, Endpoint, PolicyMode, StartOptions};
+use vpcnet_ipam::SubnetConfig;
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_TYPE_HASH: u32 = 1;
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u8]) -> i64 {
+    // SAFETY: `attr` is a zeroed `union bpf_attr` prefix for `cmd`; the pointers in it refer to
+    // buffers alive for the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    assert!(r >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+    r
+}
+
+/// What an older release would have left: an `ENDPOINTS` hash map whose records are 4 bytes
+/// longer than this build's (a field appended), holding `eps` and pinned at `pin`.
+fn pin_endpoints_of_another_layout(pin: &Path, eps: &[Endpoint]) {
+    let value_size = vpcnet_dataplane::MAP_LAYOUTS[0].value_size + 4;
+    assert_eq!(vpcnet_dataplane::MAP_LAYOUTS[0].name, "ENDPOINTS");
+    let mut attr = [0u8; 64];
+    attr[0..4].copy_from_slice(&BPF_MAP_TYPE_HASH.to_ne_bytes());
+    attr[4..8].copy_from_slice(&4u32.to_ne_bytes());
+    attr[8..12].copy_from_slice(&(value_size as u32).to_ne_bytes());
+    attr[12..16].copy_from_slice(&vpcnet_dataplane::MAP_LAYOUTS[0].max_entries.to_ne_bytes());
+    attr[28..37].copy_from_slice(b"ENDPOINTS");
+    let fd = sys_bpf(BPF_MAP_CREATE, &mut attr) as u32;
+    for ep in eps {
+        let key = ep.ip.octets();
+        let mut value = vec![0xa5u8; value_size];
+        value[0..4].copy_from_slice(&ep.host_ifindex.to_ne_bytes());
+        value[4..10].copy_from_slice(&ep.pod_mac);
+        value[10..12].copy_from_slice(&ep.network_id.to_ne_bytes());
+        let mut attr = [0u8; 32];
+        attr[0..4].copy_from_slice(&fd.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
+        sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr);
+    }
+    std::fs::remove_file(pin).expect("removing the ENDPOINTS pin");
+    let path = CString::new(pin.as_os_str().as_bytes()).unwrap();
+    let mut attr = [0u8; 16];
+    attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&fd.to_ne_bytes());
+    sys_bpf(BPF_OBJ_PIN, &mut attr);
+    // SAFETY: our descriptor; the pin holds the map now.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// The records the pinned `ENDPOINTS` map holds, read through its own handle.
+fn pinned_ips(pin: &Path) -> Vec<Ipv4Addr> {
+    let map = Map::HashMap(MapData::from_pin(pin).expect("ENDPOINTS pin"));
+    let eps: HashMap<_, u32, vpcnet_common::EndpointInfo> = HashMap::try_from(&map).unwrap();
+    let mut ips: Vec<Ipv4Addr> = eps
+        .keys()
+        .map(|k| Ipv4Addr::from(k.unwrap().to_ne_bytes()))
+        .collect();
+    ips.sort();
+    ips
+}
+
+/// An upgrade whose `ENDPOINTS` record has another layout: the pin is recreated, refilled from
+/// the caller's endpoint list and every host veth moved to the new programs, with no packet
+/// lost at 100 pps between two pods of the node and from the VPC into one of them.
+#[test]
+fn upgrade_with_a_changed_endpoint_layout_loses_nothing() {
+    require_root();
+    let _serial = serial();
+    let mut ph = Phases::new();
+    let Started {
+        topo,
+        eps,
+        dp1,
+        dp2,
+    } = Started::new("up");
+    topo.pings(&[("p1", P2, true), ("vpc", P1, true)]);
+    let pin_dir = topo.pin_dir("node1");
+    let pin = pin_dir.join("ENDPOINTS");
+    let listed = vec![eps["p1"].clone(), eps["p2"].clone(), eps["p4"].clone()];
+    ph.done("started");
+
+    // The previous daemon exits; its programs keep forwarding from their links.
+    drop(dp1);
+    pin_endpoints_of_another_layout(&pin, &listed);
+    let info = MapInfo::from_pin(&pin).unwrap();
+    assert_ne!(
+        info.value_size() as usize,
+        vpcnet_dataplane::MAP_LAYOUTS[0].value_size
+    );
+    // The records still say which pod lives where, whatever their length.
+    let salvaged = in_ns(&topo.ns("n1"), || {
+        vpcnet_dataplane::pinned_endpoints(&pin_dir).unwrap()
+    });
+    assert_eq!(salvaged, listed, "records read across layouts");
+
+    let a = flood(&topo, "p1", P2, 300);
+    let b = flood(&topo, "vpc", P1, 300);
+    std::thread::sleep(Duration::from_millis(700));
+    let cfg = topo.config("node1");
+    let eps_for_start = listed.clone();
+    let (dp1, report) = in_ns(&topo.ns("n1"), move || {
+        Dataplane::start_restoring(
+            cfg,
+            StartOptions {
+                endpoint_attach: AttachMode::Tcx,
+                policy: PolicyMode::Open,
+            },
+            &eps_for_start,
+        )
+        .expect("start after the upgrade")
+    });
+    assert_no_loss("p1 -> p2", a, 300);
+    assert_no_loss("vpc -> p1", b, 300);
+    ph.done("upgrade under load");
+    assert_eq!(report.recreated_maps, vec!["ENDPOINTS"]);
+    assert_eq!(report.written, vec![P1, P2, P4], "{report:?}");
+    assert!(
+        report.removed.is_empty() && report.skipped.is_empty(),
+        "{report:?}"
+    );
+    let info = MapInfo::from_pin(&pin).unwrap();
+    assert_eq!(
+        info.value_size() as usize,
+        vpcnet_dataplane::MAP_LAYOUTS[0].value_size,
+        "the pin has this build's layout"
+    );
+    assert_eq!(pinned_ips(&pin), vec![P1, P2, P4]);
+    assert_eq!(dp1.endpoints().unwrap(), listed);
+    topo.pings(&[("p1", P3, true), ("p3", P2, true), ("p4", P1, false)]);
+
+    // The programs on the host veths read the new map: a record deleted from it behind the
+    // dataplane's back stops p2's traffic, and a restore from the list brings it back.
+    {
+        let mut map = Map::HashMap(MapData::from_pin(&pin).unwrap());
+        let mut m: HashMap<_, u32, vpcnet_common::EndpointInfo> =
+            HashMap::try_from(&mut map).unwrap();
+        m.remove(&u32::from_ne_bytes(P2.octets())).unwrap();
+    }
+    topo.pings(&[("p1", P2, false)]);
+    let report = in_ns(&topo.ns("n1"), || dp1.restore_endpoints(&listed).unwrap());
+    assert_eq!(report.written, vec![P2], "{report:?}");
+    assert_eq!(report.kept, vec![P1, P4], "{report:?}");
+    topo.pings(&[("p1", P2, true)]);
+
+    // An endpoint the list no longer has goes, with its links.
+    let report = in_ns(&topo.ns("n1"), || {
+        dp1.restore_endpoints(&listed[..1]).unwrap()
+    });
+    assert_eq!(report.removed, vec![P2, P4], "{report:?}");
+    assert!(!pin_dir.join("link_ep_10_20_1_11").exists());
+    assert_eq!(pinned_ips(&pin), vec![P1]);
+    topo.pings(&[("p1", P2, false), ("vpc", P1, true)]);
+    ph.done("restore from the list");
+    drop((dp1, dp2));
+}
+
+/// A topology change applied live: peering two networks, a new subnet with a block of this node,
+/// and a routable CIDR removed take effect at once, while pods keep forwarding without loss.
+#[test]
+fn topology_changes_apply_live() {
+    require_root();
+    let _serial = serial();
+    let mut ph = Phases::new();
+    let s = Started::new("tp");
+    let (topo, dp1) = (&s.topo, &s.dp1);
+    let n1 = topo.ns("n1");
+    topo.pings(&[("p1", P4, false), ("p4", P1, false)]);
+    assert_eq!(
+        topo.peer_seen("phy", PHY_HOST, "p1"),
+        P1,
+        "routable: no SNAT"
+    );
+    ph.done("started");
+
+    let mut cfg = topo.config("node1");
+    // vpc-a peers vpc-b; vpc-a gets a new subnet with a block on node1; 10.30.0.0/24 (the
+    // physical cloud) is no longer routable for vpc-a, so its traffic there is masqueraded.
+    cfg.networks[0].peers = vec!["vpc-b".into()];
+    cfg.networks[0]
+        .routable_cidrs
+        .retain(|c| *c != "10.30.0.0/24".parse().unwrap());
+    cfg.networks[0].subnets.push(SubnetConfig {
+        name: "extra".into(),
+        cidr: "10.50.0.0/24".parse().unwrap(),
+        gateway: None,
+        reserved: vec![],
+        blocks: [("node1".to_string(), vec!["10.50.0.0/26".parse().unwrap()])].into(),
+    });
+    cfg.local_pod_cidrs.push("10.50.0.0/26".parse().unwrap());
+
+    let a = flood(topo, "p1", P2, 300);
+    let b = flood(topo, "p1", P3, 300);
+    std::thread::sleep(Duration::from_millis(500));
+    in_ns(&n1, || {
+        dp1.apply_topology(&cfg.networks, &cfg.local_pod_cidrs)
+            .expect("apply_topology")
+    });
+    assert_no_loss("p1 -> p2 across the change", a, 300);
+    assert_no_loss("p1 -> p3 across the change", b, 300);
+    ph.done("applied under load");
+
+    topo.pings(&[("p1", P4, true), ("p4", P1, true), ("p1", P2, true)]);
+    assert_eq!(
+        topo.peer_seen("phy", PHY_HOST, "p1"),
+        NODE1,
+        "no longer routable: masqueraded"
+    );
+    // A pod in the new block.
+    const P5: Ipv4Addr = Ipv4Addr::new(10, 50, 0, 10);
+    let mut s = s;
+    let p5 = s.topo.pod("p5", "n1", P5, [2, 0, 0, 0, 5, 10], 1);
+    in_ns(&n1, || s.dp1.add_endpoint(&p5).expect("add p5"));
+    s.topo.pings(&[("p1", P5, true), ("p5", P1, true)]);
+    assert_eq!(
+        s.topo.guard_drops("n1"),
+        0,
+        "nothing went through the kernel"
+    );
+
+    // And back: the original topology isolates vpc-b again.
+    let orig = s.topo.config("node1");
+    in_ns(&n1, || {
+        s.dp1
+            .apply_topology(&orig.networks, &orig.local_pod_cidrs)
+            .expect("apply_topology back")
+    });
+    s.topo.pings(&[("p1", P4, false), ("p1", P2, true)]);
+    assert_eq!(s.topo.peer_seen("phy", PHY_HOST, "p1"), P1);
+    ph.done("new block, and back");
+}
