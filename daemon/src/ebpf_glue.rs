@@ -90,6 +90,15 @@ impl Forwarding for Ebpf {
                 .get_or_init(|| self.dp.applied_policy().clone()),
         )
     }
+    fn apply_topology(
+        &mut self,
+        networks: &[vpcnet_ipam::NetworkConfig],
+        local_pod_cidrs: &[ipnetwork::Ipv4Network],
+    ) -> Result<(), String> {
+        self.dp
+            .apply_topology(networks, local_pod_cidrs)
+            .map_err(|e| e.to_string())
+    }
     fn sync_policy(&mut self, new: &Compiled) -> Result<SyncStats, String> {
         // Also after a failed sync: the maps may hold part of the plan.
         self.applied = OnceLock::new();

@@ -55,6 +55,15 @@ pub trait Forwarding: Send {
     fn sync_policy(&mut self, _new: &Compiled) -> Result<SyncStats, String> {
         Ok(SyncStats::default())
     }
+    /// Takes routes, peers and masquerade exclusions to a new topology, live. Kernel routes
+    /// have nothing to program: the plugin's per-pod host routes do not depend on it.
+    fn apply_topology(
+        &mut self,
+        _networks: &[vpcnet_ipam::NetworkConfig],
+        _local_pod_cidrs: &[ipnetwork::Ipv4Network],
+    ) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Plain kernel routing: the plugin's host routes do the forwarding; nothing to program.
