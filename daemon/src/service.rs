@@ -137,8 +137,11 @@ impl Readiness {
 /// State of the policy sync between runs.
 #[derive(Default)]
 pub struct PolicySync {
-    /// `None` until seeded from what the pinned maps hold.
-    compiler: Option<vpcnet_policy::compile::Compiler>,
+    /// This node's compilation, kept up to date per object change; `None` until seeded from
+    /// what the pinned maps hold.
+    regen: Option<vpcnet_policy::incremental::Regenerator>,
+    /// The cluster state `regen` was last fed, to feed it only the next state's differences.
+    fed: Option<Arc<vpcnet_policy::ClusterState>>,
     /// Generation of the cluster state last applied.
     pub generation: Option<u64>,
     pub last_error: Option<String>,
@@ -231,8 +234,9 @@ impl Service {
         Ok(text)
     }
 
-    /// Compiles the current cluster state for this node (with the local allocations laid over
-    /// it) and takes the dataplane's policy maps there. A no-op without a cluster state source.
+    /// Brings this node's compilation up to the current cluster state and local allocations
+    /// (incrementally: see `vpcnet_policy::incremental`) and takes the dataplane's policy maps
+    /// there. A no-op without a cluster state source.
     /// Without a readable state the maps keep what they enforce (new pods stay closed).
     pub fn sync_policy(&self) -> Result<SyncStats, ApiError> {
         let Some(source) = &self.policy else {
@@ -258,36 +262,48 @@ impl Service {
                 )
             })?;
             let records = self.ipam.list().map_err(ipam_err)?;
-            let state = cluster_state::with_local_allocations(&state, &records, &self.config.node);
-            let compiler = match &mut sync.compiler {
-                Some(c) => c,
+            let sync = &mut *sync;
+            let regen = match &mut sync.regen {
+                Some(r) => r,
                 slot @ None => {
                     let fwd = self.lock_fwd();
                     if !fwd.enforces_policy() {
                         return Ok((SyncStats::default(), state.generation()));
                     }
-                    let mut c =
-                        vpcnet_policy::compile::Compiler::new(Some(self.config.node.clone()));
+                    let mut r = vpcnet_policy::incremental::Regenerator::new(&self.config.node);
                     // Keep the numbers the pinned maps use, so a restart rewrites nothing that
                     // did not change.
                     if let Some(applied) = fwd.applied_policy() {
-                        c.seed(applied.ip_identity.iter().filter_map(|(ip, id)| {
-                            let pod = state.pod_by_ip(*ip)?;
-                            Some((vpcnet_policy::compile::IdentityKey::of(&state, pod), *id))
-                        }));
+                        r.seed(applied.ip_identity.iter().map(|(ip, id)| (*ip, *id)));
                     }
-                    slot.insert(c)
+                    sync.fed = None;
+                    slot.insert(r)
                 }
             };
-            // Compiled without the dataplane lock: ADDs keep installing endpoints meanwhile (the
-            // plan is computed against the maps' mirror under the lock).
+            // Only what changed since the last sync is worked on: an ADD is its own endpoint,
+            // a remote pod's label change the endpoints whose rules name it. Compiled without
+            // the dataplane lock: ADDs keep installing endpoints meanwhile (the plan is computed
+            // against the maps' mirror under the lock).
             let t_compile = std::time::Instant::now();
-            let compiled = compiler.compile(&state);
+            let changes = match &sync.fed {
+                Some(fed) if Arc::ptr_eq(fed, &state) => Vec::new(),
+                Some(fed) => vpcnet_policy::incremental::diff_state(fed, &state),
+                None => vpcnet_policy::incremental::diff_state(&Default::default(), &state),
+            };
+            let changed = changes.len();
+            regen.apply_all(changes);
+            sync.fed = Some(state.clone());
+            regen.set_local(cluster_state::local_endpoints(&records));
+            regen.set_generation(state.generation());
+            regen.compile();
+            let (compiled, regen_stats) = (regen.compiled(), regen.stats());
             let compile_ms = t_compile.elapsed().as_secs_f64() * 1e3;
-            let stats = self.lock_fwd().sync_policy(&compiled).map_err(|e| {
+            let stats = self.lock_fwd().sync_policy(compiled).map_err(|e| {
                 ApiError::new(code::DATAPLANE, format!("programming NetworkPolicy: {e}"))
             })?;
             tracing::debug!(
+                objects_changed = changed,
+                endpoints_regenerated = regen_stats.endpoints,
                 compile_ms,
                 total_ms = started.elapsed().as_secs_f64() * 1e3,
                 "policy sync stages"
@@ -369,15 +385,9 @@ impl Service {
     fn allocate(&self, req: &AllocateRequest) -> Result<Allocation, ApiError> {
         let _span = tracing::info_span!("allocate", container = %req.key.container_id, ifname = %req.key.ifname,
             pod = %format!("{}/{}", req.pod.namespace, req.pod.name)).entered();
-        // The watched snapshot (no file I/O on the ADD path); no state yet means no annotations.
-        let addressing = match (&self.policy, req.pod.name.is_empty()) {
-            (Some(source), false) => source
-                .snapshot()
-                .map(|state| {
-                    cluster_state::pod_addressing(&state, &req.pod.namespace, &req.pod.name)
-                })
-                .unwrap_or_default(),
-            _ => Default::default(),
+        let addressing = match &self.policy {
+            Some(source) => self.addressing_from(source.as_ref(), req)?,
+            None => Default::default(),
         };
         let annotated_ip = match &addressing.ip {
             Some(text) => Some(text.parse::<Ipv4Addr>().map_err(|_| {
@@ -421,6 +431,41 @@ impl Service {
         self.metrics.allocations.inc();
         info!(ip = %record.ip, subnet = %record.subnet, "allocated");
         Ok(to_allocation(&record, self.mtu))
+    }
+
+    /// The pod's addressing from the watched state (a lookup, no file I/O and no copy of the
+    /// state on the ADD path). Until the source has synced, the ADD is refused as "try again":
+    /// placing the pod now would ignore its annotations (the default subnet instead of its own)
+    /// and start it without knowing which policies isolate it.
+    fn addressing_from(
+        &self,
+        source: &dyn crate::state::source::StateSource,
+        req: &AllocateRequest,
+    ) -> Result<cluster_state::PodAddressing, ApiError> {
+        let not_synced = |e: crate::state::source::StateError| {
+            ApiError::new(
+                code::TRY_AGAIN_LATER,
+                format!(
+                    "{e}; vpcnetd places pods only once it has the cluster state (pod annotations, NetworkPolicy) — the runtime retries the ADD; if this persists, check `vpcnetctl status` and the source"
+                ),
+            )
+        };
+        if !source.synced() {
+            return Err(not_synced(source.snapshot().err().unwrap_or(
+                crate::state::source::StateError::NotSynced {
+                    origin: source.origin(),
+                    cause: None,
+                },
+            )));
+        }
+        if req.pod.name.is_empty() {
+            return Ok(Default::default());
+        }
+        let pod = source
+            .pod(&req.pod.namespace, &req.pod.name)
+            .map_err(not_synced)?;
+        let ns = source.namespace(&req.pod.namespace).map_err(not_synced)?;
+        Ok(cluster_state::pod_addressing(pod.as_deref(), ns.as_deref()))
     }
 
     fn endpoint_ready(&self, req: &EndpointReadyRequest) -> Result<(), ApiError> {
