@@ -820,3 +820,138 @@ enum Played {
     /// No entry (played meanwhile, or set aside).
     Gone,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::source::{StateError, StateSource};
+    use tokio::sync::watch;
+    use vpcnet_policy::ClusterState;
+
+    /// A source whose first state comes when the test publishes it, as a watch's initial list
+    /// does.
+    struct Pending {
+        tx: watch::Sender<Option<Arc<ClusterState>>>,
+    }
+
+    impl StateSource for Pending {
+        fn origin(&self) -> String {
+            "the test's watch".into()
+        }
+        fn snapshot(&self) -> Result<Arc<ClusterState>, StateError> {
+            self.tx
+                .borrow()
+                .clone()
+                .ok_or_else(|| StateError::NotSynced {
+                    origin: self.origin(),
+                    cause: None,
+                })
+        }
+        fn subscribe(&self) -> watch::Receiver<Option<Arc<ClusterState>>> {
+            self.tx.subscribe()
+        }
+        fn last_error(&self) -> Option<StateError> {
+            None
+        }
+    }
+
+    fn service(dir: &std::path::Path, policy: Option<Arc<dyn StateSource>>) -> Service {
+        let config: DaemonConfig = serde_yaml::from_str(&format!(
+            r#"
+node: n1
+uplink: eth0
+state_dir: {d}
+socket: {d}/sock
+release_queue: {d}/queue
+ipam:
+  networks:
+    - name: vpc
+      id: 1
+      subnets:
+        - name: main
+          cidr: 10.20.0.0/16
+          blocks: {{ n1: [10.20.1.0/24] }}
+        - name: other
+          cidr: 10.30.0.0/16
+          blocks: {{ n1: [10.30.1.0/24] }}
+"#,
+            d = dir.display()
+        ))
+        .unwrap();
+        let ipam = Ipam::open(&config.ipam_db(), config.ipam.clone(), &config.node).unwrap();
+        Service {
+            ipam: Arc::new(ipam),
+            policy,
+            fwd: Mutex::new(Box::new(KernelRoutes)),
+            config,
+            metrics: Default::default(),
+            mtu: 1500,
+            policy_sync: Default::default(),
+            policy_dirty: tokio::sync::Notify::new(),
+            policy_requests: Default::default(),
+            release_queue_lock: Default::default(),
+        }
+    }
+
+    fn add(container: &str, pod: &str) -> AllocateRequest {
+        serde_json::from_value(serde_json::json!({
+            "key": {"container_id": container, "ifname": "eth0"},
+            "pod": {"namespace": "x", "name": pod},
+            "host_veth": format!("veth{container}"),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn add_waits_for_the_cluster_state_and_then_follows_its_annotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _) = watch::channel(None);
+        let source = Arc::new(Pending { tx });
+        let svc = service(dir.path(), Some(source.clone()));
+
+        let e = svc.allocate(&add("c1", "a")).unwrap_err();
+        assert_eq!(e.code, code::TRY_AGAIN_LATER, "{}", e.msg);
+        assert!(e.msg.contains("not synced yet"), "{}", e.msg);
+        assert!(e.msg.contains("the test's watch"), "{}", e.msg);
+        assert!(
+            svc.ipam.list().unwrap().is_empty(),
+            "allocated while refusing"
+        );
+        // A container without a pod name waits too: its namespace's policies are not known.
+        let mut anonymous = add("c0", "");
+        anonymous.pod.namespace.clear();
+        assert_eq!(
+            svc.allocate(&anonymous).unwrap_err().code,
+            code::TRY_AGAIN_LATER
+        );
+
+        // Synced: the pod's annotation places it (not the default subnet).
+        let mut state = ClusterState::new();
+        state.upsert_pod(vpcnet_policy::model::Pod {
+            namespace: "x".into(),
+            name: "a".into(),
+            labels: Default::default(),
+            ip: None,
+            node: None,
+            ports: Vec::new(),
+            annotations: [(
+                cluster_state::ANNOTATION_SUBNET.to_string(),
+                "other".to_string(),
+            )]
+            .into(),
+        });
+        source.tx.send_replace(Some(Arc::new(state)));
+        let a = svc.allocate(&add("c1", "a")).unwrap();
+        assert_eq!(a.subnet, "other");
+        assert!(a.ip.to_string().starts_with("10.30."), "{}", a.ip);
+        // A pod the state does not know gets the default.
+        assert_eq!(svc.allocate(&add("c2", "b")).unwrap().subnet, "main");
+    }
+
+    #[test]
+    fn without_a_source_add_is_not_gated() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(dir.path(), None);
+        assert_eq!(svc.allocate(&add("c1", "a")).unwrap().subnet, "main");
+    }
+}
