@@ -1175,7 +1175,7 @@ mod scale {
                 "ports": [{"protocol": "TCP", "port": "http"}, {"protocol": "TCP", "port": 9090}]
             }]
         });
-        if k % 3 == 0 {
+        if k.is_multiple_of(3) {
             spec["egress"] = json!([
                 {"to": [{"podSelector": {}}]},
                 {"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}], "ports": [{"protocol": "TCP", "port": 443}]}
@@ -1315,7 +1315,7 @@ mod scale {
             f.plan.push(t.elapsed());
             std::hint::black_box(&p);
             last = c.clone();
-            if i % 10 == 0 {
+            if i.is_multiple_of(10) {
                 let t = Instant::now();
                 let c = full.compile(&overlay_local(base, local, NODE));
                 f.before.push(t.elapsed());

@@ -790,6 +790,28 @@ metadata: { name: ignored }
         assert_eq!(src.last_error(), None);
     }
 
+    #[tokio::test]
+    async fn wait_synced_returns_the_first_good_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let later = dir.path().join("later");
+        let src = Arc::new(ManifestDir::new(&later));
+        assert!(!src.synced());
+        let s = src.clone();
+        let waiter =
+            tokio::spawn(async move { wait_synced(s.as_ref()).await.map(|st| st.generation()) });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "synced without a state");
+        std::fs::create_dir(&later).unwrap();
+        std::fs::write(later.join("a.yaml"), GOOD).unwrap();
+        assert_eq!(src.poll(), Ok(true));
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("wait_synced did not see the state")
+            .unwrap();
+        assert_eq!(got, Ok(1));
+        assert!(src.synced());
+    }
+
     #[test]
     fn duplicates_and_first_failure_are_errors() {
         let dir = tempfile::tempdir().unwrap();
