@@ -146,8 +146,11 @@ impl Readiness {
 /// State of the policy sync between runs.
 #[derive(Default)]
 pub struct PolicySync {
-    /// `None` until seeded from what the pinned maps hold.
-    compiler: Option<vpcnet_policy::compile::Compiler>,
+    /// This node's compilation, kept up to date per object change; `None` until seeded from
+    /// what the pinned maps hold.
+    regen: Option<vpcnet_policy::incremental::Regenerator>,
+    /// The cluster state `regen` was last fed, to feed it only the next state's differences.
+    fed: Option<Arc<vpcnet_policy::ClusterState>>,
     /// Generation of the cluster state last applied.
     pub generation: Option<u64>,
     pub last_error: Option<String>,
@@ -240,8 +243,9 @@ impl Service {
         Ok(text)
     }
 
-    /// Compiles the current cluster state for this node (with the local allocations laid over
-    /// it) and takes the dataplane's policy maps there. A no-op without a cluster state source.
+    /// Brings this node's compilation up to the current cluster state and local allocations
+    /// (incrementally: see `vpcnet_policy::incremental`) and takes the dataplane's policy maps
+    /// there. A no-op without a cluster state source.
     /// Without a readable state the maps keep what they enforce (new pods stay closed).
     pub fn sync_policy(&self) -> Result<SyncStats, ApiError> {
         let Some(source) = &self.policy else {
@@ -267,36 +271,48 @@ impl Service {
                 )
             })?;
             let records = self.ipam.list().map_err(ipam_err)?;
-            let state = cluster_state::with_local_allocations(&state, &records, &self.config.node);
-            let compiler = match &mut sync.compiler {
-                Some(c) => c,
+            let sync = &mut *sync;
+            let regen = match &mut sync.regen {
+                Some(r) => r,
                 slot @ None => {
                     let fwd = self.lock_fwd();
                     if !fwd.enforces_policy() {
                         return Ok((SyncStats::default(), state.generation()));
                     }
-                    let mut c =
-                        vpcnet_policy::compile::Compiler::new(Some(self.config.node.clone()));
+                    let mut r = vpcnet_policy::incremental::Regenerator::new(&self.config.node);
                     // Keep the numbers the pinned maps use, so a restart rewrites nothing that
                     // did not change.
                     if let Some(applied) = fwd.applied_policy() {
-                        c.seed(applied.ip_identity.iter().filter_map(|(ip, id)| {
-                            let pod = state.pod_by_ip(*ip)?;
-                            Some((vpcnet_policy::compile::IdentityKey::of(&state, pod), *id))
-                        }));
+                        r.seed(applied.ip_identity.iter().map(|(ip, id)| (*ip, *id)));
                     }
-                    slot.insert(c)
+                    sync.fed = None;
+                    slot.insert(r)
                 }
             };
-            // Compiled without the dataplane lock: ADDs keep installing endpoints meanwhile (the
-            // plan is computed against the maps' mirror under the lock).
+            // Only what changed since the last sync is worked on: an ADD is its own endpoint,
+            // a remote pod's label change the endpoints whose rules name it. Compiled without
+            // the dataplane lock: ADDs keep installing endpoints meanwhile (the plan is computed
+            // against the maps' mirror under the lock).
             let t_compile = std::time::Instant::now();
-            let compiled = compiler.compile(&state);
+            let changes = match &sync.fed {
+                Some(fed) if Arc::ptr_eq(fed, &state) => Vec::new(),
+                Some(fed) => vpcnet_policy::incremental::diff_state(fed, &state),
+                None => vpcnet_policy::incremental::diff_state(&Default::default(), &state),
+            };
+            let changed = changes.len();
+            regen.apply_all(changes);
+            sync.fed = Some(state.clone());
+            regen.set_local(cluster_state::local_endpoints(&records));
+            regen.set_generation(state.generation());
+            regen.compile();
+            let (compiled, regen_stats) = (regen.compiled(), regen.stats());
             let compile_ms = t_compile.elapsed().as_secs_f64() * 1e3;
-            let stats = self.lock_fwd().sync_policy(&compiled).map_err(|e| {
+            let stats = self.lock_fwd().sync_policy(compiled).map_err(|e| {
                 ApiError::new(code::DATAPLANE, format!("programming NetworkPolicy: {e}"))
             })?;
             tracing::debug!(
+                objects_changed = changed,
+                endpoints_regenerated = regen_stats.endpoints,
                 compile_ms,
                 total_ms = started.elapsed().as_secs_f64() * 1e3,
                 "policy sync stages"
@@ -378,15 +394,9 @@ impl Service {
     fn allocate(&self, req: &AllocateRequest) -> Result<Allocation, ApiError> {
         let _span = tracing::info_span!("allocate", container = %req.key.container_id, ifname = %req.key.ifname,
             pod = %format!("{}/{}", req.pod.namespace, req.pod.name)).entered();
-        // The watched snapshot (no file I/O on the ADD path); no state yet means no annotations.
-        let addressing = match (&self.policy, req.pod.name.is_empty()) {
-            (Some(source), false) => source
-                .snapshot()
-                .map(|state| {
-                    cluster_state::pod_addressing(&state, &req.pod.namespace, &req.pod.name)
-                })
-                .unwrap_or_default(),
-            _ => Default::default(),
+        let addressing = match &self.policy {
+            Some(source) => self.addressing_from(source.as_ref(), req)?,
+            None => Default::default(),
         };
         let annotated_ip = match &addressing.ip {
             Some(text) => Some(text.parse::<Ipv4Addr>().map_err(|_| {
@@ -430,6 +440,41 @@ impl Service {
         self.metrics.allocations.inc();
         info!(ip = %record.ip, subnet = %record.subnet, "allocated");
         Ok(to_allocation(&record, self.mtu))
+    }
+
+    /// The pod's addressing from the watched state (a lookup, no file I/O and no copy of the
+    /// state on the ADD path). Until the source has synced, the ADD is refused as "try again":
+    /// placing the pod now would ignore its annotations (the default subnet instead of its own)
+    /// and start it without knowing which policies isolate it.
+    fn addressing_from(
+        &self,
+        source: &dyn crate::state::source::StateSource,
+        req: &AllocateRequest,
+    ) -> Result<cluster_state::PodAddressing, ApiError> {
+        let not_synced = |e: crate::state::source::StateError| {
+            ApiError::new(
+                code::TRY_AGAIN_LATER,
+                format!(
+                    "{e}; vpcnetd places pods only once it has the cluster state (pod annotations, NetworkPolicy) — the runtime retries the ADD; if this persists, check `vpcnetctl status` and the source"
+                ),
+            )
+        };
+        if !source.synced() {
+            return Err(not_synced(source.snapshot().err().unwrap_or(
+                crate::state::source::StateError::NotSynced {
+                    origin: source.origin(),
+                    cause: None,
+                },
+            )));
+        }
+        if req.pod.name.is_empty() {
+            return Ok(Default::default());
+        }
+        let pod = source
+            .pod(&req.pod.namespace, &req.pod.name)
+            .map_err(not_synced)?;
+        let ns = source.namespace(&req.pod.namespace).map_err(not_synced)?;
+        Ok(cluster_state::pod_addressing(pod.as_deref(), ns.as_deref()))
     }
 
     fn endpoint_ready(&self, req: &EndpointReadyRequest) -> Result<(), ApiError> {
@@ -783,4 +828,139 @@ enum Played {
     Stale,
     /// No entry (played meanwhile, or set aside).
     Gone,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::source::{StateError, StateSource};
+    use tokio::sync::watch;
+    use vpcnet_policy::ClusterState;
+
+    /// A source whose first state comes when the test publishes it, as a watch's initial list
+    /// does.
+    struct Pending {
+        tx: watch::Sender<Option<Arc<ClusterState>>>,
+    }
+
+    impl StateSource for Pending {
+        fn origin(&self) -> String {
+            "the test's watch".into()
+        }
+        fn snapshot(&self) -> Result<Arc<ClusterState>, StateError> {
+            self.tx
+                .borrow()
+                .clone()
+                .ok_or_else(|| StateError::NotSynced {
+                    origin: self.origin(),
+                    cause: None,
+                })
+        }
+        fn subscribe(&self) -> watch::Receiver<Option<Arc<ClusterState>>> {
+            self.tx.subscribe()
+        }
+        fn last_error(&self) -> Option<StateError> {
+            None
+        }
+    }
+
+    fn service(dir: &std::path::Path, policy: Option<Arc<dyn StateSource>>) -> Service {
+        let config: DaemonConfig = serde_yaml::from_str(&format!(
+            r#"
+node: n1
+uplink: eth0
+state_dir: {d}
+socket: {d}/sock
+release_queue: {d}/queue
+ipam:
+  networks:
+    - name: vpc
+      id: 1
+      subnets:
+        - name: main
+          cidr: 10.20.0.0/16
+          blocks: {{ n1: [10.20.1.0/24] }}
+        - name: other
+          cidr: 10.30.0.0/16
+          blocks: {{ n1: [10.30.1.0/24] }}
+"#,
+            d = dir.display()
+        ))
+        .unwrap();
+        let ipam = Ipam::open(&config.ipam_db(), config.ipam.clone(), &config.node).unwrap();
+        Service {
+            ipam: Arc::new(ipam),
+            policy,
+            fwd: Mutex::new(Box::new(KernelRoutes)),
+            config,
+            metrics: Default::default(),
+            mtu: 1500,
+            policy_sync: Default::default(),
+            policy_dirty: tokio::sync::Notify::new(),
+            policy_requests: Default::default(),
+            release_queue_lock: Default::default(),
+        }
+    }
+
+    fn add(container: &str, pod: &str) -> AllocateRequest {
+        serde_json::from_value(serde_json::json!({
+            "key": {"container_id": container, "ifname": "eth0"},
+            "pod": {"namespace": "x", "name": pod},
+            "host_veth": format!("veth{container}"),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn add_waits_for_the_cluster_state_and_then_follows_its_annotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _) = watch::channel(None);
+        let source = Arc::new(Pending { tx });
+        let svc = service(dir.path(), Some(source.clone()));
+
+        let e = svc.allocate(&add("c1", "a")).unwrap_err();
+        assert_eq!(e.code, code::TRY_AGAIN_LATER, "{}", e.msg);
+        assert!(e.msg.contains("not synced yet"), "{}", e.msg);
+        assert!(e.msg.contains("the test's watch"), "{}", e.msg);
+        assert!(
+            svc.ipam.list().unwrap().is_empty(),
+            "allocated while refusing"
+        );
+        // A container without a pod name waits too: its namespace's policies are not known.
+        let mut anonymous = add("c0", "");
+        anonymous.pod.namespace.clear();
+        assert_eq!(
+            svc.allocate(&anonymous).unwrap_err().code,
+            code::TRY_AGAIN_LATER
+        );
+
+        // Synced: the pod's annotation places it (not the default subnet).
+        let mut state = ClusterState::new();
+        state.upsert_pod(vpcnet_policy::model::Pod {
+            namespace: "x".into(),
+            name: "a".into(),
+            labels: Default::default(),
+            ip: None,
+            node: None,
+            ports: Vec::new(),
+            annotations: [(
+                cluster_state::ANNOTATION_SUBNET.to_string(),
+                "other".to_string(),
+            )]
+            .into(),
+        });
+        source.tx.send_replace(Some(Arc::new(state)));
+        let a = svc.allocate(&add("c1", "a")).unwrap();
+        assert_eq!(a.subnet, "other");
+        assert!(a.ip.to_string().starts_with("10.30."), "{}", a.ip);
+        // A pod the state does not know gets the default.
+        assert_eq!(svc.allocate(&add("c2", "b")).unwrap().subnet, "main");
+    }
+
+    #[test]
+    fn without_a_source_add_is_not_gated() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(dir.path(), None);
+        assert_eq!(svc.allocate(&add("c1", "a")).unwrap().subnet, "main");
+    }
 }

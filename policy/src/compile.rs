@@ -31,9 +31,8 @@
 //! values and [`plan`] can diff them.
 
 use super::cidr::{Cidr, lpm_closure, lpm_lookup, subtract};
-use super::engine::selecting;
 use super::model::{
-    ClusterState, ContainerPort, Direction, Labels, NamespaceMatch, PeerMatch, Pod, PodRef,
+    ClusterState, ContainerPort, Direction, Labels, NamespaceMatch, PeerMatch, Pod, PodRef, Policy,
     PortSel, Protocol, Rule,
 };
 use std::collections::{BTreeMap, BTreeSet};
@@ -91,7 +90,7 @@ impl PortSet {
         self.normalize();
     }
 
-    fn normalize(&mut self) {
+    pub(crate) fn normalize(&mut self) {
         if self.all {
             self.ranges.clear();
             return;
@@ -112,7 +111,7 @@ impl PortSet {
     /// Adds `other` without merging: for building a set from many rules, then
     /// [`Self::normalize`] once (merging after every rule made compiling N rules for one peer
     /// quadratic).
-    fn absorb(&mut self, other: &PortSet) {
+    pub(crate) fn absorb(&mut self, other: &PortSet) {
         if other.all {
             self.all = true;
             self.ranges.clear();
@@ -227,7 +226,11 @@ impl IdentityKey {
         }
     }
 
-    fn named<'a>(&'a self, name: &'a str, proto: Protocol) -> impl Iterator<Item = u16> + 'a {
+    pub(crate) fn named<'a>(
+        &'a self,
+        name: &'a str,
+        proto: Protocol,
+    ) -> impl Iterator<Item = u16> + 'a {
         self.named_ports
             .iter()
             .filter(move |p| p.protocol == proto && p.name.as_deref() == Some(name))
@@ -484,8 +487,23 @@ pub fn compile(state: &ClusterState, node: Option<&str>) -> Compiled {
     Compiler::new(node.map(str::to_string)).compile(state)
 }
 
+/// Policies that select `pod` for `dir`. Written here, not taken from the engine: the engine is
+/// the oracle this compilation is tested against, and sharing its selection would hide a bug in
+/// both.
+fn selecting<'a>(
+    state: &'a ClusterState,
+    pod: &'a Pod,
+    dir: Direction,
+) -> impl Iterator<Item = &'a Policy> + 'a {
+    state.policies().filter(move |p| {
+        p.namespace == pod.namespace
+            && p.rules(dir).is_some()
+            && p.pod_selector.matches(&pod.labels)
+    })
+}
+
 /// Ports of `rule` that do not depend on the destination, and the named ones that do.
-fn split_ports(rule: &Rule) -> (PortSet, Vec<(&str, Protocol)>) {
+pub(crate) fn split_ports(rule: &Rule) -> (PortSet, Vec<(&str, Protocol)>) {
     if rule.ports.is_empty() {
         return (PortSet::all(), Vec::new());
     }

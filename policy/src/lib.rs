@@ -9,22 +9,27 @@
 //! - [`compile`]: per-endpoint rule sets keyed by numeric identities and prefixes, for an eBPF
 //!   dataplane whose lookup cost does not depend on the number of pods or policies, plus the
 //!   ordered update plan between two compilations.
+//! - [`incremental`]: the same compilation kept up to date per object change, for one node:
+//!   work proportional to what a change touches, not to the cluster.
 //!
 //! Enforcement lives elsewhere: the dataplane crate turns a [`Compiled`] into pinned eBPF maps
 //! along [`compile::plan`] (see `dataplane/policy.rs`), and the service
-//! (`Service::sync_policy`) compiles the watched state with this node's IPAM allocations laid
-//! over it (the agent's `with_local_allocations`) on every state change, before every
-//! new endpoint and after every release.
+//! (`Service::sync_policy`) feeds the watched state's changes and this node's IPAM allocations
+//! to an [`incremental::Regenerator`] on every state change, before every new endpoint and after
+//! every release.
 
 pub mod cidr;
 pub mod compile;
 pub mod engine;
+pub mod incremental;
 pub mod manifest;
 pub mod model;
 pub mod selector;
 
 #[cfg(test)]
 mod engine_tests;
+#[cfg(test)]
+mod incremental_tests;
 #[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
@@ -63,8 +68,6 @@ pub enum PolicyError {
         first: String,
         second: String,
     },
-    #[error("{path}: {reason}")]
-    Io { path: PathBuf, reason: String },
     #[error("unknown pod {0}")]
     UnknownPod(String),
 }

@@ -34,8 +34,8 @@ impl Object {
 
 #[derive(Debug, Clone)]
 enum ObjectKind {
-    Namespace(Namespace),
-    Pod(Pod),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
     Policy(Arc<crate::model::Policy>),
 }
 
@@ -85,11 +85,15 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, PolicyError> {
         let kind = match h.kind.as_str() {
             "Namespace" => {
                 let ns = core::Namespace::deserialize(doc).map_err(|e| err(i, describe(&e)))?;
-                ObjectKind::Namespace(Namespace::from_k8s(&ns).map_err(|e| err(i, e.to_string()))?)
+                ObjectKind::Namespace(Arc::new(
+                    Namespace::from_k8s(&ns).map_err(|e| err(i, e.to_string()))?,
+                ))
             }
             "Pod" => {
                 let pod = core::Pod::deserialize(doc).map_err(|e| err(i, describe(&e)))?;
-                ObjectKind::Pod(Pod::from_k8s(&pod).map_err(|e| err(i, e.to_string()))?)
+                ObjectKind::Pod(Arc::new(
+                    Pod::from_k8s(&pod).map_err(|e| err(i, e.to_string()))?,
+                ))
             }
             "NetworkPolicy" => {
                 let np = NetworkPolicy::deserialize(doc).map_err(|e| err(i, describe(&e)))?;
@@ -402,15 +406,15 @@ fn objects(value: serde_yaml::Value, origin: &str, out: &mut Vec<Object>) -> Res
         ("v1", "Namespace") => {
             let ns: core::Namespace =
                 serde_yaml::from_value(value.clone()).map_err(|e| describe(&e))?;
-            push(ObjectKind::Namespace(
+            push(ObjectKind::Namespace(Arc::new(
                 Namespace::from_k8s(&ns).map_err(|e| e.to_string())?,
-            ));
+            )));
         }
         ("v1", "Pod") => {
             let pod: core::Pod = serde_yaml::from_value(value.clone()).map_err(|e| describe(&e))?;
-            push(ObjectKind::Pod(
+            push(ObjectKind::Pod(Arc::new(
                 Pod::from_k8s(&pod).map_err(|e| e.to_string())?,
-            ));
+            )));
         }
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             let np: NetworkPolicy =

@@ -15,6 +15,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 /// The API server puts this label on every namespace (since 1.21), so selectors may rely on it
 /// even when a manifest does not spell it out.
@@ -521,16 +522,43 @@ impl fmt::Display for Direction {
     }
 }
 
+/// Objects of kinds NetworkPolicy does not read — Node, Service, EndpointSlice, the CRDs to come
+/// — carried in the same published state, so every consumer of a source sees one consistent
+/// snapshot. A kind is any Rust type naming itself through [`Kind`]; the state stores it shared
+/// and type-erased, keyed by the kind's name, then `namespace/name` (empty namespace for
+/// cluster-scoped objects). Policy compilation and [`crate::incremental::diff_state`] ignore
+/// them: a consumer that needs per-object changes of a kind diffs [`ClusterState::objects`].
+pub trait Kind: std::any::Any + Send + Sync {
+    /// Unique among kinds: `Node`, `Service`, `vpcnet.io/v1/Subnet`.
+    const KIND: &'static str;
+}
+
+type AnyObject = Arc<dyn std::any::Any + Send + Sync>;
+
+/// The open bucket of other kinds (see [`Kind`]).
+#[derive(Clone, Default)]
+struct Others(BTreeMap<&'static str, BTreeMap<ObjRef, AnyObject>>);
+
+impl fmt::Debug for Others {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| (k, v.len())))
+            .finish()
+    }
+}
+
 /// Everything policy decisions depend on, with a generation that moves on every change.
+///
+/// Objects are shared (`Arc`): states are rebuilt and diffed on every change, and an object
+/// that did not change is the same allocation in both, so comparing it costs a pointer.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
     generation: u64,
-    namespaces: BTreeMap<String, Namespace>,
-    pods: BTreeMap<PodRef, Pod>,
-    /// Shared: states are cloned on every sync (local allocations laid over), and a large policy
-    /// must not be copied each time.
-    policies: BTreeMap<ObjRef, std::sync::Arc<Policy>>,
+    namespaces: BTreeMap<String, Arc<Namespace>>,
+    pods: BTreeMap<PodRef, Arc<Pod>>,
+    policies: BTreeMap<ObjRef, Arc<Policy>>,
     by_ip: BTreeMap<Ipv4Addr, BTreeSet<PodRef>>,
+    others: Others,
 }
 
 impl ClusterState {
@@ -547,17 +575,19 @@ impl ClusterState {
         self.generation = generation;
     }
 
-    pub fn upsert_namespace(&mut self, ns: Namespace) {
+    pub fn upsert_namespace(&mut self, ns: impl Into<Arc<Namespace>>) {
+        let ns = ns.into();
         self.generation += 1;
         self.namespaces.insert(ns.name.clone(), ns);
     }
 
     pub fn remove_namespace(&mut self, name: &str) -> Option<Namespace> {
         self.generation += 1;
-        self.namespaces.remove(name)
+        self.namespaces.remove(name).map(Arc::unwrap_or_clone)
     }
 
-    pub fn upsert_pod(&mut self, pod: Pod) {
+    pub fn upsert_pod(&mut self, pod: impl Into<Arc<Pod>>) {
+        let pod = pod.into();
         self.generation += 1;
         let key = pod.key();
         self.unindex(&key);
@@ -570,7 +600,7 @@ impl ClusterState {
     pub fn remove_pod(&mut self, key: &PodRef) -> Option<Pod> {
         self.generation += 1;
         self.unindex(key);
-        self.pods.remove(key)
+        self.pods.remove(key).map(Arc::unwrap_or_clone)
     }
 
     /// For a daemon that learns addresses from IPAM rather than from the pod objects.
@@ -578,7 +608,7 @@ impl ClusterState {
         let mut pod = self
             .pods
             .get(key)
-            .cloned()
+            .map(|p| Pod::clone(p))
             .ok_or_else(|| PolicyError::UnknownPod(key.to_string()))?;
         pod.ip = ip;
         self.upsert_pod(pod);
@@ -602,7 +632,7 @@ impl ClusterState {
     }
 
     /// An already validated policy.
-    pub fn insert_policy(&mut self, p: impl Into<std::sync::Arc<Policy>>) {
+    pub fn insert_policy(&mut self, p: impl Into<Arc<Policy>>) {
         let p = p.into();
         self.generation += 1;
         self.policies.insert(p.key(), p);
@@ -610,17 +640,74 @@ impl ClusterState {
 
     pub fn remove_policy(&mut self, key: &ObjRef) -> Option<Policy> {
         self.generation += 1;
-        self.policies
-            .remove(key)
-            .map(std::sync::Arc::unwrap_or_clone)
+        self.policies.remove(key).map(Arc::unwrap_or_clone)
+    }
+
+    /// Adds or replaces an object of another kind (see [`Kind`]).
+    pub fn upsert_object<K: Kind>(&mut self, key: ObjRef, obj: impl Into<Arc<K>>) {
+        self.generation += 1;
+        let obj: Arc<K> = obj.into();
+        self.others.0.entry(K::KIND).or_default().insert(key, obj);
+    }
+
+    pub fn remove_object<K: Kind>(&mut self, key: &ObjRef) -> Option<Arc<K>> {
+        self.generation += 1;
+        let bucket = self.others.0.get_mut(K::KIND)?;
+        let obj = bucket.remove(key)?;
+        if bucket.is_empty() {
+            self.others.0.remove(K::KIND);
+        }
+        obj.downcast().ok()
+    }
+
+    pub fn object<K: Kind>(&self, key: &ObjRef) -> Option<Arc<K>> {
+        self.others
+            .0
+            .get(K::KIND)?
+            .get(key)?
+            .clone()
+            .downcast()
+            .ok()
+    }
+
+    /// Every object of kind `K`, by `namespace/name`.
+    pub fn objects<K: Kind>(&self) -> impl Iterator<Item = (&ObjRef, &K)> {
+        self.others
+            .0
+            .get(K::KIND)
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k, v.downcast_ref::<K>()?)))
+    }
+
+    /// The shared objects, for diffing two states by pointer.
+    pub(crate) fn namespace_map(&self) -> &BTreeMap<String, Arc<Namespace>> {
+        &self.namespaces
+    }
+
+    pub(crate) fn pod_map(&self) -> &BTreeMap<PodRef, Arc<Pod>> {
+        &self.pods
+    }
+
+    pub(crate) fn policy_map(&self) -> &BTreeMap<ObjRef, Arc<Policy>> {
+        &self.policies
+    }
+
+    /// The pod as shared by the state: what a lookup at ADD hands out without copying.
+    pub fn pod_shared(&self, key: &PodRef) -> Option<&Arc<Pod>> {
+        self.pods.get(key)
+    }
+
+    pub fn namespace_shared(&self, name: &str) -> Option<&Arc<Namespace>> {
+        self.namespaces.get(name)
     }
 
     pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
-        self.namespaces.values()
+        self.namespaces.values().map(|n| n.as_ref())
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &Pod> {
-        self.pods.values()
+        self.pods.values().map(|p| p.as_ref())
     }
 
     pub fn policies(&self) -> impl Iterator<Item = &Policy> {
@@ -628,11 +715,11 @@ impl ClusterState {
     }
 
     pub fn pod(&self, key: &PodRef) -> Option<&Pod> {
-        self.pods.get(key)
+        self.pods.get(key).map(|p| p.as_ref())
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
-        self.namespaces.get(name)
+        self.namespaces.get(name).map(|n| n.as_ref())
     }
 
     /// A pod's namespace labels. A namespace the state has not (yet) seen still carries its
@@ -651,6 +738,7 @@ impl ClusterState {
             .get(&ip)
             .and_then(|s| s.iter().next())
             .and_then(|k| self.pods.get(k))
+            .map(|p| p.as_ref())
     }
 
     /// Same objects, whatever the generation.
@@ -662,8 +750,19 @@ impl ClusterState {
                 .policies
                 .iter()
                 .zip(other.policies.iter())
+                .all(|((ka, a), (kb, b))| ka == kb && (Arc::ptr_eq(a, b) || a.raw == b.raw))
+            && self.others.0.len() == other.others.0.len()
+            && self
+                .others
+                .0
+                .iter()
+                .zip(other.others.0.iter())
                 .all(|((ka, a), (kb, b))| {
-                    ka == kb && (std::sync::Arc::ptr_eq(a, b) || a.raw == b.raw)
+                    ka == kb
+                        && a.len() == b.len()
+                        && a.iter()
+                            .zip(b.iter())
+                            .all(|((ra, oa), (rb, ob))| ra == rb && Arc::ptr_eq(oa, ob))
                 })
     }
 }

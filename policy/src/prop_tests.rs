@@ -17,9 +17,9 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-const NS: [&str; 2] = ["n0", "n1"];
+pub(super) const NS: [&str; 2] = ["n0", "n1"];
 
-fn labels_from(bits: u8, keys: [(&str, [&str; 2]); 2]) -> BTreeMap<String, String> {
+pub(super) fn labels_from(bits: u8, keys: [(&str, [&str; 2]); 2]) -> BTreeMap<String, String> {
     let mut l = BTreeMap::new();
     for (i, (k, vals)) in keys.iter().enumerate() {
         // Two bits per key: absent, absent, value 0, value 1.
@@ -36,14 +36,14 @@ fn labels_from(bits: u8, keys: [(&str, [&str; 2]); 2]) -> BTreeMap<String, Strin
     l
 }
 
-const NS_KEYS: [(&str, [&str; 2]); 2] = [("env", ["a", "b"]), ("team", ["p", "q"])];
-const POD_KEYS: [(&str, [&str; 2]); 2] = [("app", ["w", "d"]), ("tier", ["f", "b"])];
+pub(super) const NS_KEYS: [(&str, [&str; 2]); 2] = [("env", ["a", "b"]), ("team", ["p", "q"])];
+pub(super) const POD_KEYS: [(&str, [&str; 2]); 2] = [("app", ["w", "d"]), ("tier", ["f", "b"])];
 
 #[derive(Debug, Clone)]
-struct PodGen {
-    ns: usize,
-    subnet: u8,
-    ports: u8,
+pub(super) struct PodGen {
+    pub(super) ns: usize,
+    pub(super) subnet: u8,
+    pub(super) ports: u8,
 }
 
 fn selector(bits: u8, keys: [(&str, [&str; 2]); 2]) -> LabelSelector {
@@ -129,7 +129,7 @@ struct RuleGen {
 }
 
 #[derive(Debug, Clone)]
-struct PolicyGen {
+pub(super) struct PolicyGen {
     ns: usize,
     sel: u8,
     types: u8,
@@ -145,7 +145,7 @@ fn rule_gen() -> impl Strategy<Value = RuleGen> {
         .prop_map(|(peers, ports)| RuleGen { peers, ports })
 }
 
-fn policy_gen() -> impl Strategy<Value = PolicyGen> {
+pub(super) fn policy_gen() -> impl Strategy<Value = PolicyGen> {
     (
         0..NS.len(),
         any::<u8>(),
@@ -162,7 +162,7 @@ fn policy_gen() -> impl Strategy<Value = PolicyGen> {
         })
 }
 
-fn build_policy(i: usize, g: &PolicyGen) -> NetworkPolicy {
+pub(super) fn build_policy(i: usize, g: &PolicyGen) -> NetworkPolicy {
     let peers = |r: &RuleGen| {
         r.peers
             .as_ref()
@@ -204,7 +204,7 @@ fn build_policy(i: usize, g: &PolicyGen) -> NetworkPolicy {
     }
 }
 
-fn build(
+pub(super) fn build(
     ns_labels: &[u8],
     pods: &[PodGen],
     pod_labels: &[u8],
@@ -295,7 +295,7 @@ fn matrix(c: &Compiled, state: &ClusterState, probes: &[(Peer, Peer, Protocol, u
         .collect()
 }
 
-fn cluster() -> impl Strategy<Value = (Vec<u8>, Vec<PodGen>, Vec<u8>, Vec<PolicyGen>)> {
+pub(super) fn cluster() -> impl Strategy<Value = (Vec<u8>, Vec<PodGen>, Vec<u8>, Vec<PolicyGen>)> {
     (
         prop::collection::vec(any::<u8>(), 2),
         prop::collection::vec(

@@ -13,6 +13,14 @@
 //!    within 500 ms); once with no other policy, once with the largest rule set in force beside the
 //!    flipped policy. The daemons' logs say when each read the new state and wrote its maps.
 //!
+//! 3. Scale, in-process (no namespaces, no root): a generated cluster state of `--scale-pods` pods
+//!    on `--scale-nodes` nodes with `--scale-policies` policies, compiled for one node. One remote
+//!    pod's label change, one ADD and a change next to the 10,000-rule policy, each timed through
+//!    the full compilation the agent did before (the state with the local allocations laid over
+//!    it, every endpoint compiled) and through the incremental compiler it uses now, plus the
+//!    dataplane's plan between two compilations; and this process's RSS holding the state, the
+//!    compiler and one compiled copy (what the agent holds, besides its maps' mirror).
+//!
 //! Every pod is declared in the manifests directory (labels, and `vpcnet.io/ip` so both daemons know
 //! every address) before its CNI ADD.
 
@@ -86,6 +94,20 @@ pub struct Options {
     /// Only the throughput and request/response part.
     #[arg(long)]
     skip_latency: bool,
+    /// Only the in-process scale part (no root needed).
+    #[arg(long)]
+    scale_only: bool,
+    #[arg(long)]
+    skip_scale: bool,
+    #[arg(long, default_value_t = 50_000)]
+    scale_pods: usize,
+    #[arg(long, default_value_t = 1_000)]
+    scale_nodes: usize,
+    #[arg(long, default_value_t = 1_000)]
+    scale_policies: usize,
+    /// Changes timed per figure.
+    #[arg(long, default_value_t = 200)]
+    scale_changes: usize,
 }
 
 struct Bed {
@@ -98,6 +120,17 @@ struct Bed {
 }
 
 pub fn run(o: Options) -> Result<()> {
+    if !o.skip_scale || o.scale_only {
+        scale::run(
+            o.scale_pods,
+            o.scale_nodes,
+            o.scale_policies,
+            o.scale_changes,
+        )?;
+        if o.scale_only {
+            return Ok(());
+        }
+    }
     let mut rules = o.rules.clone();
     rules.retain(|r| *r > 0);
     rules.sort();
@@ -1069,4 +1102,346 @@ fn change_to_enforcement(bed: &Bed, backgrounds: &[usize], flips: usize) -> Resu
         flips / 2
     );
     Ok(())
+}
+
+/// Part 3: the compile-level figures at cluster scale, in-process.
+mod scale {
+    use crate::bench::{ms, percentile};
+    use anyhow::{Context as _, Result};
+    use serde_json::json;
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+    use std::time::{Duration, Instant};
+    use vpcnet_policy::compile::{Compiled, Compiler, plan};
+    use vpcnet_policy::incremental::{Regenerator, diff_state, overlay_local};
+    use vpcnet_policy::model::{
+        ClusterState, ContainerPort, Namespace, ObjRef, Pod, PodRef, Protocol,
+    };
+
+    const NODE: &str = "node-0";
+    const NAMESPACES: usize = 100;
+    /// Deployments per namespace: pods of one share their labels, as in a real cluster.
+    const APPS: usize = 20;
+
+    fn node_of(i: usize, nodes: usize) -> String {
+        format!("node-{}", i % nodes)
+    }
+
+    fn pod_ip(i: usize) -> Ipv4Addr {
+        Ipv4Addr::from(0x0a00_0000u32 + 0x1_0000 + i as u32)
+    }
+
+    fn labels(app: usize, ns: usize) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app".to_string(), format!("app-{app}")),
+            (
+                "tier".to_string(),
+                ["web", "api", "db"][app % 3].to_string(),
+            ),
+            ("team".to_string(), format!("team-{}", ns % 10)),
+        ])
+    }
+
+    fn pod(i: usize, nodes: usize) -> Pod {
+        let ns = i % NAMESPACES;
+        let app = (i / NAMESPACES) % APPS;
+        Pod {
+            namespace: format!("ns-{ns}"),
+            name: format!("pod-{i}"),
+            labels: labels(app, ns),
+            ip: Some(pod_ip(i)),
+            node: Some(node_of(i, nodes)),
+            ports: vec![ContainerPort {
+                name: Some("http".into()),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            annotations: Default::default(),
+        }
+    }
+
+    /// Policy `k` of a namespace: selects one app, admits the next app of its namespace and
+    /// the same app of the namespaces of one team, on a named and a numbered port; every third
+    /// also limits egress to its namespace and an external block.
+    fn policy(ns: usize, k: usize) -> vpcnet_policy::model::Policy {
+        let mut spec = json!({
+            "podSelector": {"matchLabels": {"app": format!("app-{k}")}},
+            "ingress": [{
+                "from": [
+                    {"podSelector": {"matchLabels": {"app": format!("app-{}", (k + 1) % APPS)}}},
+                    {"namespaceSelector": {"matchLabels": {"team": format!("team-{}", k % 10)}},
+                     "podSelector": {"matchLabels": {"app": format!("app-{k}")}}}
+                ],
+                "ports": [{"protocol": "TCP", "port": "http"}, {"protocol": "TCP", "port": 9090}]
+            }]
+        });
+        if k.is_multiple_of(3) {
+            spec["egress"] = json!([
+                {"to": [{"podSelector": {}}]},
+                {"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}], "ports": [{"protocol": "TCP", "port": 443}]}
+            ]);
+            spec["policyTypes"] = json!(["Ingress", "Egress"]);
+        }
+        let np = serde_json::from_value(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": format!("p-{k}"), "namespace": format!("ns-{ns}")},
+            "spec": spec
+        }))
+        .expect("generated policy");
+        vpcnet_policy::model::Policy::from_k8s(&np).expect("valid policy")
+    }
+
+    fn big_policy(rules: usize) -> vpcnet_policy::model::Policy {
+        let ingress: Vec<_> = (0..rules)
+            .map(|r| {
+                json!({"from": [{"podSelector": {"matchLabels": {"app": format!("app-{}", r % APPS)}},
+                                 "namespaceSelector": {"matchLabels": {"team": format!("team-{}", r % 10)}}}],
+                       "ports": [{"protocol": "TCP", "port": 10000 + (r % 5000)}]})
+            })
+            .collect();
+        let np = serde_json::from_value(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "big", "namespace": "ns-0"},
+            "spec": {"podSelector": {"matchLabels": {"app": "app-0"}}, "ingress": ingress}
+        }))
+        .expect("generated policy");
+        vpcnet_policy::model::Policy::from_k8s(&np).expect("valid policy")
+    }
+
+    fn state(pods: usize, nodes: usize, policies: usize) -> ClusterState {
+        let mut s = ClusterState::new();
+        for n in 0..NAMESPACES {
+            s.upsert_namespace(Namespace::new(
+                format!("ns-{n}"),
+                BTreeMap::from([("team".to_string(), format!("team-{}", n % 10))]),
+            ));
+        }
+        for i in 0..pods {
+            s.upsert_pod(pod(i, nodes));
+        }
+        for k in 0..policies {
+            s.insert_policy(policy(k % NAMESPACES, (k / NAMESPACES) % APPS));
+        }
+        s
+    }
+
+    fn local_of(s: &ClusterState) -> BTreeMap<PodRef, Ipv4Addr> {
+        s.pods()
+            .filter(|p| p.node.as_deref() == Some(NODE))
+            .filter_map(|p| Some((p.key(), p.ip?)))
+            .collect()
+    }
+
+    fn rss_mib() -> f64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    struct Figures {
+        before: Vec<Duration>,
+        after: Vec<Duration>,
+        plan: Vec<Duration>,
+        regenerated: Vec<usize>,
+    }
+
+    fn print(what: &str, f: &mut Figures) {
+        for v in [&mut f.before, &mut f.after, &mut f.plan] {
+            v.sort();
+        }
+        f.regenerated.sort();
+        let row = |label: &str, v: &[Duration]| {
+            println!(
+                "{:<44} {:<26} {:>8.2}ms {:>8.2}ms {:>8.2}ms  ({} samples)",
+                if label.starts_with("full") { what } else { "" },
+                label,
+                ms(percentile(v, 0.5)),
+                ms(percentile(v, 0.99)),
+                ms(v.last().copied().unwrap_or_default()),
+                v.len()
+            )
+        };
+        row("full compile (before)", &f.before);
+        row("incremental (now)", &f.after);
+        row("plan old → new (both)", &f.plan);
+        println!(
+            "{:<44} endpoints regenerated per change: median {}, max {}",
+            "",
+            f.regenerated
+                .get(f.regenerated.len() / 2)
+                .copied()
+                .unwrap_or(0),
+            f.regenerated.last().copied().unwrap_or(0)
+        );
+    }
+
+    /// Times `changes` state changes made by `mutate` through both compilers. The full
+    /// compilation is timed on every tenth change only (it is the slow one).
+    fn measure(
+        base: &mut ClusterState,
+        local: &mut BTreeMap<PodRef, Ipv4Addr>,
+        regen: &mut Regenerator,
+        full: &mut Compiler,
+        changes: usize,
+        mut mutate: impl FnMut(usize, &mut ClusterState, &mut BTreeMap<PodRef, Ipv4Addr>),
+    ) -> Figures {
+        let mut f = Figures {
+            before: Vec::new(),
+            after: Vec::new(),
+            plan: Vec::new(),
+            regenerated: Vec::new(),
+        };
+        let mut last: Compiled = regen.compiled().clone();
+        for i in 0..changes {
+            let before = base.clone();
+            mutate(i, base, local);
+            let t = Instant::now();
+            regen.apply_all(diff_state(&before, base));
+            regen.set_local(local.clone());
+            regen.compile();
+            f.after.push(t.elapsed());
+            let c = regen.compiled();
+            f.regenerated.push(regen.stats().endpoints);
+            let t = Instant::now();
+            let p = plan(&last, c);
+            f.plan.push(t.elapsed());
+            std::hint::black_box(&p);
+            last = c.clone();
+            if i.is_multiple_of(10) {
+                let t = Instant::now();
+                let c = full.compile(&overlay_local(base, local, NODE));
+                f.before.push(t.elapsed());
+                std::hint::black_box(&c);
+            }
+        }
+        f
+    }
+
+    pub fn run(pods: usize, nodes: usize, policies: usize, changes: usize) -> Result<()> {
+        println!(
+            "\n== scale, in-process: {pods} pods on {nodes} nodes in {NAMESPACES} namespaces, {policies} policies; \
+             compiled for {NODE} ==",
+        );
+        let rss0 = rss_mib();
+        let t = Instant::now();
+        let mut base = state(pods, nodes, policies);
+        let mut local = local_of(&base);
+        let built = t.elapsed();
+        let rss_state = rss_mib();
+
+        let t = Instant::now();
+        let mut full = Compiler::new(Some(NODE.into()));
+        let first = full.compile(&overlay_local(&base, &local, NODE));
+        let full_first = t.elapsed();
+        let t = Instant::now();
+        let mut regen = Regenerator::new(NODE);
+        regen.set_local(local.clone());
+        regen.apply_all(diff_state(&ClusterState::new(), &base));
+        let c = regen.compile();
+        let regen_first = t.elapsed();
+        anyhow::ensure!(
+            c.endpoints.len() == first.endpoints.len()
+                && c.ip_identity.len() == first.ip_identity.len(),
+            "incremental and full compilation disagree on the generated state"
+        );
+        println!(
+            "state generated in {:.0} ms: {} local endpoints, {} identities, {} addresses",
+            ms(built),
+            c.endpoints.len(),
+            c.identities.len(),
+            c.ip_identity.len()
+        );
+        println!(
+            "first compilation: full {:.0} ms, incremental (from nothing) {:.0} ms",
+            ms(full_first),
+            ms(regen_first)
+        );
+        drop(first);
+        let rss_all = rss_mib();
+        println!(
+            "{:<44} {:<26} {:>10} {:>10} {:>10}",
+            "change", "", "p50", "p99", "max"
+        );
+
+        // A remote pod's labels flip between two apps, alternately matched by policies that
+        // select pods on this node.
+        let remote = (0..pods)
+            .find(|i| node_of(*i, nodes) != NODE && (i / NAMESPACES) % APPS == 3)
+            .context("no remote pod to change")?;
+        let key = ObjRef::new(
+            format!("ns-{}", remote % NAMESPACES),
+            format!("pod-{remote}"),
+        );
+        let mut f = measure(
+            &mut base,
+            &mut local,
+            &mut regen,
+            &mut full,
+            changes,
+            |i, s, _| {
+                let mut p = s.pod(&key).expect("generated").clone();
+                p.labels.insert(
+                    "app".into(),
+                    format!("app-{}", if i % 2 == 0 { 4 } else { 3 }),
+                );
+                s.upsert_pod(p);
+            },
+        );
+        print("one remote pod's label change", &mut f);
+
+        // ADD then DEL of a pod on this node (its own labels come from the state).
+        let new_pod = |i: usize| ObjRef::new("ns-1", format!("added-{i}"));
+        let mut f = measure(
+            &mut base,
+            &mut local,
+            &mut regen,
+            &mut full,
+            changes,
+            |i, _, l| {
+                if i % 2 == 0 {
+                    l.insert(new_pod(i), Ipv4Addr::new(10, 255, 0, (i % 250) as u8 + 1));
+                } else {
+                    l.remove(&new_pod(i - 1));
+                }
+            },
+        );
+        print("ADD / DEL of a local pod", &mut f);
+
+        // The 10,000-rule policy in force on a local endpoint; a small policy beside it flips.
+        base.insert_policy(big_policy(10_000));
+        let mut f = measure(
+            &mut base,
+            &mut local,
+            &mut regen,
+            &mut full,
+            changes.min(40),
+            |i, s, _| {
+                let mut p = policy(0, 5);
+                p.name = "flip".into();
+                if i % 2 == 0 {
+                    s.insert_policy(p);
+                } else {
+                    s.remove_policy(&ObjRef::new("ns-0", "flip"));
+                }
+            },
+        );
+        print("policy change beside the 10,000-rule policy", &mut f);
+        println!(
+            "RSS of this process: {:.0} MiB at start, {:.0} MiB with the state, {:.0} MiB with the \
+             incremental compiler and its output (goal for the daemon: ≤ 150 MiB)",
+            rss0, rss_state, rss_all
+        );
+        println!(
+            "(goal: one pod's label change enforced ≤ 100 ms p99; compile + plan are this process's share)"
+        );
+        Ok(())
+    }
 }

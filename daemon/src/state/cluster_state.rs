@@ -3,8 +3,10 @@
 //! Reads the same watched state the policy layer uses (one parser, one watcher), never the files
 //! themselves: an ADD must not re-parse every manifest.
 
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use vpcnet_policy::ClusterState;
-use vpcnet_policy::model::{ObjRef, Pod};
+use vpcnet_policy::model::{Namespace, ObjRef, Pod, PodRef};
 
 pub const ANNOTATION_SUBNET: &str = "vpcnet.io/subnet";
 pub const ANNOTATION_IP: &str = "vpcnet.io/ip";
@@ -16,10 +18,10 @@ pub struct PodAddressing {
     pub ip: Option<String>,
 }
 
-/// The pod's own annotation wins over its namespace's.
-pub fn pod_addressing(state: &ClusterState, namespace: &str, name: &str) -> PodAddressing {
-    let pod = state.pod(&ObjRef::new(namespace, name));
-    let ns = state.namespace(namespace);
+/// From the pod and its namespace as the source has them (see
+/// [`crate::state::source::StateSource::pod`]). The pod's own annotation wins over its
+/// namespace's.
+pub fn pod_addressing(pod: Option<&Pod>, ns: Option<&Namespace>) -> PodAddressing {
     let subnet = pod
         .and_then(|p| p.annotations.get(ANNOTATION_SUBNET))
         .or_else(|| ns.and_then(|n| n.annotations.get(ANNOTATION_SUBNET)))
@@ -31,55 +33,31 @@ pub fn pod_addressing(state: &ClusterState, namespace: &str, name: &str) -> PodA
     }
 }
 
-/// The cluster state as this node's policy sync sees it:
-/// - every local allocation is a pod on this node with the allocated address (IPAM knows it
-///   before the API's `status.podIP` does);
-/// - an allocation whose pod the state does not know yet stands for a pod without labels in its
-///   namespace — so a namespace's default-deny covers it from its first packet;
-/// - a pod the state places on this node without a local allocation has no endpoint here.
+/// This node's allocations as pods: one address per pod (the first interface's). An allocation
+/// without a Kubernetes pod name (no K8S_POD_NAME) gets a name no policy can select.
+pub fn local_endpoints(records: &[vpcnet_ipam::Record]) -> BTreeMap<PodRef, Ipv4Addr> {
+    let mut out = BTreeMap::new();
+    for r in records {
+        let name = if r.pod.name.is_empty() {
+            format!("container-{}", r.key.container_id)
+        } else {
+            r.pod.name.clone()
+        };
+        out.entry(ObjRef::new(&r.pod.namespace, name))
+            .or_insert(r.ip);
+    }
+    out
+}
+
+/// The cluster state as this node's policy sync sees it (see
+/// [`vpcnet_policy::incremental::overlay_local`]): a copy, for one-off questions such as
+/// `vpcnetctl policy`. The sync itself keeps an incremental compiler instead.
 pub fn with_local_allocations(
     state: &ClusterState,
     records: &[vpcnet_ipam::Record],
     node: &str,
 ) -> ClusterState {
-    let mut out = state.clone();
-    let mut local = std::collections::BTreeSet::new();
-    for r in records {
-        let name = if r.pod.name.is_empty() {
-            // Not a Kubernetes pod (no K8S_POD_NAME): a name no policy can select.
-            format!("container-{}", r.key.container_id)
-        } else {
-            r.pod.name.clone()
-        };
-        let key = ObjRef::new(&r.pod.namespace, &name);
-        if !local.insert(key.clone()) {
-            continue; // One address per pod: the first interface's.
-        }
-        let mut pod = out.pod(&key).cloned().unwrap_or_else(|| Pod {
-            namespace: r.pod.namespace.clone(),
-            name,
-            labels: Default::default(),
-            ip: None,
-            node: None,
-            ports: Vec::new(),
-            annotations: Default::default(),
-        });
-        if pod.ip != Some(r.ip) || pod.node.as_deref() != Some(node) {
-            pod.ip = Some(r.ip);
-            pod.node = Some(node.to_string());
-            out.upsert_pod(pod);
-        }
-    }
-    let strays: Vec<Pod> = out
-        .pods()
-        .filter(|p| p.node.as_deref() == Some(node) && !local.contains(&p.key()))
-        .cloned()
-        .collect();
-    for mut p in strays {
-        p.node = None;
-        out.upsert_pod(p);
-    }
-    out
+    vpcnet_policy::incremental::overlay_local(state, &local_endpoints(records), node)
 }
 
 #[cfg(test)]
@@ -114,12 +92,17 @@ metadata: { name: b, namespace: x }
         .unwrap();
         let source = ManifestDir::new(dir.path());
         source.poll().unwrap();
-        let state = source.snapshot().unwrap();
-        let a = pod_addressing(&state, "x", "a");
+        let at = |ns: &str, name: &str| {
+            pod_addressing(
+                source.pod(ns, name).unwrap().as_deref(),
+                source.namespace(ns).unwrap().as_deref(),
+            )
+        };
+        let a = at("x", "a");
         assert_eq!(a.subnet.as_deref(), Some("pod-subnet"));
         assert_eq!(a.ip, None);
-        let b = pod_addressing(&state, "x", "b");
+        let b = at("x", "b");
         assert_eq!(b.subnet.as_deref(), Some("ns-subnet"));
-        assert_eq!(pod_addressing(&state, "y", "a"), PodAddressing::default());
+        assert_eq!(at("y", "a"), PodAddressing::default());
     }
 }

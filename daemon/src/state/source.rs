@@ -12,20 +12,82 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use vpcnet_policy::PolicyError;
 use vpcnet_policy::manifest::{Object, assemble, parse_file};
-use vpcnet_policy::model::ClusterState;
+use vpcnet_policy::model::{ClusterState, Namespace, ObjRef, Pod};
 
-/// A feed of whole, consistent cluster states.
+/// Why a source has no state to give, or rejected its newest input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// No complete state has been read yet (the watch has not listed everything, or every read
+    /// so far was rejected: `cause` says why). Transient by nature: callers ask again later.
+    #[error("cluster state not synced yet from {origin}{}", cause.as_ref().map(|c| format!(" (last attempt: {c})")).unwrap_or_default())]
+    NotSynced {
+        origin: String,
+        cause: Option<Box<StateError>>,
+    },
+    /// The input could not be read.
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    /// The input was read but is not a valid state (manifest syntax, policy validation,
+    /// duplicates).
+    #[error(transparent)]
+    Invalid(#[from] PolicyError),
+    /// The source stopped; no state will come.
+    #[error("cluster state source {origin} stopped")]
+    Closed { origin: String },
+}
+
+/// A feed of whole, consistent cluster states: the manifest directory now, Kubernetes watches
+/// (kube-rs reflectors) next. Everything downstream — addressing at ADD, policy — reads states
+/// through this trait only.
 ///
-/// Contract: a state is published only when it is complete and valid. When the source's input is
-/// broken the previous state stays published (and [`StateSource::last_error`] says why), because
-/// falling back to "no policies" would open everything.
+/// Contract: a state is published only when it is complete and valid ("synced": for a watch,
+/// every kind listed once). When the source's input is broken the previous state stays
+/// published (and [`StateSource::last_error`] says why), because falling back to "no policies"
+/// would open everything.
+///
+/// Kinds: Namespace, Pod and NetworkPolicy are typed in [`ClusterState`]; any other kind a
+/// source learns (Node, Service, EndpointSlice, CRDs) travels in the same state through
+/// [`vpcnet_policy::model::Kind`] and [`ClusterState::objects`], so adding one changes neither
+/// this trait nor its consumers.
 pub trait StateSource: Send + Sync {
-    /// The state in force, or why there has never been one.
-    fn snapshot(&self) -> Result<Arc<ClusterState>, PolicyError>;
-    /// Fires on every newly published state. `None` until the first good state.
+    /// Where the state comes from, for messages (a directory, a cluster).
+    fn origin(&self) -> String;
+    /// The state in force, shared (an `Arc` clone, never a copy), or [`StateError::NotSynced`].
+    fn snapshot(&self) -> Result<Arc<ClusterState>, StateError>;
+    /// Fires on every newly published state. `None` until the first good state; awaiting
+    /// `Some` is awaiting "synced" (see [`wait_synced`]).
     fn subscribe(&self) -> watch::Receiver<Option<Arc<ClusterState>>>;
     /// Why the newest input was rejected, if it was.
-    fn last_error(&self) -> Option<PolicyError>;
+    fn last_error(&self) -> Option<StateError>;
+
+    /// Whether a complete state has been published. Cheap: called on every ADD.
+    fn synced(&self) -> bool {
+        self.snapshot().is_ok()
+    }
+
+    /// One pod, shared with the state in force: what ADD needs, without cloning the state.
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<Arc<Pod>>, StateError> {
+        Ok(self
+            .snapshot()?
+            .pod_shared(&ObjRef::new(namespace, name))
+            .cloned())
+    }
+
+    fn namespace(&self, name: &str) -> Result<Option<Arc<Namespace>>, StateError> {
+        Ok(self.snapshot()?.namespace_shared(name).cloned())
+    }
+}
+
+/// Waits until `source` has published its first complete state, and returns it.
+pub async fn wait_synced(source: &dyn StateSource) -> Result<Arc<ClusterState>, StateError> {
+    let mut rx = source.subscribe();
+    let state = rx
+        .wait_for(|s| s.is_some())
+        .await
+        .map_err(|_| StateError::Closed {
+            origin: source.origin(),
+        })?;
+    Ok(state.clone().expect("waited for Some"))
 }
 
 /// Largest manifest file read. The bench's 10,000-rule policy is about 1.1 MB; this leaves room
@@ -79,12 +141,12 @@ struct Cached {
     /// Of the bytes, so a file that is not UTF-8 is remembered like any other content.
     hash: u64,
     /// Parsed objects, or why the content is rejected (kept so it is not parsed again).
-    parsed: Result<Arc<Vec<Object>>, PolicyError>,
+    parsed: Result<Arc<Vec<Object>>, StateError>,
 }
 
 #[derive(Default)]
 struct Inner {
-    error: Option<PolicyError>,
+    error: Option<StateError>,
     /// Per file (path order) what its last read found.
     files: BTreeMap<PathBuf, Cached>,
     /// Combined content hash of the state in force, and of the last content rejected.
@@ -143,17 +205,17 @@ struct Entry {
 enum ReadError {
     /// Removed between the listing and the read: simply gone.
     Gone,
-    Rejected(PolicyError),
+    Rejected(StateError),
 }
 
-fn io_error(path: &Path, reason: impl std::fmt::Display) -> PolicyError {
-    PolicyError::Io {
+fn io_error(path: &Path, reason: impl std::fmt::Display) -> StateError {
+    StateError::Io {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     }
 }
 
-fn too_large(path: &Path, len: u64) -> PolicyError {
+fn too_large(path: &Path, len: u64) -> StateError {
     io_error(
         path,
         format_args!(
@@ -181,7 +243,7 @@ fn kind_of(md: &std::fs::Metadata) -> &'static str {
 }
 
 /// Why an entry the listing shows cannot be stat'ed or opened; `None` when it is simply gone.
-fn unreadable(path: &Path, e: &std::io::Error) -> Option<PolicyError> {
+fn unreadable(path: &Path, e: &std::io::Error) -> Option<StateError> {
     if e.kind() == std::io::ErrorKind::NotFound {
         // Following the name failed; the name itself may still be there (a dangling symlink).
         return match std::fs::symlink_metadata(path) {
@@ -240,14 +302,14 @@ fn hash_bytes(bytes: &[u8]) -> u64 {
 }
 
 /// UTF-8 check, then [`parse_file`].
-fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<Object>, PolicyError> {
+fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<Object>, StateError> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         io_error(
             path,
             format_args!("not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
         )
     })?;
-    parse_file(path, text)
+    Ok(parse_file(path, text)?)
 }
 
 impl ManifestDir {
@@ -286,10 +348,10 @@ impl ManifestDir {
 
     /// The manifest entries of the directory, in path order, or the first one that cannot be
     /// read as a manifest.
-    fn list(&self) -> Result<Vec<Entry>, PolicyError> {
+    fn list(&self) -> Result<Vec<Entry>, StateError> {
         let io = |e: std::io::Error| io_error(&self.dir, e);
         let mut out = Vec::new();
-        let mut broken: Option<PolicyError> = None;
+        let mut broken: Option<StateError> = None;
         let mut total = 0u64;
         for e in std::fs::read_dir(&self.dir).map_err(io)? {
             let e = e.map_err(io)?;
@@ -346,7 +408,7 @@ impl ManifestDir {
     /// a file is read only when its stamp changed or has not settled yet (see [`STAMP_SETTLE`]),
     /// and parsed only when its content is new. A rejected content is remembered too, so it is
     /// reported once, not on every poll.
-    pub fn poll(&self) -> Result<bool, PolicyError> {
+    pub fn poll(&self) -> Result<bool, StateError> {
         let _one = self.polling.lock().unwrap_or_else(|p| p.into_inner());
         self.counters.polls.fetch_add(1, Ordering::Relaxed);
         let entries = match self.list() {
@@ -386,7 +448,7 @@ impl ManifestDir {
                     .filter_map(|c| c.parsed.as_ref().ok().cloned())
                     .collect();
                 drop(inner);
-                assemble(parsed.iter().map(|o| o.as_slice()))
+                assemble(parsed.iter().map(|o| o.as_slice())).map_err(StateError::from)
             }
         };
         match state {
@@ -424,7 +486,7 @@ impl ManifestDir {
         &self,
         entries: Vec<Entry>,
         cache: &mut BTreeMap<PathBuf, Cached>,
-    ) -> Result<(u64, Option<PolicyError>), PolicyError> {
+    ) -> Result<(u64, Option<StateError>), StateError> {
         let mut old = std::mem::take(cache);
         let mut failure = None;
         for entry in entries {
@@ -487,7 +549,7 @@ impl ManifestDir {
     }
 
     /// Records why the newest input is rejected; logs it only when the reason changed.
-    fn fail(&self, e: PolicyError) -> PolicyError {
+    fn fail(&self, e: StateError) -> StateError {
         let mut inner = self.lock();
         if inner.error.as_ref() != Some(&e) {
             self.counters.reports.fetch_add(1, Ordering::Relaxed);
@@ -561,30 +623,39 @@ impl ManifestDir {
     }
 }
 
-fn error_path(e: &PolicyError) -> &Path {
+fn error_path(e: &StateError) -> &Path {
     match e {
-        PolicyError::Io { path, .. } => path,
-        PolicyError::Manifest { file, .. } => file,
+        StateError::Io { path, .. } => path,
+        StateError::Invalid(PolicyError::Manifest { file, .. }) => file,
         _ => Path::new(""),
     }
 }
 
 impl StateSource for ManifestDir {
-    fn snapshot(&self) -> Result<Arc<ClusterState>, PolicyError> {
+    fn origin(&self) -> String {
+        format!("manifests directory {}", self.dir.display())
+    }
+
+    fn snapshot(&self) -> Result<Arc<ClusterState>, StateError> {
         if let Some(s) = self.tx.borrow().clone() {
             return Ok(s);
         }
-        Err(self.last_error().unwrap_or_else(|| PolicyError::Io {
-            path: self.dir.clone(),
-            reason: "not read yet".into(),
-        }))
+        Err(StateError::NotSynced {
+            origin: self.origin(),
+            cause: self.last_error().map(Box::new),
+        })
+    }
+
+    /// Synced once the first good read of the directory is published.
+    fn synced(&self) -> bool {
+        self.tx.borrow().is_some()
     }
 
     fn subscribe(&self) -> watch::Receiver<Option<Arc<ClusterState>>> {
         self.tx.subscribe()
     }
 
-    fn last_error(&self) -> Option<PolicyError> {
+    fn last_error(&self) -> Option<StateError> {
         self.lock().error.clone()
     }
 }
@@ -678,7 +749,7 @@ metadata: { name: ignored }
         std::fs::write(dir.path().join("a.yaml"), &broken).unwrap();
         let err = src.poll().unwrap_err();
         match &err {
-            PolicyError::Manifest { file, document, .. } => {
+            StateError::Invalid(PolicyError::Manifest { file, document, .. }) => {
                 assert!(file.ends_with("a.yaml"), "{err}");
                 assert_eq!(*document, 2, "{err}");
             }
@@ -719,18 +790,76 @@ metadata: { name: ignored }
         assert_eq!(src.last_error(), None);
     }
 
+    #[tokio::test]
+    async fn wait_synced_returns_the_first_good_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let later = dir.path().join("later");
+        let src = Arc::new(ManifestDir::new(&later));
+        assert!(!src.synced());
+        let s = src.clone();
+        let waiter =
+            tokio::spawn(async move { wait_synced(s.as_ref()).await.map(|st| st.generation()) });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "synced without a state");
+        std::fs::create_dir(&later).unwrap();
+        std::fs::write(later.join("a.yaml"), GOOD).unwrap();
+        assert_eq!(src.poll(), Ok(true));
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("wait_synced did not see the state")
+            .unwrap();
+        assert_eq!(got, Ok(1));
+        assert!(src.synced());
+    }
+
     #[test]
     fn duplicates_and_first_failure_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
         std::fs::write(dir.path().join("b.yaml"), GOOD).unwrap();
         let src = ManifestDir::new(dir.path());
-        let e = src.snapshot().unwrap_err();
-        assert!(matches!(e, PolicyError::Duplicate { .. }), "{e}");
+        assert!(!src.synced());
+        let e = src.last_error().unwrap();
+        assert!(
+            matches!(e, StateError::Invalid(PolicyError::Duplicate { .. })),
+            "{e}"
+        );
         assert!(e.to_string().contains("defined twice"), "{e}");
+        // Not synced is its own error, naming the reason of the last attempt.
+        let e = src.snapshot().unwrap_err();
+        assert!(
+            matches!(&e, StateError::NotSynced { cause: Some(c), .. }
+                if matches!(**c, StateError::Invalid(PolicyError::Duplicate { .. }))),
+            "{e}"
+        );
+        assert!(e.to_string().contains("not synced yet"), "{e}");
+        assert!(e.to_string().contains("defined twice"), "{e}");
+        assert!(matches!(
+            src.pod("x", "a"),
+            Err(StateError::NotSynced { .. })
+        ));
         assert!(src.subscribe().borrow().is_none());
         let missing = ManifestDir::new(dir.path().join("nope"));
-        assert!(matches!(missing.snapshot(), Err(PolicyError::Io { .. })));
+        assert!(matches!(missing.last_error(), Some(StateError::Io { .. })));
+        assert!(matches!(
+            missing.snapshot(),
+            Err(StateError::NotSynced { .. })
+        ));
+
+        // Fixed: synced, and the lookups answer from the state.
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        assert_eq!(src.poll(), Ok(true));
+        assert!(src.synced());
+        let a = src.pod("x", "a").unwrap().unwrap();
+        assert!(Arc::ptr_eq(
+            &a,
+            src.snapshot()
+                .unwrap()
+                .pod_shared(&PodRef::new("x", "a"))
+                .unwrap()
+        ));
+        assert_eq!(src.pod("x", "nope"), Ok(None));
+        assert_eq!(src.namespace("x").unwrap().unwrap().name, "x");
     }
 
     /// Counts the "manifests rejected" warnings `f` logs on this thread.
@@ -911,7 +1040,7 @@ metadata: { name: ignored }
         let reads = src.activity().reads;
         let e = src.poll().unwrap_err();
         assert!(
-            matches!(&e, PolicyError::Io { path, .. } if path == dir.path()),
+            matches!(&e, StateError::Io { path, .. } if path == dir.path()),
             "{e}"
         );
         assert!(e.to_string().contains("per directory"), "{e}");
