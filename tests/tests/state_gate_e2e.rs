@@ -27,7 +27,9 @@ fn add_is_refused_with_try_again_until_the_cluster_state_is_synced() {
         "not ready before the state is synced: {status:?}"
     );
 
-    let err = c.add_pod(0, "x", "a").unwrap_err();
+    let Err(err) = c.add_pod(0, "x", "a") else {
+        panic!("ADD succeeded before the cluster state was synced");
+    };
     let text = format!("{err:#}");
     assert!(
         text.contains("\"code\":11") || text.contains("\"code\": 11"),
