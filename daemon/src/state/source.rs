@@ -7,7 +7,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use vpcnet_policy::PolicyError;
@@ -104,7 +104,7 @@ pub const MAX_TOTAL_BYTES: u64 = 256 << 20;
 const STAMP_SETTLE: Duration = Duration::from_secs(2);
 /// With inotify working, the directory is still checked this often: symlinked manifests whose
 /// targets live elsewhere change without an event here, and a stamp still settling is re-read.
-pub const EVENT_FALLBACK_POLL: Duration = Duration::from_secs(10);
+pub use crate::watch::EVENT_FALLBACK_POLL;
 
 /// What identifies a file's content without reading it. `ctime` is set by the kernel on every
 /// write, rename and chmod (unlike `mtime`, it cannot be set back or forward by a tool).
@@ -559,66 +559,11 @@ impl ManifestDir {
         e
     }
 
-    /// Watches the directory until the `ManifestDir` is dropped. inotify wakes it on every
-    /// change of an entry (so a change is read within milliseconds) — not on reads, its own
-    /// included, which would make it spin. Without inotify it polls every `interval`; with it,
-    /// every [`EVENT_FALLBACK_POLL`] (or `interval` if longer).
+    /// Watches the directory until the `ManifestDir` is dropped; a change is read within
+    /// milliseconds, and an idle directory costs nothing (see [`crate::watch`]).
     pub fn spawn_watcher(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        use notify::Watcher as _;
-        use notify::event::{AccessKind, AccessMode, EventKind};
-        let weak: Weak<Self> = Arc::downgrade(self);
-        let wake = Arc::new(tokio::sync::Notify::new());
-        let events = {
-            let wake = wake.clone();
-            notify::recommended_watcher(move |r: notify::Result<notify::Event>| {
-                let changed = match r {
-                    Ok(e) => match e.kind {
-                        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                        EventKind::Access(_) => false,
-                        // Create, modify (data, metadata, rename), remove, and "rescan" after
-                        // a queue overflow.
-                        _ => true,
-                    },
-                    // Something was lost; look.
-                    Err(_) => true,
-                };
-                if changed {
-                    wake.notify_one();
-                }
-            })
-        };
-        let events = events.and_then(|mut w| {
-            w.watch(&self.dir, notify::RecursiveMode::NonRecursive)?;
-            Ok(w)
-        });
-        let (events, interval) = match events {
-            Ok(w) => (Some(w), interval.max(EVENT_FALLBACK_POLL)),
-            Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e,
-                    "no inotify watch on the manifests; changes are seen by polling only");
-                (None, interval)
-            }
-        };
-        tokio::spawn(async move {
-            let _events = events;
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = wake.notified() => {}
-                }
-                let Some(me) = weak.upgrade() else { return };
-                // Small synchronous reads; a blocking thread keeps them off the async workers.
-                if tokio::task::spawn_blocking(move || {
-                    let _ = me.poll();
-                })
-                .await
-                .is_err()
-                {
-                    return;
-                }
-            }
+        crate::watch::spawn_dir_watcher(self, &self.dir, interval, "manifests", |me: &Self| {
+            let _ = me.poll();
         })
     }
 }
