@@ -38,7 +38,8 @@ pub(crate) fn lookup(pkt: &Packet) -> Option<Entry> {
         return None;
     }
     // By reference, not a copy: with a copy the compiler specialises the rest of the program
-    // for each outcome of the L4 parse, and the verifier walked nearly three times the instructions.
+    // for each outcome of the L4 parse, and the verifier walked nearly three times the
+    // instructions.
     let key = &pkt.l4.key;
     let value = CONNTRACK.get_ptr_mut(key)?;
     let now = now_ns();
