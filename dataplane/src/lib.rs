@@ -611,6 +611,9 @@ impl Dataplane {
                 maps = ?recreated,
                 "policy maps recreated: every endpoint stays closed until the next policy sync"
             );
+            // The mirror must say what the maps now enforce, or the next plan would skip
+            // reopening an endpoint it believes open.
+            policy.tables.close_all();
         }
         let records = Records {
             map: endpoints_map,

@@ -237,6 +237,16 @@ impl PolicyTables {
         Ok(t)
     }
 
+    /// Marks every endpoint isolated both ways with no rules, which is what the maps enforce
+    /// after a rule map was recreated (the records are then written closed). The next plan
+    /// opens what the policy opens, after writing the rules (no window of wider access).
+    pub(super) fn close_all(&mut self) {
+        for e in self.mirror.endpoints.values_mut() {
+            e.ingress.isolated = true;
+            e.egress.isolated = true;
+        }
+    }
+
     /// Applies `plan` phase by phase. Returns the number of ops and whether anything narrowed.
     pub(super) fn apply(
         &mut self,

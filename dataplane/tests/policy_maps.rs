@@ -129,6 +129,20 @@ fn start(ns: &str, pins: &Path) -> Dataplane {
     })
 }
 
+/// `EndpointInfo::policy` of every record in the pinned `ENDPOINTS` map.
+fn policy_bits(pins: &Path) -> std::collections::BTreeMap<Ipv4Addr, u32> {
+    let map =
+        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(pins.join("ENDPOINTS")).unwrap());
+    let eps: aya::maps::HashMap<_, u32, vpcnet_common::EndpointInfo> =
+        aya::maps::HashMap::try_from(&map).unwrap();
+    eps.iter()
+        .map(|r| {
+            let (k, v) = r.unwrap();
+            (Ipv4Addr::from(k.to_ne_bytes()), v.policy)
+        })
+        .collect()
+}
+
 fn entries(c: &Compiled) -> usize {
     c.endpoints
         .values()
@@ -208,6 +222,58 @@ fn policy_maps_hold_the_compiled_rules_across_restarts() {
         back.is_empty(),
         "read back after narrowing differs: {back:#?}"
     );
+
+    // An upgrade that changes a rule map's layout (IDENTITIES, value 4 → 8 bytes): the map is
+    // recreated empty, and until the next sync every endpoint is closed (fail closed) rather
+    // than judged against a partial rule set; that sync writes everything again.
+    drop(dp);
+    let identities = vpcnet_dataplane::MAP_LAYOUTS
+        .iter()
+        .find(|l| l.name == "IDENTITIES")
+        .unwrap();
+    common::replace_pin_with_hash_map(
+        &g.pins.join("IDENTITIES"),
+        identities.key_size,
+        8,
+        identities.max_entries,
+        &[],
+    );
+    let dp = start(&ns, &g.pins);
+    assert!(dp.applied_policy().ip_identity.is_empty());
+    assert!(
+        dp.applied_policy()
+            .endpoints
+            .values()
+            .all(|e| e.ingress.isolated && e.egress.isolated),
+        "the mirror says closed, as the maps enforce"
+    );
+    let bits = policy_bits(&g.pins);
+    assert_eq!(bits.len(), LOCAL.len());
+    assert!(
+        bits.values().all(|b| *b == 0),
+        "closed until synced: {bits:?}"
+    );
+    in_ns(&ns, || dp.sync_policy(&want2)).unwrap();
+    assert!(plan(&dp.applied_policy(), &want2).is_empty());
+    let bits = policy_bits(&g.pins);
+    for (ip, e) in &want2.endpoints {
+        let mut want_bits = 0;
+        if !e.ingress.isolated {
+            want_bits |= vpcnet_common::POLICY_INGRESS_OPEN;
+        }
+        if !e.egress.isolated {
+            want_bits |= vpcnet_common::POLICY_EGRESS_OPEN;
+        }
+        assert_eq!(bits.get(ip), Some(&want_bits), "{ip} after the sync");
+    }
+    assert!(
+        bits.values().any(|b| *b != 0),
+        "some endpoint is open again: {bits:?}"
+    );
+    drop(dp);
+    let dp = start(&ns, &g.pins);
+    let back = plan(&dp.applied_policy(), &want2);
+    assert!(back.is_empty(), "refilled maps read back: {back:#?}");
 
     // No policies at all: every entry goes, every endpoint opens.
     let open = compiler.compile(&state(""));

@@ -3,9 +3,7 @@
 
 mod common;
 use common::*;
-use std::ffi::CString;
 use std::net::Ipv4Addr;
-use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,51 +11,23 @@ use aya::maps::{HashMap, Map, MapData, MapInfo};
 use vpcnet_dataplane::{AttachMode, Dataplane, Endpoint, PolicyMode, StartOptions};
 use vpcnet_ipam::SubnetConfig;
 
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_MAP_TYPE_HASH: u32 = 1;
-
-fn sys_bpf(cmd: libc::c_long, attr: &mut [u8]) -> i64 {
-    // SAFETY: `attr` is a zeroed `union bpf_attr` prefix for `cmd`; the pointers in it refer to
-    // buffers alive for the call.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    assert!(r >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
-    r
-}
-
 /// What an older release would have left: an `ENDPOINTS` hash map whose records are 4 bytes
 /// longer than this build's (a field appended), holding `eps` and pinned at `pin`.
 fn pin_endpoints_of_another_layout(pin: &Path, eps: &[Endpoint]) {
-    let value_size = vpcnet_dataplane::MAP_LAYOUTS[0].value_size + 4;
-    assert_eq!(vpcnet_dataplane::MAP_LAYOUTS[0].name, "ENDPOINTS");
-    let mut attr = [0u8; 64];
-    attr[0..4].copy_from_slice(&BPF_MAP_TYPE_HASH.to_ne_bytes());
-    attr[4..8].copy_from_slice(&4u32.to_ne_bytes());
-    attr[8..12].copy_from_slice(&(value_size as u32).to_ne_bytes());
-    attr[12..16].copy_from_slice(&vpcnet_dataplane::MAP_LAYOUTS[0].max_entries.to_ne_bytes());
-    attr[28..37].copy_from_slice(b"ENDPOINTS");
-    let fd = sys_bpf(BPF_MAP_CREATE, &mut attr) as u32;
-    for ep in eps {
-        let key = ep.ip.octets();
-        let mut value = vec![0xa5u8; value_size];
-        value[0..4].copy_from_slice(&ep.host_ifindex.to_ne_bytes());
-        value[4..10].copy_from_slice(&ep.pod_mac);
-        value[10..12].copy_from_slice(&ep.network_id.to_ne_bytes());
-        let mut attr = [0u8; 32];
-        attr[0..4].copy_from_slice(&fd.to_ne_bytes());
-        attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
-        attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
-        sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr);
-    }
-    std::fs::remove_file(pin).expect("removing the ENDPOINTS pin");
-    let path = CString::new(pin.as_os_str().as_bytes()).unwrap();
-    let mut attr = [0u8; 16];
-    attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
-    attr[8..12].copy_from_slice(&fd.to_ne_bytes());
-    sys_bpf(BPF_OBJ_PIN, &mut attr);
-    // SAFETY: our descriptor; the pin holds the map now.
-    unsafe { libc::close(fd as i32) };
+    let layout = vpcnet_dataplane::MAP_LAYOUTS[0];
+    assert_eq!(layout.name, "ENDPOINTS");
+    let value_size = layout.value_size + 4;
+    let entries: Vec<(Vec<u8>, Vec<u8>)> = eps
+        .iter()
+        .map(|ep| {
+            let mut value = vec![0xa5u8; value_size];
+            value[0..4].copy_from_slice(&ep.host_ifindex.to_ne_bytes());
+            value[4..10].copy_from_slice(&ep.pod_mac);
+            value[10..12].copy_from_slice(&ep.network_id.to_ne_bytes());
+            (ep.ip.octets().to_vec(), value)
+        })
+        .collect();
+    replace_pin_with_hash_map(pin, 4, value_size, layout.max_entries, &entries);
 }
 
 /// The records the pinned `ENDPOINTS` map holds, read through its own handle.

@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -605,4 +605,55 @@ pub fn assert_no_loss(name: &str, child: Child, count: u32) {
         text.contains(&format!("{count} received")) && text.contains(" 0% packet loss"),
         "{name} lost packets: {text}"
     );
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_TYPE_HASH: u32 = 1;
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u8]) -> i64 {
+    // SAFETY: `attr` is a zeroed `union bpf_attr` prefix for `cmd`; the pointers in it refer to
+    // buffers alive for the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    assert!(r >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+    r
+}
+
+/// Replaces the map pinned at `pin` by a new hash map of the given shape holding `entries`: what
+/// a release with another layout of that map would have left. The replaced map lives on while
+/// the programs attached before use it, as it would during a real upgrade.
+pub fn replace_pin_with_hash_map(
+    pin: &Path,
+    key_size: usize,
+    value_size: usize,
+    max_entries: u32,
+    entries: &[(Vec<u8>, Vec<u8>)],
+) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let name = pin.file_name().unwrap().as_bytes();
+    let mut attr = [0u8; 64];
+    attr[0..4].copy_from_slice(&BPF_MAP_TYPE_HASH.to_ne_bytes());
+    attr[4..8].copy_from_slice(&(key_size as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(value_size as u32).to_ne_bytes());
+    attr[12..16].copy_from_slice(&max_entries.to_ne_bytes());
+    let n = name.len().min(15);
+    attr[28..28 + n].copy_from_slice(&name[..n]);
+    let fd = sys_bpf(BPF_MAP_CREATE, &mut attr) as u32;
+    for (key, value) in entries {
+        assert_eq!((key.len(), value.len()), (key_size, value_size));
+        let mut attr = [0u8; 32];
+        attr[0..4].copy_from_slice(&fd.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
+        sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr);
+    }
+    std::fs::remove_file(pin).unwrap_or_else(|e| panic!("removing {}: {e}", pin.display()));
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
+    let mut attr = [0u8; 16];
+    attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&fd.to_ne_bytes());
+    sys_bpf(BPF_OBJ_PIN, &mut attr);
+    // SAFETY: our descriptor; the pin holds the map now.
+    unsafe { libc::close(fd as i32) };
 }
