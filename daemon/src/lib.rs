@@ -8,3 +8,4 @@ pub mod run;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod wire;

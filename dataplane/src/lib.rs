@@ -196,7 +196,8 @@ pub struct DataplaneConfig {
     pub uplink: String,
     pub networks: Vec<vpcnet_ipam::NetworkConfig>,
     /// This node's pod blocks.
-    pub local_pod_cidrs: Vec<Ipv4Network>,
+    /// This node's blocks, of either family (the programs use the IPv4 ones).
+    pub local_pod_cidrs: Vec<ipnetwork::IpNetwork>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,7 +373,15 @@ impl Dataplane {
         let uplink_mac = mac.ok_or_else(|| {
             DataplaneError::Config(format!("uplink {} has no Ethernet address", cfg.uplink))
         })?;
-        let plan = plan::plan(&cfg.networks, &cfg.local_pod_cidrs, &node_addrs)?;
+        let local_v4: Vec<Ipv4Network> = cfg
+            .local_pod_cidrs
+            .iter()
+            .filter_map(|c| match c {
+                ipnetwork::IpNetwork::V4(n) => Some(*n),
+                ipnetwork::IpNetwork::V6(_) => None,
+            })
+            .collect();
+        let plan = plan::plan(&cfg.networks, &local_v4, &node_addrs)?;
 
         std::fs::create_dir_all(&cfg.pin_dir)
             .map_err(io_err(format!("creating {}", cfg.pin_dir.display())))?;
@@ -755,7 +764,7 @@ impl Dataplane {
         for item in stats.iter() {
             let (k, per_cpu) = item?;
             let mut c = vpcnet_api::EndpointCounters {
-                ip: Ipv4Addr::from(k.to_ne_bytes()),
+                ip: Ipv4Addr::from(k.to_ne_bytes()).into(),
                 rx_packets: 0,
                 rx_bytes: 0,
                 tx_packets: 0,

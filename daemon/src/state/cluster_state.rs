@@ -64,8 +64,10 @@ pub fn with_local_allocations(
             ports: Vec::new(),
             annotations: Default::default(),
         });
-        if pod.ip != Some(r.ip) || pod.node.as_deref() != Some(node) {
-            pod.ip = Some(r.ip);
+        // The policy model is IPv4 today; an endpoint without an IPv4 address has none there.
+        let ip = r.ipv4();
+        if pod.ip != ip || pod.node.as_deref() != Some(node) {
+            pod.ip = ip;
             pod.node = Some(node.to_string());
             out.upsert_pod(pod);
         }
