@@ -4,6 +4,7 @@
 use crate::config::DaemonConfig;
 use crate::metrics::Metrics;
 use crate::state::cluster_state;
+use crate::wire;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,6 @@ use vpcnet_api::{
     EndpointReadyRequest, GcRequest, RequestBody, ResponseBody, StatusInfo, code,
 };
 use vpcnet_dataplane::SyncStats;
-use crate::wire;
 use vpcnet_ipam::{AllocRequest, Endpoint, Ipam, IpamError, Wiring};
 use vpcnet_policy::Compiled;
 
@@ -165,7 +165,10 @@ fn dataplane_ip(r: &Endpoint) -> Result<Ipv4Addr, ApiError> {
                  forwards IPv4 only: give the network an IPv4 subnet",
                 r.key.container_id,
                 r.key.ifname,
-                r.ips().map(|ip| ip.to_string()).collect::<Vec<_>>().join(", ")
+                r.ips()
+                    .map(|ip| ip.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )
     })

@@ -15,9 +15,7 @@ pub fn ipam_error(e: &IpamError) -> ApiError {
         | IpamError::KeyHoldsOtherAddress { .. }
         | IpamError::Reserved { .. } => code::ADDRESS_TAKEN,
         IpamError::OutsideSubnet { .. } => code::ADDRESS_OUTSIDE_SUBNET,
-        IpamError::UnknownNetwork { .. } | IpamError::UnknownSubnet { .. } => {
-            code::UNKNOWN_NETWORK
-        }
+        IpamError::UnknownNetwork { .. } | IpamError::UnknownSubnet { .. } => code::UNKNOWN_NETWORK,
         // An ADD racing its own DEL: the DEL finishes, and the runtime's retried ADD then
         // succeeds.
         IpamError::InvalidTransition { .. } => code::TRY_AGAIN_LATER,
@@ -115,7 +113,10 @@ mod tests {
             ),
             (IpamError::InvalidConfig("x".into()), code::INVALID_CONFIG),
             (IpamError::Store("x".into()), code::IO),
-            (IpamError::StoreUnavailable("x".into()), code::TRY_AGAIN_LATER),
+            (
+                IpamError::StoreUnavailable("x".into()),
+                code::TRY_AGAIN_LATER,
+            ),
         ];
         for (e, want) in cases {
             let got = ipam_error(&e);
