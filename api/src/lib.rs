@@ -8,16 +8,21 @@
 //! Types are defined once here and used by the plugin, the daemon and `vpcnetctl`.
 
 pub mod release_queue;
+pub mod v1;
 
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 /// Bumped on any incompatible change of [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: an attachment carries a list of addresses of either family. The daemon still answers
+/// version-1 requests in version 1 (see [`v1`]) for one release, so a plugin binary of the
+/// previous release keeps working while a node is upgraded.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Default location of the daemon socket (root-only, mode 0600).
 pub const DEFAULT_SOCKET: &str = "/run/vpcnet/vpcnetd.sock";
@@ -63,7 +68,7 @@ pub struct AllocateRequest {
     pub network: Option<String>,
     /// Addresses the runtime asked for (`ips` capability or `IP=` in CNI_ARGS).
     #[serde(default)]
-    pub static_ips: Vec<Ipv4Addr>,
+    pub static_ips: Vec<IpAddr>,
     /// Host-side veth the plugin will create; recorded so reconcile can tell a live attachment.
     pub host_veth: String,
     /// The pod's network namespace path (informational, used in logs and `vpcnetctl`).
@@ -71,12 +76,23 @@ pub struct AllocateRequest {
     pub netns: String,
 }
 
+/// One address of an attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpConfig {
+    pub address: IpAddr,
+    /// Prefix length of the subnet the address came from (the pod itself gets a host route).
+    pub prefix_len: u8,
+    /// The pod's next hop for this family, when the daemon names one (the plugin otherwise
+    /// uses [`POD_GATEWAY`] for IPv4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<IpAddr>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
     pub key: AttachmentKey,
-    pub ip: Ipv4Addr,
-    /// Prefix length of the subnet the address came from (the pod itself gets a /32).
-    pub prefix_len: u8,
+    /// Every address of the attachment, of either family; never empty.
+    pub ips: Vec<IpConfig>,
     pub network: String,
     pub subnet: String,
     /// MTU the pod interface should get (the daemon knows the uplink).
@@ -87,7 +103,8 @@ pub struct Allocation {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointReadyRequest {
     pub key: AttachmentKey,
-    pub ip: Ipv4Addr,
+    /// The addresses the plugin configured, as the allocation listed them.
+    pub ips: Vec<IpAddr>,
     pub host_veth: String,
     pub host_ifindex: u32,
     pub pod_mac: [u8; 6],
@@ -96,7 +113,8 @@ pub struct EndpointReadyRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckRequest {
     pub key: AttachmentKey,
-    pub ip: Ipv4Addr,
+    /// The addresses of the attachment's prevResult.
+    pub ips: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,7 +178,7 @@ pub struct StatusInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointCounters {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub tx_packets: u64,
@@ -285,6 +303,79 @@ impl Response {
     }
 }
 
+/// A request as the daemon received it: the version the client speaks and the body in this
+/// version's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    pub version: u32,
+    pub body: RequestBody,
+}
+
+/// Why a request line could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("cannot decode request: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(
+        "client speaks vpcnet protocol {0}, vpcnetd speaks {PROTOCOL_VERSION} (and 1): run a \
+         plugin binary from the same release as the daemon"
+    )]
+    Version(u32),
+}
+
+impl DecodeError {
+    pub fn code(&self) -> u32 {
+        match self {
+            DecodeError::Json(_) => code::DECODE,
+            DecodeError::Version(_) => code::INCOMPATIBLE_VERSION,
+        }
+    }
+}
+
+/// Decodes one request line of this version or of version 1 (translated).
+pub fn decode_request(line: &[u8]) -> Result<Incoming, DecodeError> {
+    #[derive(Deserialize)]
+    struct Probe {
+        version: u32,
+    }
+    let probe: Probe = serde_json::from_slice(line)?;
+    match probe.version {
+        PROTOCOL_VERSION => {
+            let req: Request = serde_json::from_slice(line)?;
+            Ok(Incoming {
+                version: req.version,
+                body: req.body,
+            })
+        }
+        v1::VERSION => {
+            let req: v1::Request = serde_json::from_slice(line)?;
+            Ok(Incoming {
+                version: v1::VERSION,
+                body: req.body.into(),
+            })
+        }
+        other => Err(DecodeError::Version(other)),
+    }
+}
+
+/// The answer line (with its newline) for a client of `version`: version 1 gets its own
+/// shapes, with what it cannot carry (IPv6 addresses) left out or refused.
+pub fn encode_response(version: u32, body: ResponseBody) -> Vec<u8> {
+    let encoded = if version == v1::VERSION {
+        serde_json::to_vec(&v1::Response::from_current(body))
+    } else {
+        serde_json::to_vec(&Response::new(body))
+    };
+    let mut out = encoded.unwrap_or_else(|e| {
+        format!(
+            r#"{{"version":{version},"result":"error","code":199,"msg":"encoding answer: {e}"}}"#
+        )
+        .into_bytes()
+    });
+    out.push(b'\n');
+    out
+}
+
 /// Why a synchronous call to the daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -385,7 +476,7 @@ mod tests {
         });
         let text = serde_json::to_string(&req).unwrap();
         assert!(text.contains("\"op\":\"release\""), "{text}");
-        assert!(text.contains("\"version\":1"), "{text}");
+        assert!(text.contains("\"version\":2"), "{text}");
         let back: Request = serde_json::from_str(&text).unwrap();
         assert_eq!(back, req);
     }
@@ -411,5 +502,89 @@ mod tests {
         let text = serde_json::to_string(&resp).unwrap();
         let back: Response = serde_json::from_str(&text).unwrap();
         assert_eq!(back, resp);
+    }
+
+    fn key() -> AttachmentKey {
+        AttachmentKey {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    #[test]
+    fn version_1_requests_are_translated() {
+        let line = br#"{"version":1,"op":"allocate","key":{"container_id":"abc","ifname":"eth0"},"pod":{"name":"p"},"static_ips":["10.0.0.7"],"host_veth":"vpc1"}"#;
+        let got = decode_request(line).unwrap();
+        assert_eq!(got.version, 1);
+        let RequestBody::Allocate(a) = got.body else {
+            panic!("{got:?}")
+        };
+        assert_eq!(a.static_ips, vec!["10.0.0.7".parse::<IpAddr>().unwrap()]);
+        let line = br#"{"version":1,"op":"endpoint_ready","key":{"container_id":"abc","ifname":"eth0"},"ip":"10.0.0.7","host_veth":"vpc1","host_ifindex":4,"pod_mac":[2,0,0,0,0,1]}"#;
+        let RequestBody::EndpointReady(r) = decode_request(line).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(r.ips, vec!["10.0.0.7".parse::<IpAddr>().unwrap()]);
+        assert_eq!(r.host_ifindex, 4);
+        let line = br#"{"version":1,"op":"check","key":{"container_id":"abc","ifname":"eth0"},"ip":"10.0.0.7"}"#;
+        let RequestBody::Check(c) = decode_request(line).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(c.ips.len(), 1);
+        let e = decode_request(br#"{"version":3,"op":"status"}"#).unwrap_err();
+        assert_eq!(e.code(), code::INCOMPATIBLE_VERSION);
+        assert!(e.to_string().contains("protocol 3"), "{e}");
+        let e = decode_request(b"{").unwrap_err();
+        assert_eq!(e.code(), code::DECODE);
+    }
+
+    #[test]
+    fn version_1_clients_get_version_1_answers() {
+        let alloc = |ips: &[&str]| Allocation {
+            key: key(),
+            ips: ips
+                .iter()
+                .map(|a| IpConfig {
+                    address: a.parse().unwrap(),
+                    prefix_len: if a.contains(':') { 64 } else { 24 },
+                    gateway: None,
+                })
+                .collect(),
+            network: "vpc".into(),
+            subnet: "pods".into(),
+            mtu: Some(1500),
+        };
+        let out = encode_response(1, ResponseBody::Allocated(alloc(&["fd00::5", "10.0.0.7"])));
+        let back: v1::Response = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back.version, 1);
+        let v1::ResponseBodyV1::Allocated(a) = back.body else {
+            panic!("{back:?}")
+        };
+        assert_eq!(a.ip, Ipv4Addr::new(10, 0, 0, 7));
+        assert_eq!(a.prefix_len, 24);
+        let out = encode_response(1, ResponseBody::Allocated(alloc(&["fd00::5"])));
+        let back: v1::Response = serde_json::from_slice(&out).unwrap();
+        let v1::ResponseBodyV1::Error(e) = back.body else {
+            panic!("{back:?}")
+        };
+        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+        assert!(e.msg.contains("fd00::5"), "{}", e.msg);
+        let out = encode_response(
+            1,
+            ResponseBody::List {
+                allocations: vec![alloc(&["fd00::5"]), alloc(&["10.0.0.8"])],
+            },
+        );
+        let back: v1::Response = serde_json::from_slice(&out).unwrap();
+        let v1::ResponseBodyV1::List { allocations } = back.body else {
+            panic!()
+        };
+        assert_eq!(allocations.len(), 1);
+        // The current version round-trips as itself.
+        let body = ResponseBody::Allocated(alloc(&["10.0.0.7", "fd00::5"]));
+        let out = encode_response(PROTOCOL_VERSION, body.clone());
+        let back: Response = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back.version, 2);
+        assert_eq!(back.body, body);
     }
 }

@@ -13,7 +13,7 @@ use crate::AttachmentKey;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -28,11 +28,11 @@ pub struct QueuedRelease {
     /// The address the runtime's prevResult named for the attachment, when DEL had one: a
     /// record holding another address is not the one this release was meant for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<Ipv4Addr>,
+    pub ip: Option<IpAddr>,
 }
 
 impl QueuedRelease {
-    pub fn now(key: AttachmentKey, ip: Option<Ipv4Addr>) -> QueuedRelease {
+    pub fn now(key: AttachmentKey, ip: Option<IpAddr>) -> QueuedRelease {
         QueuedRelease {
             key,
             queued_unix_ms: unix_ms(SystemTime::now()),
@@ -213,5 +213,23 @@ mod tests {
         let moved = dir.path().join(file_name(&key("b", "eth0")));
         fs::rename(&p, &moved).unwrap();
         assert!(matches!(read(&moved), Err(EntryError::Misplaced { .. })));
+    }
+
+    #[test]
+    fn entries_written_with_an_ipv4_address_read_back_and_ipv6_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key("abc", "eth0");
+        // As the IPv4-only release wrote it.
+        let old = format!(
+            r#"{{"key":{{"container_id":"abc","ifname":"eth0"}},"queued_unix_ms":5,"ip":"10.1.2.3"}}"#
+        );
+        let p = dir.path().join(file_name(&k));
+        fs::write(&p, old).unwrap();
+        let e = read(&p).unwrap();
+        assert_eq!(e.ip, Some("10.1.2.3".parse().unwrap()));
+        assert_eq!(e.queued_unix_ms, 5);
+        let v6 = QueuedRelease::now(k, Some("fd00::9".parse().unwrap()));
+        let p = enqueue(dir.path(), &v6).unwrap();
+        assert_eq!(read(&p).unwrap(), v6);
     }
 }

@@ -9,7 +9,7 @@ use crate::result::{self, Attachment};
 use crate::watchdog;
 use std::fs::File;
 use std::io::{self, Read};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -242,7 +242,7 @@ fn cmd_add(env: &Env, conf: &NetConf) -> Result<String> {
         key: plan.key.clone(),
         pod: args.pod,
         network: conf.network.clone(),
-        static_ips,
+        static_ips: static_ips.into_iter().map(IpAddr::V4).collect(),
         host_veth: plan.host_veth.clone(),
         netns: netns_path.to_string(),
     });
@@ -338,9 +338,10 @@ fn replace_leftover(
     alloc: &Allocation,
     mtu: u32,
 ) -> Result<()> {
+    let ip = pod_ipv4(&plan.key, alloc)?;
     let host = nl.link_by_name(&plan.host_veth).map_err(nl_err)?;
     let pod = std::thread::scope(|s| {
-        s.spawn(|| inspect_pod(&plan.ns, plan.ifname, alloc.ip))
+        s.spawn(|| inspect_pod(&plan.ns, plan.ifname, ip))
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })?;
@@ -357,7 +358,7 @@ fn replace_leftover(
                 quote(&plan.key.container_id),
                 plan.ifname,
                 quote(plan.netns_path),
-                alloc.ip,
+                ip,
                 plan.host_veth
             ),
         ));
@@ -379,6 +380,40 @@ fn already_exists(plan: &AddPlan<'_>) -> CniError {
         plan.ifname,
         quote(plan.netns_path)
     ))
+}
+
+/// The address to configure in the pod. This plugin wires IPv4 only: an allocation with an IPv6
+/// address is refused (code 7, a configuration the operator fixes) rather than half-configured
+/// with the IPv6 address silently dropped. The runtime's DEL after the failed ADD releases it.
+fn pod_ipv4(key: &AttachmentKey, alloc: &Allocation) -> Result<Ipv4Addr> {
+    let v6: Vec<String> = alloc
+        .ips
+        .iter()
+        .filter(|i| i.address.is_ipv6())
+        .map(|i| i.address.to_string())
+        .collect();
+    if !v6.is_empty() {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "vpcnetd allocated IPv6 address {} to container {} in subnet {} of network {}, \
+                 but this vpcnet plugin configures IPv4 pods only: give the pod an IPv4 subnet \
+                 (the network's default_subnet or the pod's vpcnet.io/subnet annotation)",
+                v6.join(", "),
+                quote(&key.container_id),
+                quote(&alloc.subnet),
+                quote(&alloc.network)
+            ),
+        ));
+    }
+    alloc
+        .ips
+        .iter()
+        .find_map(|i| match i.address {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .ok_or_else(|| CniError::internal("vpcnetd answered allocate without an address"))
 }
 
 /// Runs on its own thread: the pod interface (if any) and whether it carries `ip`/32.
@@ -405,7 +440,7 @@ fn wire(
     provisional_mtu: u32,
 ) -> Result<Attachment> {
     let mtu = conf.mtu.or(alloc.mtu).unwrap_or(DEFAULT_MTU);
-    let ip = alloc.ip;
+    let ip = pod_ipv4(&plan.key, alloc)?;
     // The veth was created before the daemon's MTU was known; fix it only when it differs.
     let fix_mtu = (mtu != provisional_mtu).then_some(mtu);
 
@@ -422,7 +457,7 @@ fn wire(
     let socket = conf.socket().display().to_string();
     let req = RequestBody::EndpointReady(EndpointReadyRequest {
         key: plan.key.clone(),
-        ip,
+        ips: vec![ip.into()],
         host_veth: plan.host_veth.clone(),
         host_ifindex: host_link.index,
         pod_mac: plan.pod_mac,
@@ -599,7 +634,7 @@ pub fn enqueue_release(
     key: &AttachmentKey,
     ip: Option<Ipv4Addr>,
 ) -> io::Result<PathBuf> {
-    release_queue::enqueue(dir, &QueuedRelease::now(key.clone(), ip))
+    release_queue::enqueue(dir, &QueuedRelease::now(key.clone(), ip.map(IpAddr::V4)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -650,7 +685,7 @@ fn cmd_check(env: &Env, conf: &NetConf) -> Result<()> {
     ));
     let req = RequestBody::Check(CheckRequest {
         key: key_of(container_id, ifname),
-        ip: want.ip,
+        ips: vec![want.ip.into()],
     });
     match call(conf, req, CALL_TIMEOUT) {
         Ok(ResponseBody::Ok) => Ok(()),
@@ -917,7 +952,7 @@ mod tests {
         assert_eq!(path.file_name().unwrap(), &*release_queue::file_name(&key));
         let back = release_queue::read(&path).unwrap();
         assert_eq!(back.key, key);
-        assert_eq!(back.ip, Some(Ipv4Addr::new(10, 0, 0, 5)));
+        assert_eq!(back.ip, Some(Ipv4Addr::new(10, 0, 0, 5).into()));
         let names: Vec<_> = fs::read_dir(dir.join("queue")).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file left behind");
         fs::remove_dir_all(&dir).unwrap();

@@ -123,7 +123,10 @@ fn add_wires_the_pod_then_check_then_del_twice() {
     let ifindex: u32 = hl.split(':').next().unwrap().trim().parse().unwrap();
     assert_eq!(ready.host_ifindex, ifindex);
     assert_eq!(ready.host_veth, veth);
-    assert_eq!(ready.ip.to_string(), "10.77.0.10");
+    assert_eq!(
+        ready.ips,
+        ["10.77.0.10".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(
         ready
             .pod_mac
@@ -295,7 +298,7 @@ fn del_with_daemon_down_queues_the_release() {
         vpcnet_api::release_queue::read(&vpcnet_api::release_queue::path_for(&q, &key)).unwrap();
     assert_eq!(entry.key, key);
     // The address from prevResult, so a replay can never release another allocation of the key.
-    let ip: std::net::Ipv4Addr = r["ips"][0]["address"]
+    let ip: std::net::IpAddr = r["ips"][0]["address"]
         .as_str()
         .unwrap()
         .split('/')
@@ -364,6 +367,23 @@ fn add_failure_after_allocate_rolls_back_and_reports_the_original_error() {
         f.daemon.requests().last(),
         Some(RequestBody::Release { .. })
     ));
+    assert_eq!(f.daemon.allocations(), 0);
+}
+
+#[test]
+fn an_ipv6_address_in_the_allocation_is_a_clear_error_not_dropped() {
+    let f = Fixture::with(Behavior {
+        also_v6: Some("fd00:77::10".parse().unwrap()),
+        ..Behavior::default()
+    });
+    let out = f.add("c0ffee1d", "1.0.0");
+    let msg = out.expect_error(code::INVALID_CONFIG as u64);
+    assert!(msg.contains("fd00:77::10"), "{msg}");
+    assert!(msg.contains("IPv4 pods only"), "{msg}");
+    // Nothing half-configured stays behind, and the allocation is handed back.
+    assert!(!f.pod.has_link("eth0"));
+    let links = f.node.ip(&["-o", "link", "show"]);
+    assert!(!links.contains("vpc"), "{links}");
     assert_eq!(f.daemon.allocations(), 0);
 }
 

@@ -50,7 +50,7 @@ impl Forwarding for Ebpf {
                 .endpoints
                 .into_iter()
                 .map(|e| EndpointCounters {
-                    ip: e.ip,
+                    ip: e.ip.into(),
                     rx_packets: e.rx_packets,
                     rx_bytes: e.rx_bytes,
                     tx_packets: e.tx_packets,
@@ -93,7 +93,7 @@ impl Forwarding for Ebpf {
     fn apply_topology(
         &mut self,
         networks: &[vpcnet_ipam::NetworkConfig],
-        local_pod_cidrs: &[ipnetwork::Ipv4Network],
+        local_pod_cidrs: &[ipnetwork::IpNetwork],
     ) -> Result<(), String> {
         self.dp
             .apply_topology(networks, local_pod_cidrs)
@@ -122,44 +122,46 @@ fn dataplane_config(config: &DaemonConfig) -> DataplaneConfig {
     }
 }
 
-/// The endpoints to restore: the store's allocations (the durable list) whose host veth is on the
-/// node, with the pod MAC the store does not keep yet taken from the pinned map's records
-/// (readable across record layouts, see `pinned_endpoints`). An allocation without a known MAC
-/// is left out: its pod was never wired to the dataplane (the plugin's ADD failed before) or the
-/// map was lost, and the service's reconcile handles it like a pod without an endpoint.
+/// The endpoints to restore: the store's endpoints (the durable list) whose host veth is on the
+/// node, with the wiring the store recorded when they became ready. An endpoint recorded by a
+/// release that did not store its wiring (a store migrated from schema 1) takes its pod MAC from
+/// the pinned map's record, readable across record layouts (see `pinned_endpoints`). One without
+/// any known MAC is left out: its pod was never wired to the dataplane (the plugin's ADD failed
+/// before), and the service's reconcile handles it like a pod without an endpoint.
 fn durable_endpoints(config: &DaemonConfig, ipam: &Ipam) -> anyhow::Result<Vec<Endpoint>> {
-    let pinned: BTreeMap<Ipv4Addr, Endpoint> =
+    let records = ipam.list().context("listing allocations")?;
+    let pinned: BTreeMap<Ipv4Addr, Endpoint> = if records.iter().all(|r| r.wiring.is_some()) {
+        BTreeMap::new()
+    } else {
         match vpcnet_dataplane::pinned_endpoints(&config.bpf_dir) {
             Ok(eps) => eps.into_iter().map(|e| (e.ip, e)).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "pinned endpoint records unreadable");
                 BTreeMap::new()
             }
-        };
-    let ids: BTreeMap<&str, u16> = config
-        .ipam
-        .networks
-        .iter()
-        .map(|n| (n.name.as_str(), n.id))
-        .collect();
+        }
+    };
     let mut out = Vec::new();
-    for r in ipam.list().context("listing allocations")? {
-        let Some(&network_id) = ids.get(r.network.as_str()) else {
-            tracing::warn!(ip = %r.ip, network = %r.network, "allocation of an unknown network; not restored");
-            continue;
-        };
+    for r in records {
+        // The dataplane forwards IPv4 only, for now.
+        let Some(ip) = r.ipv4() else { continue };
         let Some(host_ifindex) = ifindex(&r.host_veth) else {
             continue;
         };
-        let Some(mac) = pinned.get(&r.ip).map(|e| e.pod_mac) else {
-            tracing::warn!(ip = %r.ip, "no pod MAC recorded for the allocation; not restored");
+        let Some(mac) = r
+            .wiring
+            .as_ref()
+            .map(|w| w.pod_mac)
+            .or_else(|| pinned.get(&ip).map(|e| e.pod_mac))
+        else {
+            tracing::warn!(%ip, "no pod MAC recorded for the endpoint; not restored");
             continue;
         };
         out.push(Endpoint {
-            ip: r.ip,
+            ip,
             host_ifindex,
             pod_mac: mac,
-            network_id,
+            network_id: r.network_id,
         });
     }
     Ok(out)

@@ -10,3 +10,4 @@ pub mod service;
 pub mod state;
 pub mod topology;
 pub mod watch;
+pub mod wire;

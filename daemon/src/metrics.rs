@@ -22,6 +22,8 @@ pub struct Metrics {
     pub policy_ops: Counter,
     pub policy_sync_seconds: Histogram,
     pub conntrack_live: Gauge,
+    /// Generation of the topology (networks, subnets, blocks) applied.
+    pub topology_generation: Gauge,
     pub conntrack_created: Gauge,
     pub conntrack_insert_failed: Gauge,
 }
@@ -43,6 +45,7 @@ impl Default for Metrics {
             // 0.1 ms .. ~3 s
             policy_sync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             conntrack_live: Gauge::default(),
+            topology_generation: Gauge::default(),
             conntrack_created: Gauge::default(),
             conntrack_insert_failed: Gauge::default(),
         }
@@ -107,6 +110,11 @@ impl Metrics {
             "policy_sync_seconds",
             "Time from reading the cluster state to the dataplane enforcing it",
             self.policy_sync_seconds.clone(),
+        );
+        r.register(
+            "topology_generation",
+            "Generation of the topology (networks, subnets, this node's blocks) in force",
+            self.topology_generation.clone(),
         );
         r.register(
             "conntrack_entries",

@@ -11,7 +11,8 @@ use std::time::Duration;
 use tracing::{info, warn};
 use vpcnet_ipam::Ipam;
 
-pub async fn run(config: DaemonConfig) -> Result<()> {
+/// Runs the node agent until SIGTERM. `config_path` is followed for topology changes.
+pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Result<()> {
     let _span = tracing::info_span!("vpcnetd", node = %config.node).entered();
     private_dir(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
@@ -108,6 +109,18 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
             }
         });
     }
+
+    // The topology follows the config file live: the file may have changed since it was read.
+    let topology = crate::topology::ConfigFile::new(config_path, config.clone());
+    service
+        .metrics
+        .topology_generation
+        .set(crate::topology::TopologySource::current(&*topology).generation as i64);
+    let _topology_watch = topology.spawn_watcher(Duration::from_secs(1));
+    tokio::spawn(crate::topology::follow(
+        service.clone(),
+        topology.clone() as Arc<dyn crate::topology::TopologySource>,
+    ));
 
     let listener = crate::server::bind(&config.socket)
         .with_context(|| format!("binding {}", config.socket.display()))?;

@@ -18,7 +18,7 @@ use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
-use vpcnet_api::{ApiError, PROTOCOL_VERSION, Request, Response, ResponseBody, code};
+use vpcnet_api::{ApiError, PROTOCOL_VERSION, ResponseBody, code};
 
 /// Longest request line accepted; a GC of tens of thousands of attachments fits comfortably.
 pub const MAX_LINE: usize = 16 << 20;
@@ -198,12 +198,12 @@ fn admit(stream: UnixStream, shared: &Shared) {
 }
 
 fn answer(body: ResponseBody) -> Vec<u8> {
-    let mut out = serde_json::to_vec(&Response::new(body)).unwrap_or_else(|e| {
-        format!(r#"{{"version":{PROTOCOL_VERSION},"result":"error","code":199,"msg":"encoding answer: {e}"}}"#)
-            .into_bytes()
-    });
-    out.push(b'\n');
-    out
+    answer_in(PROTOCOL_VERSION, body)
+}
+
+/// The answer in the client's protocol version (a version-1 plugin gets version-1 shapes).
+fn answer_in(version: u32, body: ResponseBody) -> Vec<u8> {
+    vpcnet_api::encode_response(version, body)
 }
 
 enum Incoming {
@@ -232,16 +232,13 @@ async fn connection(stream: UnixStream, shared: &Shared) -> std::io::Result<()> 
         };
         let large = slot.is_some();
         shared.service.metrics.requests.inc();
-        let body = match serde_json::from_slice::<Request>(&line) {
-            Ok(req) if req.version != PROTOCOL_VERSION => ResponseBody::Error(ApiError::new(
-                code::INCOMPATIBLE_VERSION,
-                format!(
-                    "client speaks vpcnet protocol {}, vpcnetd speaks {PROTOCOL_VERSION}: run a plugin binary from the same release as the daemon",
-                    req.version
-                ),
-            )),
+        // Version 1 is still decoded (and answered in its shapes): a plugin binary of the
+        // previous release keeps working while a node is upgraded.
+        let mut version = PROTOCOL_VERSION;
+        let body = match vpcnet_api::decode_request(&line) {
             Ok(req) => {
                 drop(line);
+                version = req.version;
                 let service = shared.service.clone();
                 tokio::task::spawn_blocking(move || service.handle(req.body))
                     .await
@@ -252,13 +249,10 @@ async fn connection(stream: UnixStream, shared: &Shared) -> std::io::Result<()> 
                         ))
                     })
             }
-            Err(e) => ResponseBody::Error(ApiError::new(
-                code::DECODE,
-                format!("cannot decode request: {e}"),
-            )),
+            Err(e) => ResponseBody::Error(ApiError::new(e.code(), e.to_string())),
         };
         drop(slot);
-        let out = answer(body);
+        let out = answer_in(version, body);
         // A client that does not read its answer does not keep the connection forever.
         tokio::time::timeout(IDLE_TIMEOUT, write.write_all(&out))
             .await

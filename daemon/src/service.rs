@@ -4,8 +4,9 @@
 use crate::config::DaemonConfig;
 use crate::metrics::Metrics;
 use crate::state::cluster_state;
+use crate::wire;
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
@@ -15,7 +16,7 @@ use vpcnet_api::{
     EndpointReadyRequest, GcRequest, RequestBody, ResponseBody, StatusInfo, code,
 };
 use vpcnet_dataplane::SyncStats;
-use vpcnet_ipam::{AllocRequest, Ipam, IpamError, Record};
+use vpcnet_ipam::{AllocRequest, Endpoint, Ipam, IpamError, Wiring};
 use vpcnet_policy::Compiled;
 
 /// A pod endpoint as the dataplane needs it.
@@ -60,7 +61,7 @@ pub trait Forwarding: Send {
     fn apply_topology(
         &mut self,
         _networks: &[vpcnet_ipam::NetworkConfig],
-        _local_pod_cidrs: &[ipnetwork::Ipv4Network],
+        _local_pod_cidrs: &[ipnetwork::IpNetwork],
     ) -> Result<(), String> {
         Ok(())
     }
@@ -159,18 +160,30 @@ pub struct PolicySync {
 }
 
 fn ipam_err(e: IpamError) -> ApiError {
-    ApiError::new(e.cni_code(), e.to_string())
+    wire::ipam_error(&e)
 }
 
-fn to_allocation(r: &Record, mtu: u32) -> Allocation {
-    Allocation {
-        key: r.key.clone(),
-        ip: r.ip,
-        prefix_len: r.prefix_len,
-        network: r.network.clone(),
-        subnet: r.subnet.clone(),
-        mtu: Some(mtu),
-    }
+fn to_allocation(r: &Endpoint, mtu: u32) -> Allocation {
+    wire::allocation(r, mtu)
+}
+
+/// The IPv4 address the dataplane forwards for an endpoint (it forwards only IPv4 today).
+fn dataplane_ip(r: &Endpoint) -> Result<Ipv4Addr, ApiError> {
+    r.ipv4().ok_or_else(|| {
+        ApiError::new(
+            code::UNSUPPORTED_FIELD,
+            format!(
+                "container {} ifname {} holds only IPv6 addresses ({}); this node's dataplane \
+                 forwards IPv4 only: give the network an IPv4 subnet",
+                r.key.container_id,
+                r.key.ifname,
+                r.ips()
+                    .map(|ip| ip.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })
 }
 
 impl Service {
@@ -179,7 +192,7 @@ impl Service {
             RequestBody::Allocate(req) => self.allocate(&req).map(ResponseBody::Allocated),
             RequestBody::EndpointReady(req) => self.endpoint_ready(&req).map(|_| ResponseBody::Ok),
             RequestBody::Release { key } => self
-                .release(&key)
+                .release(&wire::key(&key))
                 .map(|allocation| ResponseBody::Released { allocation }),
             RequestBody::Check(req) => self.check(&req).map(|_| ResponseBody::Ok),
             RequestBody::Gc(req) => self
@@ -385,7 +398,7 @@ impl Service {
         }
     }
 
-    fn lock_fwd(&self) -> std::sync::MutexGuard<'_, Box<dyn Forwarding>> {
+    pub(crate) fn lock_fwd(&self) -> std::sync::MutexGuard<'_, Box<dyn Forwarding>> {
         // A panic while holding the lock cannot leave the kernel state half-written in a way the
         // mutex would protect; keep serving rather than wedge every later request.
         self.fwd.lock().unwrap_or_else(|p| p.into_inner())
@@ -399,11 +412,11 @@ impl Service {
             None => Default::default(),
         };
         let annotated_ip = match &addressing.ip {
-            Some(text) => Some(text.parse::<Ipv4Addr>().map_err(|_| {
+            Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
                 ApiError::new(
                     code::INVALID_CONFIG,
                     format!(
-                        "pod {}/{} has annotation {}={text:?}, which is not an IPv4 address",
+                        "pod {}/{} has annotation {}={text:?}, which is not an IP address",
                         req.pod.namespace,
                         req.pod.name,
                         cluster_state::ANNOTATION_IP
@@ -416,18 +429,19 @@ impl Service {
             return Err(ApiError::new(
                 code::UNSUPPORTED_FIELD,
                 format!(
-                    "{} static addresses requested; vpcnet gives a pod one IPv4 address",
+                    "{} static addresses requested; vpcnet gives a pod one address",
                     req.static_ips.len()
                 ),
             ));
         }
         let static_ip = req.static_ips.first().copied().or(annotated_ip);
         self.consume_queued_release(&req.key)?;
+        let (key, pod) = (wire::key(&req.key), wire::pod(&req.pod));
         let record = self
             .ipam
             .allocate(&AllocRequest {
-                key: &req.key,
-                pod: &req.pod,
+                key: &key,
+                pod: &pod,
                 network: req.network.as_deref(),
                 subnet: addressing.subnet.as_deref(),
                 static_ip,
@@ -438,7 +452,7 @@ impl Service {
                 ipam_err(e)
             })?;
         self.metrics.allocations.inc();
-        info!(ip = %record.ip, subnet = %record.subnet, "allocated");
+        info!(ip = %record.ip(), subnet = %record.subnet(), "allocated");
         Ok(to_allocation(&record, self.mtu))
     }
 
@@ -479,7 +493,8 @@ impl Service {
 
     fn endpoint_ready(&self, req: &EndpointReadyRequest) -> Result<(), ApiError> {
         let _span = tracing::info_span!("endpoint_ready", container = %req.key.container_id, ifname = %req.key.ifname).entered();
-        let record = self.ipam.get(&req.key).map_err(ipam_err)?.ok_or_else(|| {
+        let key = wire::key(&req.key);
+        let record = self.ipam.get(&key).map_err(ipam_err)?.ok_or_else(|| {
             ApiError::new(
                 code::UNKNOWN_CONTAINER,
                 format!(
@@ -488,19 +503,32 @@ impl Service {
                 ),
             )
         })?;
-        if record.ip != req.ip {
+        if !same_ips(&record, &req.ips) {
             return Err(ApiError::new(
                 code::INTERNAL,
                 format!(
                     "endpoint reports {} but {} was allocated to it",
-                    req.ip, record.ip
+                    show_ips(req.ips.iter().copied()),
+                    show_ips(record.ips())
                 ),
             ));
         }
+        let ip = dataplane_ip(&record)?;
         let network_id = self
             .ipam
-            .network(Some(&record.network))
+            .network(Some(record.network()))
             .map(|n| n.id)
+            .map_err(ipam_err)?;
+        // Durable before the dataplane entry exists: a restarted daemon rebuilds the entry from
+        // the store.
+        self.ipam
+            .mark_wired(
+                &key,
+                Wiring {
+                    host_ifindex: req.host_ifindex,
+                    pod_mac: req.pod_mac,
+                },
+            )
             .map_err(ipam_err)?;
         // The pod's policy (and its address's identity for everyone else) goes in before its
         // endpoint: isolated from the first packet. If it cannot, the endpoint is installed
@@ -510,7 +538,7 @@ impl Service {
         }
         self.lock_fwd()
             .add_endpoint(&EndpointSpec {
-                ip: req.ip,
+                ip,
                 host_ifindex: req.host_ifindex,
                 pod_mac: req.pod_mac,
                 network_id,
@@ -518,32 +546,40 @@ impl Service {
             .map_err(|e| {
                 ApiError::new(
                     code::DATAPLANE,
-                    format!("programming the dataplane for {}: {e}", req.ip),
+                    format!("programming the dataplane for {ip}: {e}"),
                 )
             })?;
-        self.ipam.mark_ready(&req.key).map_err(ipam_err)?;
+        // Revision 0: the policy sync does not number its revisions yet.
+        self.ipam.mark_ready(&key, 0).map_err(ipam_err)?;
         Ok(())
     }
 
     /// Removes the dataplane entry before the address is freed, so an address can never be handed to
     /// a new pod while the old pod's entry still points at a dead interface.
-    pub fn release(&self, key: &AttachmentKey) -> Result<Option<Allocation>, ApiError> {
+    pub fn release(
+        &self,
+        key: &vpcnet_ipam::AttachmentKey,
+    ) -> Result<Option<Allocation>, ApiError> {
         let _span =
             tracing::info_span!("release", container = %key.container_id, ifname = %key.ifname)
                 .entered();
         let Some(record) = self.ipam.get(key).map_err(ipam_err)? else {
             return Ok(None);
         };
-        self.lock_fwd().remove_endpoint(record.ip).map_err(|e| {
-            ApiError::new(
-                code::DATAPLANE,
-                format!("removing {} from the dataplane: {e}", record.ip),
-            )
-        })?;
+        // Marked first, so a daemon restarted mid-release does not rebuild the entry.
+        self.ipam.mark_releasing(key).map_err(ipam_err)?;
+        if let Some(ip) = record.ipv4() {
+            self.lock_fwd().remove_endpoint(ip).map_err(|e| {
+                ApiError::new(
+                    code::DATAPLANE,
+                    format!("removing {ip} from the dataplane: {e}"),
+                )
+            })?;
+        }
         let released = self.ipam.release(key).map_err(ipam_err)?;
         if let Some(r) = &released {
             self.metrics.releases.inc();
-            info!(ip = %r.ip, "released");
+            info!(ip = %r.ip(), "released");
             // Its rules and identity go with the next sync; the endpoint entry is gone already.
             self.policy_dirty.notify_one();
         }
@@ -551,15 +587,16 @@ impl Service {
     }
 
     fn check(&self, req: &CheckRequest) -> Result<(), ApiError> {
-        match self.ipam.get(&req.key).map_err(ipam_err)? {
-            // `ready` is not checked: it is not fsync'd (see `Ipam::mark_ready`), and the plugin has
-            // already verified the interfaces themselves.
-            Some(r) if r.ip == req.ip => Ok(()),
+        match self.ipam.get(&wire::key(&req.key)).map_err(ipam_err)? {
+            // The lifecycle is not checked: "ready" is not fsync'd (see `Ipam::mark_ready`), and
+            // the plugin has already verified the interfaces themselves.
+            Some(r) if same_ips(&r, &req.ips) => Ok(()),
             Some(r) => Err(ApiError::new(
                 code::CHECK_FAILED,
                 format!(
                     "container has {} in vpcnetd but {} in its result",
-                    r.ip, req.ip
+                    show_ips(r.ips()),
+                    show_ips(req.ips.iter().copied())
                 ),
             )),
             None => Err(ApiError::new(
@@ -573,14 +610,14 @@ impl Service {
     }
 
     fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, ApiError> {
-        let valid: HashSet<AttachmentKey> = req.valid.iter().cloned().collect();
-        let doomed: Vec<Record> = self
+        let valid: HashSet<vpcnet_ipam::AttachmentKey> = req.valid.iter().map(wire::key).collect();
+        let doomed: Vec<Endpoint> = self
             .ipam
             .list()
             .map_err(ipam_err)?
             .into_iter()
             .filter(|r| !valid.contains(&r.key))
-            .filter(|r| req.network.as_deref().is_none_or(|n| n == r.network))
+            .filter(|r| req.network.as_deref().is_none_or(|n| n == r.network()))
             .collect();
         let mut released = Vec::new();
         let mut errors = Vec::new();
@@ -721,17 +758,18 @@ impl Service {
             // A 128-bit name collision: not this attachment's release.
             return Ok(Played::Gone);
         }
-        let played = match self.ipam.get(&entry.key).map_err(ipam_err)? {
+        let key = wire::key(&entry.key);
+        let played = match self.ipam.get(&key).map_err(ipam_err)? {
             Some(rec)
                 if rec.created_unix_ms > entry.queued_unix_ms
-                    || entry.ip.is_some_and(|ip| ip != rec.ip) =>
+                    || entry.ip.is_some_and(|ip| !rec.ips().any(|held| held == ip)) =>
             {
-                info!(container = %entry.key.container_id, ifname = %entry.key.ifname, ip = %rec.ip,
+                info!(container = %entry.key.container_id, ifname = %entry.key.ifname, ip = %rec.ip(),
                     "queued release predates the attachment's allocation; dropped");
                 Played::Stale
             }
             Some(_) => {
-                self.release(&entry.key)?;
+                self.release(&key)?;
                 Played::Released
             }
             None => Played::Stale,
@@ -791,10 +829,10 @@ impl Service {
             if live_links.contains(&r.host_veth) {
                 continue;
             }
-            if !r.ready && now_ms.saturating_sub(r.created_unix_ms) < grace_ms {
+            if !r.is_ready() && now_ms.saturating_sub(r.created_unix_ms) < grace_ms {
                 continue;
             }
-            warn!(container = %r.key.container_id, ifname = %r.key.ifname, ip = %r.ip, veth = %r.host_veth,
+            warn!(container = %r.key.container_id, ifname = %r.key.ifname, ip = %r.ip(), veth = %r.host_veth,
                 "attachment is gone; releasing its address");
             if self.release(&r.key)?.is_some() {
                 released += 1;
@@ -805,7 +843,7 @@ impl Service {
             .list()
             .map_err(ipam_err)?
             .iter()
-            .map(|r| r.ip)
+            .filter_map(|r| r.ipv4())
             .collect();
         let endpoints = self.lock_fwd().endpoints().map_err(|e| {
             ApiError::new(code::DATAPLANE, format!("listing dataplane endpoints: {e}"))
@@ -818,6 +856,24 @@ impl Service {
         }
         self.metrics.reconcile_released.inc_by(released as u64);
         Ok(released)
+    }
+}
+
+/// Whether the endpoint holds exactly `ips` (in any order).
+fn same_ips(r: &Endpoint, ips: &[IpAddr]) -> bool {
+    let mut held: Vec<IpAddr> = r.ips().collect();
+    let mut want = ips.to_vec();
+    held.sort();
+    want.sort();
+    held == want
+}
+
+fn show_ips(ips: impl Iterator<Item = IpAddr>) -> String {
+    let all: Vec<String> = ips.map(|ip| ip.to_string()).collect();
+    if all.is_empty() {
+        "no address".to_string()
+    } else {
+        all.join(", ")
     }
 }
 
@@ -952,7 +1008,11 @@ ipam:
         source.tx.send_replace(Some(Arc::new(state)));
         let a = svc.allocate(&add("c1", "a")).unwrap();
         assert_eq!(a.subnet, "other");
-        assert!(a.ip.to_string().starts_with("10.30."), "{}", a.ip);
+        assert!(
+            a.ips[0].address.to_string().starts_with("10.30."),
+            "{:?}",
+            a.ips
+        );
         // A pod the state does not know gets the default.
         assert_eq!(svc.allocate(&add("c2", "b")).unwrap().subnet, "main");
     }

@@ -194,6 +194,83 @@ impl TopologySource for ConfigFile {
     }
 }
 
+/// This node's pod blocks in `ipam`, every family.
+fn local_blocks(ipam: &IpamConfig, node: &str) -> Vec<ipnetwork::IpNetwork> {
+    let mut out: Vec<ipnetwork::IpNetwork> = ipam
+        .networks
+        .iter()
+        .flat_map(|n| &n.subnets)
+        .flat_map(|s| s.node_blocks(node).iter().copied())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Applies a published topology to IPAM and the dataplane, in the order that never strands a
+/// packet: the dataplane first learns the union of the old and the new blocks (so a new block
+/// is routed before IPAM hands out its first address), then IPAM switches (a removed block is
+/// never handed out again), then the dataplane drops the routes of removed blocks — except
+/// those that still hold live endpoints, which keep working until their pods go.
+pub fn apply(service: &crate::service::Service, topology: &Topology) -> Result<(), String> {
+    let node = &service.config.node;
+    let networks = &topology.ipam.networks;
+    let mut union = local_blocks(&service.ipam.config(), node);
+    union.extend(local_blocks(&topology.ipam, node));
+    union.sort();
+    union.dedup();
+    service
+        .lock_fwd()
+        .apply_topology(networks, &union)
+        .map_err(|e| format!("dataplane: {e}"))?;
+    let change = service
+        .ipam
+        .apply_topology(topology.ipam.clone())
+        .map_err(|e| format!("IPAM: {e}"))?;
+    let live: Vec<std::net::IpAddr> = service
+        .ipam
+        .list()
+        .map_err(|e| format!("IPAM: {e}"))?
+        .iter()
+        .flat_map(|ep| ep.ips().collect::<Vec<_>>())
+        .collect();
+    let mut keep = local_blocks(&topology.ipam, node);
+    keep.extend(
+        union
+            .into_iter()
+            .filter(|b| live.iter().any(|ip| b.contains(*ip))),
+    );
+    keep.sort();
+    keep.dedup();
+    service
+        .lock_fwd()
+        .apply_topology(networks, &keep)
+        .map_err(|e| format!("dataplane: {e}"))?;
+    tracing::info!(generation = topology.generation, change = ?change, "topology applied");
+    Ok(())
+}
+
+/// Applies every topology `source` publishes until the daemon stops. A topology that cannot be
+/// applied is reported and retried with the next change; what was applied stays in force.
+pub async fn follow(service: Arc<crate::service::Service>, source: Arc<dyn TopologySource>) {
+    let mut rx = source.subscribe();
+    while rx.changed().await.is_ok() {
+        let topology = rx.borrow_and_update().clone();
+        let s = service.clone();
+        let applied =
+            tokio::task::spawn_blocking(move || apply(&s, &topology).map(|()| topology)).await;
+        match applied {
+            Ok(Ok(t)) => {
+                service.metrics.topology_generation.set(t.generation as i64);
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "topology not applied; the previous one stays in force")
+            }
+            Err(e) => tracing::error!(error = %e, "topology apply panicked"),
+        }
+    }
+}
+
 fn read_bounded(path: &Path) -> Result<String, TopologyError> {
     let unreadable = |reason: String| TopologyError::Unreadable {
         path: path.to_path_buf(),

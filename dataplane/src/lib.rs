@@ -167,7 +167,8 @@ pub struct DataplaneConfig {
     pub uplink: String,
     pub networks: Vec<vpcnet_ipam::NetworkConfig>,
     /// This node's pod blocks.
-    pub local_pod_cidrs: Vec<Ipv4Network>,
+    /// This node's blocks, of either family (the programs use the IPv4 ones).
+    pub local_pod_cidrs: Vec<ipnetwork::IpNetwork>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -548,7 +549,7 @@ impl Dataplane {
         let uplink_mac = mac.ok_or_else(|| {
             DataplaneError::Config(format!("uplink {} has no Ethernet address", cfg.uplink))
         })?;
-        let plan = plan::plan(&cfg.networks, &cfg.local_pod_cidrs, &node_addrs)?;
+        let plan = plan::plan(&cfg.networks, &ipv4_only(&cfg.local_pod_cidrs), &node_addrs)?;
 
         std::fs::create_dir_all(&cfg.pin_dir)
             .map_err(io_err(format!("creating {}", cfg.pin_dir.display())))?;
@@ -952,11 +953,11 @@ impl Dataplane {
     pub fn apply_topology(
         &self,
         networks: &[vpcnet_ipam::NetworkConfig],
-        local_pod_cidrs: &[Ipv4Network],
+        local_pod_cidrs: &[ipnetwork::IpNetwork],
     ) -> Result<(), DataplaneError> {
         let (_, node_addrs) = sys::interface_addresses(&self.uplink)
             .map_err(io_err("listing interface addresses"))?;
-        let plan = plan::plan(networks, local_pod_cidrs, &node_addrs)?;
+        let plan = plan::plan(networks, &ipv4_only(local_pod_cidrs), &node_addrs)?;
         let mut topo = lock(&self.topology);
         sync_routes(&mut topo.routes, &plan)?;
         sync_peers(&mut topo.peers, &plan)?;
@@ -1712,6 +1713,18 @@ pub fn uninstall(pin_dir: &Path, uplink: &str) -> Result<(), Vec<DataplaneError>
     } else {
         Err(errors)
     }
+}
+
+/// The programs forward IPv4 only, for now: the IPv6 blocks of a dual-stack topology are left
+/// to a later dataplane.
+fn ipv4_only(cidrs: &[ipnetwork::IpNetwork]) -> Vec<Ipv4Network> {
+    cidrs
+        .iter()
+        .filter_map(|c| match c {
+            ipnetwork::IpNetwork::V4(n) => Some(*n),
+            ipnetwork::IpNetwork::V6(_) => None,
+        })
+        .collect()
 }
 
 /// The eBPF object this dataplane was built with (built by `build.rs`): the loader and its programs

@@ -20,6 +20,14 @@ pub struct Plan {
     pub exclude: Vec<Ipv4Network>,
 }
 
+/// The IPv4 CIDRs of the configuration: the programs forward IPv4 only (IPv6 comes later).
+fn v4(c: &ipnetwork::IpNetwork) -> Option<Ipv4Network> {
+    match c {
+        ipnetwork::IpNetwork::V4(n) => Some(*n),
+        ipnetwork::IpNetwork::V6(_) => None,
+    }
+}
+
 fn norm(n: Ipv4Network) -> Ipv4Network {
     Ipv4Network::new(n.network(), n.prefix()).unwrap_or(n)
 }
@@ -76,8 +84,9 @@ pub fn plan(
             .routable_cidrs
             .iter()
             .chain(n.subnets.iter().map(|s| &s.cidr))
+            .filter_map(v4)
         {
-            p.routes.insert((n.id, norm(*c)), ROUTE_DIRECT);
+            p.routes.insert((n.id, norm(c)), ROUTE_DIRECT);
         }
     }
     for n in networks {
@@ -87,8 +96,8 @@ pub fn plan(
             } else {
                 ROUTE_ISOLATED
             };
-            for s in &m.subnets {
-                let key = (n.id, norm(s.cidr));
+            for cidr in m.subnets.iter().filter_map(|s| v4(&s.cidr)) {
+                let key = (n.id, norm(cidr));
                 // Isolation wins over a direct entry for the same prefix.
                 if action == ROUTE_ISOLATED || !p.routes.contains_key(&key) {
                     p.routes.insert(key, action);
@@ -110,14 +119,16 @@ pub fn plan(
                 .iter()
                 .chain(n.subnets.iter().map(|s| &s.cidr))
         })
-        .map(|c| norm(*c))
+        .filter_map(v4)
+        .map(norm)
         .collect();
     direct.extend(local_pod_cidrs.iter().map(|c| norm(*c)));
     p.direct = direct.into_iter().collect();
     let exclude: BTreeSet<Ipv4Network> = networks
         .iter()
         .flat_map(|n| n.masquerade_exclude.iter())
-        .map(|c| norm(*c))
+        .filter_map(v4)
+        .map(norm)
         .collect();
     p.exclude = exclude.into_iter().collect();
     Ok(p)

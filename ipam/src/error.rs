@@ -1,7 +1,10 @@
 //! Errors of the IPAM, worded for the operator who reads them in `kubectl describe pod`.
 
-use std::net::Ipv4Addr;
-use vpcnet_api::code;
+//!
+//! IPAM knows nothing of the wire: the daemon maps these variants to CNI error codes at its
+//! socket edge.
+
+use std::net::IpAddr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
@@ -28,7 +31,7 @@ pub enum IpamError {
          another address for {requester}, or delete the pod holding it"
     )]
     AddressTaken {
-        ip: Ipv4Addr,
+        ip: IpAddr,
         network: String,
         subnet: String,
         /// Who holds it: pod namespace/name and container id.
@@ -43,7 +46,7 @@ pub enum IpamError {
     )]
     KeyHoldsOtherAddress {
         key: String,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         network: String,
         subnet: String,
         requested: String,
@@ -54,7 +57,7 @@ pub enum IpamError {
          pod: choose another address"
     )]
     Reserved {
-        ip: Ipv4Addr,
+        ip: IpAddr,
         network: String,
         subnet: String,
         /// e.g. "the gateway", "in reserved range 10.0.0.2-10.0.0.9".
@@ -65,7 +68,7 @@ pub enum IpamError {
          contains it"
     )]
     OutsideSubnet {
-        ip: Ipv4Addr,
+        ip: IpAddr,
         /// e.g. `subnet "a" of network "vpc"` or `every subnet of network "vpc"`.
         where_: String,
         cidrs: String,
@@ -93,6 +96,16 @@ pub enum IpamError {
         subnet: String,
         node: String,
         nodes_with_blocks: String,
+    },
+    /// A lifecycle step the endpoint cannot take from where it is (e.g. "ready" after its
+    /// release started: an ADD that raced its DEL).
+    #[error("{key} is {from} and cannot become {to}{why}")]
+    InvalidTransition {
+        key: String,
+        from: String,
+        to: String,
+        /// Empty, or "; " and what to do.
+        why: String,
     },
     #[error("invalid IPAM configuration: {0}")]
     InvalidConfig(String),
@@ -136,28 +149,6 @@ fn exhausted_msg(e: &IpamError) -> String {
         );
     }
     msg
-}
-
-impl IpamError {
-    /// The CNI error code the plugin reports for this error.
-    pub fn cni_code(&self) -> u32 {
-        match self {
-            // Addresses still cooling free themselves: tell the runtime to retry rather than
-            // report a hard exhaustion.
-            IpamError::Exhausted { cooling, .. } if *cooling > 0 => code::TRY_AGAIN_LATER,
-            IpamError::Exhausted { .. } | IpamError::NoBlocks { .. } => code::EXHAUSTED,
-            IpamError::AddressTaken { .. }
-            | IpamError::KeyHoldsOtherAddress { .. }
-            | IpamError::Reserved { .. } => code::ADDRESS_TAKEN,
-            IpamError::OutsideSubnet { .. } => code::ADDRESS_OUTSIDE_SUBNET,
-            IpamError::UnknownNetwork { .. } | IpamError::UnknownSubnet { .. } => {
-                code::UNKNOWN_NETWORK
-            }
-            IpamError::InvalidConfig(_) => code::INVALID_CONFIG,
-            IpamError::Store(_) => code::IO,
-            IpamError::StoreUnavailable(_) => code::TRY_AGAIN_LATER,
-        }
-    }
 }
 
 /// An I/O failure under redb, worded for the operator; `None` for every other storage error.

@@ -1,30 +1,31 @@
 //! The configuration model of virtual networks (VPCs) and their subnets.
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// An inclusive range of addresses that IPAM never hands out (e.g. addresses used by VPC appliances).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpRange {
-    pub start: Ipv4Addr,
-    pub end: Ipv4Addr,
+    pub start: IpAddr,
+    pub end: IpAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubnetConfig {
     pub name: String,
-    pub cidr: Ipv4Network,
+    /// IPv4 or IPv6; the subnet's blocks, gateway and reserved ranges are of the same family.
+    pub cidr: IpNetwork,
     /// The subnet's router (never allocated); defaults to the first host address.
     #[serde(default)]
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     #[serde(default)]
     pub reserved: Vec<IpRange>,
     /// Blocks of this subnet owned by each node (standalone mode). Keyed by node name.
     #[serde(default)]
-    pub blocks: BTreeMap<String, Vec<Ipv4Network>>,
+    pub blocks: BTreeMap<String, Vec<IpNetwork>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,10 +37,10 @@ pub struct NetworkConfig {
     /// CIDRs routed directly (no SNAT) from this network's pods: the VPC's own ranges and any
     /// physical-cloud ranges reachable through the VPC router.
     #[serde(default)]
-    pub routable_cidrs: Vec<Ipv4Network>,
+    pub routable_cidrs: Vec<IpNetwork>,
     /// Destinations never masqueraded even though not in `routable_cidrs`.
     #[serde(default)]
-    pub masquerade_exclude: Vec<Ipv4Network>,
+    pub masquerade_exclude: Vec<IpNetwork>,
     /// Other virtual networks whose pods may talk to this one's.
     #[serde(default)]
     pub peers: Vec<String>,
@@ -64,17 +65,52 @@ fn default_cooldown() -> u64 {
     30
 }
 
+/// An address as a number in one space for both families: IPv4 addresses are placed at their
+/// IPv4-mapped IPv6 position (`::ffff:a.b.c.d`), so ranges of either family compare and sort
+/// without a separate code path, and the allocator's arithmetic is the same for both.
+pub(crate) fn ord(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+/// The inverse of [`ord`] for an address of the given family.
+pub(crate) fn addr_of(v4: bool, n: u128) -> IpAddr {
+    if v4 {
+        // Only called with numbers inside an IPv4 range, whose high bits are the mapped prefix.
+        IpAddr::V4(Ipv4Addr::from((n & u128::from(u32::MAX)) as u32))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(n))
+    }
+}
+
+/// The inclusive range of `net` in [`ord`] numbers.
+pub(crate) fn range_of(net: IpNetwork) -> (u128, u128) {
+    let lo = ord(net.network());
+    let hosts = match net {
+        IpNetwork::V4(n) => u128::from(u32::MAX.checked_shr(u32::from(n.prefix())).unwrap_or(0)),
+        IpNetwork::V6(n) => u128::MAX.checked_shr(u32::from(n.prefix())).unwrap_or(0),
+    };
+    (lo, lo.saturating_add(hosts))
+}
+
 /// The subnet's router when none is configured: the first host address.
-fn first_host(cidr: Ipv4Network) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(cidr.network()).saturating_add(1))
+fn first_host(cidr: IpNetwork) -> IpAddr {
+    addr_of(cidr.is_ipv4(), range_of(cidr).0.saturating_add(1))
 }
 
-fn range_of(net: Ipv4Network) -> (u32, u32) {
-    (u32::from(net.network()), u32::from(net.broadcast()))
-}
-
-fn is_canonical(net: Ipv4Network) -> bool {
+fn is_canonical(net: IpNetwork) -> bool {
     net.ip() == net.network()
+}
+
+fn same_family(a: IpAddr, b: IpNetwork) -> bool {
+    a.is_ipv4() == b.is_ipv4()
+}
+
+/// The smallest subnet prefix that leaves room for pods after the infrastructure addresses.
+fn max_prefix(cidr: IpNetwork) -> u8 {
+    if cidr.is_ipv4() { 30 } else { 126 }
 }
 
 /// A name ends up inside `network/subnet` labels, metric labels and log lines, so it must be
@@ -88,12 +124,12 @@ fn bad_name(name: &str) -> bool {
 
 impl SubnetConfig {
     /// The address never handed to a pod because the VPC router answers on it.
-    pub fn effective_gateway(&self) -> Ipv4Addr {
+    pub fn effective_gateway(&self) -> IpAddr {
         self.gateway.unwrap_or_else(|| first_host(self.cidr))
     }
 
     /// The blocks `node` allocates from (empty when the node owns none in this subnet).
-    pub fn node_blocks(&self, node: &str) -> &[Ipv4Network] {
+    pub fn node_blocks(&self, node: &str) -> &[IpNetwork] {
         self.blocks.get(node).map(Vec::as_slice).unwrap_or(&[])
     }
 }
@@ -257,11 +293,12 @@ fn subnet_problems(net: &NetworkConfig, j: usize, sub: &SubnetConfig, p: &mut Ve
             sub.cidr.prefix()
         ));
     }
-    if sub.cidr.prefix() > 30 {
+    if sub.cidr.prefix() > max_prefix(sub.cidr) {
         p.push(format!(
             "{at}: cidr {} leaves no room for pods after the network, broadcast and gateway \
-             addresses; use a /30 or larger",
-            sub.cidr
+             addresses; use a /{} or larger",
+            sub.cidr,
+            max_prefix(sub.cidr)
         ));
     }
     for o in &net.subnets[..j] {
@@ -276,10 +313,10 @@ fn subnet_problems(net: &NetworkConfig, j: usize, sub: &SubnetConfig, p: &mut Ve
     }
     let (lo, hi) = range_of(sub.cidr);
     if let Some(gw) = sub.gateway {
-        let g = u32::from(gw);
-        if !sub.cidr.contains(gw) {
+        let g = ord(gw);
+        if !same_family(gw, sub.cidr) || !sub.cidr.contains(gw) {
             p.push(format!("{at}: gateway {gw} is outside {}", sub.cidr));
-        } else if g == lo || g == hi {
+        } else if g == lo || (sub.cidr.is_ipv4() && g == hi) {
             p.push(format!(
                 "{at}: gateway {gw} is the network or broadcast address of {}",
                 sub.cidr
@@ -287,13 +324,22 @@ fn subnet_problems(net: &NetworkConfig, j: usize, sub: &SubnetConfig, p: &mut Ve
         }
     }
     for r in &sub.reserved {
-        if u32::from(r.start) > u32::from(r.end) {
+        if r.start.is_ipv4() != r.end.is_ipv4() {
+            p.push(format!(
+                "{at}: reserved range {}-{} mixes IPv4 and IPv6",
+                r.start, r.end
+            ));
+        } else if ord(r.start) > ord(r.end) {
             p.push(format!(
                 "{at}: reserved range {}-{} ends before it starts",
                 r.start, r.end
             ));
         }
-        if !sub.cidr.contains(r.start) || !sub.cidr.contains(r.end) {
+        if !same_family(r.start, sub.cidr)
+            || !same_family(r.end, sub.cidr)
+            || !sub.cidr.contains(r.start)
+            || !sub.cidr.contains(r.end)
+        {
             p.push(format!(
                 "{at}: reserved range {}-{} is not inside {}",
                 r.start, r.end, sub.cidr
@@ -312,7 +358,8 @@ fn subnet_problems(net: &NetworkConfig, j: usize, sub: &SubnetConfig, p: &mut Ve
                     b.prefix()
                 ));
             }
-            if !sub.cidr.contains(b.network()) || !sub.cidr.contains(b.broadcast()) {
+            let (b_lo, b_hi) = range_of(*b);
+            if b.is_ipv4() != sub.cidr.is_ipv4() || b_lo < lo || b_hi > hi {
                 p.push(format!(
                     "{at}: block {b} of node {node:?} is not inside the subnet's {}",
                     sub.cidr
@@ -323,7 +370,7 @@ fn subnet_problems(net: &NetworkConfig, j: usize, sub: &SubnetConfig, p: &mut Ve
 }
 
 /// An inclusive address range and how to name it in a message.
-type Labelled = ((u32, u32), String);
+type Labelled = ((u128, u128), String);
 
 /// Pairs of labels whose inclusive ranges intersect.
 fn overlaps(mut items: Vec<Labelled>) -> Vec<(String, String)> {

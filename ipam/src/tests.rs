@@ -1,19 +1,18 @@
 use crate::*;
 use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
-use vpcnet_api::{AttachmentKey, PodRef, code};
 
-fn net(s: &str) -> ipnetwork::Ipv4Network {
+fn net(s: &str) -> ipnetwork::IpNetwork {
     s.parse().unwrap()
 }
 
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
 fn subnet(name: &str, cidr: &str, blocks: &[(&str, &str)]) -> SubnetConfig {
-    let mut b: BTreeMap<String, Vec<ipnetwork::Ipv4Network>> = BTreeMap::new();
+    let mut b: BTreeMap<String, Vec<ipnetwork::IpNetwork>> = BTreeMap::new();
     for (node, block) in blocks {
         b.entry(node.to_string()).or_default().push(net(block));
     }
@@ -90,8 +89,8 @@ fn key(id: &str) -> AttachmentKey {
     }
 }
 
-fn pod(name: &str) -> PodRef {
-    PodRef {
+fn pod(name: &str) -> PodInfo {
+    PodInfo {
         namespace: "default".into(),
         name: name.into(),
         uid: format!("uid-{name}"),
@@ -101,10 +100,10 @@ fn pod(name: &str) -> PodRef {
 
 struct Req {
     key: AttachmentKey,
-    pod: PodRef,
+    pod: PodInfo,
     network: Option<String>,
     subnet: Option<String>,
-    static_ip: Option<Ipv4Addr>,
+    static_ip: Option<IpAddr>,
 }
 
 impl Req {
@@ -141,6 +140,14 @@ impl Req {
     }
 }
 
+/// The store's address key of an IPv4 address: family 4, then its octets.
+fn v4key(a: IpAddr) -> Vec<u8> {
+    let IpAddr::V4(a) = a else {
+        panic!("{a} is not IPv4")
+    };
+    std::iter::once(4).chain(a.octets()).collect()
+}
+
 fn open(f: &Fixture, cfg: IpamConfig) -> Ipam {
     Ipam::open(&f.path, cfg, "n1").unwrap()
 }
@@ -151,15 +158,15 @@ fn default_selection() {
     let ipam = open(&f, config());
     assert_eq!(ipam.network(None).unwrap().name, "vpc-a");
     let r = Req::new("a").run(&ipam).unwrap();
-    assert_eq!((r.network.as_str(), r.subnet.as_str()), ("vpc-a", "pods-a"));
-    assert_eq!(r.ip, ip("10.40.0.4"));
-    assert_eq!(r.prefix_len, 24);
-    assert!(!r.ready);
+    assert_eq!((r.network(), r.subnet()), ("vpc-a", "pods-a"));
+    assert_eq!(r.ip(), ip("10.40.0.4"));
+    assert_eq!(r.addresses[0].prefix_len, 24);
+    assert!(r.state == Lifecycle::Allocated);
     let r = Req::new("b").sub("pods-b").run(&ipam).unwrap();
-    assert_eq!(r.ip, ip("10.41.0.16"));
+    assert_eq!(r.ip(), ip("10.41.0.16"));
     let r = Req::new("c").net("vpc-b").run(&ipam).unwrap();
-    assert_eq!((r.network.as_str(), r.subnet.as_str()), ("vpc-b", "main"));
-    assert_eq!(r.ip, ip("10.50.0.248"));
+    assert_eq!((r.network(), r.subnet()), ("vpc-b", "main"));
+    assert_eq!(r.ip(), ip("10.50.0.248"));
     drop(ipam);
 
     let mut cfg = config();
@@ -167,13 +174,12 @@ fn default_selection() {
     cfg.networks[0].default_subnet = Some("pods-b".into());
     let ipam = open(&f, cfg);
     assert_eq!(ipam.network(None).unwrap().name, "vpc-b");
-    assert_eq!(Req::new("d").run(&ipam).unwrap().network, "vpc-b");
+    assert_eq!(Req::new("d").run(&ipam).unwrap().network(), "vpc-b");
     let r = Req::new("e").net("vpc-a").run(&ipam).unwrap();
-    assert_eq!(r.subnet, "pods-b");
+    assert_eq!(r.subnet(), "pods-b");
 
     let e = Req::new("f").net("vpc-x").run(&ipam).unwrap_err();
     assert!(matches!(e, IpamError::UnknownNetwork { .. }), "{e}");
-    assert_eq!(e.cni_code(), code::UNKNOWN_NETWORK);
     assert!(e.to_string().contains("vpc-a, vpc-b"), "{e}");
     let e = Req::new("f")
         .net("vpc-a")
@@ -192,15 +198,15 @@ fn default_selection() {
 fn dynamic_skips_infrastructure_and_exhausts_with_actionable_message() {
     let f = fixture();
     let ipam = open(&f, config());
-    let got: Vec<Ipv4Addr> = (0..4)
-        .map(|i| Req::new(&format!("k{i}")).run(&ipam).unwrap().ip)
+    let got: Vec<IpAddr> = (0..4)
+        .map(|i| Req::new(&format!("k{i}")).run(&ipam).unwrap().ip())
         .collect();
     assert_eq!(
         got,
         ["10.40.0.4", "10.40.0.5", "10.40.0.6", "10.40.0.7"].map(ip)
     );
     let e = Req::new("k4").run(&ipam).unwrap_err();
-    assert_eq!(e.cni_code(), code::EXHAUSTED);
+    assert!(matches!(e, IpamError::Exhausted { cooling: 0, .. }), "{e}");
     assert_eq!(
         e.to_string(),
         "subnet \"pods-a\" of network \"vpc-a\" has no free address in node \"n1\"'s blocks \
@@ -208,13 +214,13 @@ fn dynamic_skips_infrastructure_and_exhausts_with_actionable_message() {
          remove unused pods"
     );
     // The broadcast address of a subnet is never handed out.
-    let got: Vec<Ipv4Addr> = (0..7)
+    let got: Vec<IpAddr> = (0..7)
         .map(|i| {
             Req::new(&format!("b{i}"))
                 .net("vpc-b")
                 .run(&ipam)
                 .unwrap()
-                .ip
+                .ip()
         })
         .collect();
     assert_eq!(got.last(), Some(&ip("10.50.0.254")));
@@ -236,10 +242,10 @@ fn static_addresses() {
     let f = fixture();
     let ipam = open(&f, config());
     let held = Req::new("holder").ip("10.40.0.5").run(&ipam).unwrap();
-    assert_eq!(held.ip, ip("10.40.0.5"));
+    assert_eq!(held.ip(), ip("10.40.0.5"));
 
     let e = Req::new("x").ip("10.40.0.5").run(&ipam).unwrap_err();
-    assert_eq!(e.cni_code(), code::ADDRESS_TAKEN);
+    assert!(matches!(e, IpamError::AddressTaken { .. }), "{e}");
     let msg = e.to_string();
     assert!(
         msg.contains("pod default/pod-holder (container \"holder\" interface \"eth0\")"),
@@ -248,7 +254,7 @@ fn static_addresses() {
     assert!(msg.contains("pod default/pod-x"), "{msg}");
 
     let e = Req::new("x").ip("10.99.0.5").run(&ipam).unwrap_err();
-    assert_eq!(e.cni_code(), code::ADDRESS_OUTSIDE_SUBNET);
+    assert!(matches!(e, IpamError::OutsideSubnet { .. }), "{e}");
     assert!(
         e.to_string().contains("10.40.0.0/24, 10.41.0.0/24"),
         "lists the network's subnets: {e}"
@@ -270,24 +276,23 @@ fn static_addresses() {
         let e = Req::new("x").ip(addr).run(&ipam).unwrap_err();
         assert!(matches!(e, IpamError::Reserved { .. }), "{addr}: {e}");
         assert!(e.to_string().contains(what), "{e}");
-        assert_eq!(e.cni_code(), code::ADDRESS_TAKEN);
     }
 
     // Outside this node's blocks (n2's block, and unassigned space) but inside the subnet.
     assert_eq!(
-        Req::new("p1").ip("10.40.0.9").run(&ipam).unwrap().ip,
+        Req::new("p1").ip("10.40.0.9").run(&ipam).unwrap().ip(),
         ip("10.40.0.9")
     );
     assert_eq!(
-        Req::new("p2").ip("10.40.0.200").run(&ipam).unwrap().ip,
+        Req::new("p2").ip("10.40.0.200").run(&ipam).unwrap().ip(),
         ip("10.40.0.200")
     );
     // Without a subnet, the subnet containing the address is chosen.
     let r = Req::new("p3").ip("10.41.0.77").run(&ipam).unwrap();
-    assert_eq!(r.subnet, "pods-b");
+    assert_eq!(r.subnet(), "pods-b");
     // Dynamic allocation steps around statically held addresses.
-    assert_eq!(Req::new("d1").run(&ipam).unwrap().ip, ip("10.40.0.4"));
-    assert_eq!(Req::new("d2").run(&ipam).unwrap().ip, ip("10.40.0.6"));
+    assert_eq!(Req::new("d1").run(&ipam).unwrap().ip(), ip("10.40.0.4"));
+    assert_eq!(Req::new("d2").run(&ipam).unwrap().ip(), ip("10.40.0.6"));
 }
 
 #[test]
@@ -301,7 +306,10 @@ fn cooldown_delays_reuse_and_survives_restart() {
         .collect();
     let freed = ipam.release(&recs[1].key).unwrap().unwrap();
     let e = Req::new("new").run(&ipam).unwrap_err();
-    assert_eq!(e.cni_code(), code::TRY_AGAIN_LATER, "{e}");
+    assert!(
+        matches!(e, IpamError::Exhausted { cooling: 1.., .. }),
+        "{e}"
+    );
     let msg = e.to_string();
     assert!(
         msg.contains("3 allocated, 1 cooling down for up to 30 s"),
@@ -318,15 +326,15 @@ fn cooldown_delays_reuse_and_survives_restart() {
     assert!(e.to_string().contains("for up to 1 s"), "{e}");
     ipam.advance_clock_ms(1_000);
     assert_eq!(free_of(&ipam, "vpc-a/pods-a"), 1);
-    assert_eq!(Req::new("new").run(&ipam).unwrap().ip, freed.ip);
+    assert_eq!(Req::new("new").run(&ipam).unwrap().ip(), freed.ip());
 
     // An explicitly requested address is honoured even while cooling down.
     ipam.release(&recs[2].key).unwrap().unwrap();
     let r = Req::new("pinned")
-        .ip(&recs[2].ip.to_string())
+        .ip(&recs[2].ip().to_string())
         .run(&ipam)
         .unwrap();
-    assert_eq!(r.ip, recs[2].ip);
+    assert_eq!(r.ip(), recs[2].ip());
 }
 
 #[test]
@@ -346,7 +354,7 @@ fn release_stamped_in_the_future_waits_one_cooldown_from_now() {
     let ipam = open(&f, cfg);
     assert!(Req::new("n").run(&ipam).is_err());
     ipam.advance_clock_ms(10_000);
-    assert_eq!(Req::new("n").run(&ipam).unwrap().ip, recs[0].ip);
+    assert_eq!(Req::new("n").run(&ipam).unwrap().ip(), recs[0].ip());
 }
 
 #[test]
@@ -356,23 +364,24 @@ fn cursor_prefers_addresses_not_recently_freed() {
     let a = Req::new("a").sub("pods-b").run(&ipam).unwrap();
     ipam.release(&a.key).unwrap();
     let b = Req::new("b").sub("pods-b").run(&ipam).unwrap();
-    assert_eq!(b.ip, ip("10.41.0.17"));
+    assert_eq!(b.ip(), ip("10.41.0.17"));
     drop(ipam);
     let ipam = open(&f, config());
     let c = Req::new("c").sub("pods-b").run(&ipam).unwrap();
-    assert_eq!(c.ip, ip("10.41.0.18"), "the cursor is persisted");
-    let last: Vec<Ipv4Addr> = (0..14)
+    assert_eq!(c.ip(), ip("10.41.0.18"), "the cursor is persisted");
+    let last: Vec<IpAddr> = (0..14)
         .map(|i| {
             Req::new(&format!("f{i}"))
                 .sub("pods-b")
                 .run(&ipam)
                 .unwrap()
-                .ip
+                .ip()
         })
         .collect();
     assert_eq!(last[12], ip("10.41.0.31"));
     assert_eq!(
-        last[13], a.ip,
+        last[13],
+        a.ip(),
         "wrapped round to the address released first"
     );
 }
@@ -388,7 +397,6 @@ fn allocate_is_idempotent_per_key() {
     assert_eq!(again.run(&ipam).unwrap(), first, "returned unchanged");
     let e = Req::new("a").ip("10.40.0.6").run(&ipam).unwrap_err();
     assert!(matches!(e, IpamError::KeyHoldsOtherAddress { .. }), "{e}");
-    assert_eq!(e.cni_code(), code::ADDRESS_TAKEN);
     assert!(e.to_string().contains("already holds 10.40.0.4"), "{e}");
     assert!(Req::new("a").net("vpc-b").run(&ipam).is_err());
     assert!(Req::new("a").sub("pods-b").run(&ipam).is_err());
@@ -396,25 +404,84 @@ fn allocate_is_idempotent_per_key() {
     // A different interface of the same container is a different attachment.
     let mut eth1 = Req::new("a");
     eth1.key.ifname = "eth1".into();
-    assert_ne!(eth1.run(&ipam).unwrap().ip, first.ip);
+    assert_ne!(eth1.run(&ipam).unwrap().ip(), first.ip());
 }
 
 #[test]
-fn release_twice_and_mark_ready() {
+fn release_twice_and_lifecycle() {
     let f = fixture();
     let ipam = open(&f, config());
     let a = Req::new("a").run(&ipam).unwrap();
-    assert!(!ipam.mark_ready(&key("nobody")).unwrap());
-    assert!(ipam.mark_ready(&a.key).unwrap());
-    assert!(ipam.mark_ready(&a.key).unwrap());
-    assert!(ipam.get(&a.key).unwrap().unwrap().ready);
+    assert_eq!(a.state, Lifecycle::Allocated);
+    assert_eq!(a.network_id, 1);
+    assert_eq!(a.wiring, None);
+    let wiring = Wiring {
+        host_ifindex: 7,
+        pod_mac: [2, 0, 0, 0, 0, 9],
+    };
+    assert!(!ipam.mark_wired(&key("nobody"), wiring).unwrap());
+    assert!(!ipam.mark_ready(&key("nobody"), 1).unwrap());
+    // Ready before wired is refused, not silently recorded.
+    let e = ipam.mark_ready(&a.key, 1).unwrap_err();
+    assert!(matches!(e, IpamError::InvalidTransition { .. }), "{e}");
+    assert!(e.to_string().contains("wired first"), "{e}");
+    assert_eq!(
+        ipam.get(&a.key).unwrap().unwrap().state,
+        Lifecycle::Allocated
+    );
+    assert!(ipam.mark_wired(&a.key, wiring).unwrap());
+    assert!(ipam.mark_wired(&a.key, wiring).unwrap(), "repeatable");
+    assert!(ipam.mark_ready(&a.key, 3).unwrap());
+    assert!(ipam.mark_ready(&a.key, 3).unwrap());
+    assert!(
+        ipam.mark_ready(&a.key, 4).unwrap(),
+        "a newer policy revision"
+    );
+    let got = ipam.get(&a.key).unwrap().unwrap();
+    assert_eq!(got.state, Lifecycle::Ready { policy_revision: 4 });
+    assert_eq!(got.wiring, Some(wiring));
+    assert!(got.is_ready());
+    assert!(ipam.mark_releasing(&a.key).unwrap());
+    for e in [
+        ipam.mark_wired(&a.key, wiring).unwrap_err(),
+        ipam.mark_ready(&a.key, 5).unwrap_err(),
+        Req::new("a").run(&ipam).unwrap_err(),
+    ] {
+        assert!(matches!(e, IpamError::InvalidTransition { .. }), "{e}");
+        assert!(e.to_string().contains("release has started"), "{e}");
+    }
     let released = ipam.release(&a.key).unwrap().unwrap();
-    assert_eq!(released.ip, a.ip);
-    assert!(released.ready);
+    assert_eq!(released.ip(), a.ip());
+    assert_eq!(released.state, Lifecycle::Releasing);
+    assert_eq!(released.wiring, Some(wiring));
     assert_eq!(ipam.release(&a.key).unwrap(), None);
     assert_eq!(ipam.get(&a.key).unwrap(), None);
     assert!(ipam.list().unwrap().is_empty());
     assert!(ipam.verify().unwrap().is_empty());
+}
+
+#[test]
+fn lifecycle_survives_reopen() {
+    let f = fixture();
+    let ipam = open(&f, config());
+    let a = Req::new("a").run(&ipam).unwrap();
+    let b = Req::new("b").net("vpc-b").run(&ipam).unwrap();
+    let wiring = Wiring {
+        host_ifindex: 42,
+        pod_mac: [2, 1, 2, 3, 4, 5],
+    };
+    ipam.mark_wired(&a.key, wiring).unwrap();
+    ipam.mark_ready(&a.key, 9).unwrap();
+    ipam.mark_wired(&b.key, wiring).unwrap();
+    drop(ipam);
+    let ipam = open(&f, config());
+    let listed = ipam.list().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].state, Lifecycle::Ready { policy_revision: 9 });
+    assert_eq!(listed[0].wiring, Some(wiring));
+    assert_eq!(listed[1].state, Lifecycle::Wired);
+    assert_eq!(listed[1].network_id, 2);
+    assert_eq!(listed[1].addresses[0].network, "vpc-b");
 }
 
 #[test]
@@ -525,15 +592,15 @@ fn open_repairs_inconsistent_indexes() {
     assert!(ipam.open_repairs().is_empty());
     drop(ipam);
     {
-        let by_ip: TableDefinition<u32, (&str, &str)> = TableDefinition::new("by_ip");
+        let by_ip: TableDefinition<&[u8], (&str, &str)> = TableDefinition::new("by_ip_v2");
         let db = redb::Database::create(&f.path).unwrap();
         let txn = db.begin_write().unwrap();
         {
             let mut t = txn.open_table(by_ip).unwrap();
-            t.remove(u32::from(a.ip)).unwrap();
-            t.insert(u32::from(ip("10.40.0.7")), ("ghost", "eth0"))
+            t.remove(v4key(a.ip()).as_slice()).unwrap();
+            t.insert(v4key(ip("10.40.0.7")).as_slice(), ("ghost", "eth0"))
                 .unwrap();
-            t.insert(u32::from(b.ip), ("a", "eth0")).unwrap();
+            t.insert(v4key(b.ip()).as_slice(), ("a", "eth0")).unwrap();
             assert_eq!(t.len().unwrap(), 2);
         }
         txn.commit().unwrap();
@@ -544,7 +611,7 @@ fn open_repairs_inconsistent_indexes() {
     // The repaired index protects both held addresses; the ghost's address is free again.
     let c = Req::new("c").run(&ipam).unwrap();
     let d = Req::new("d").run(&ipam).unwrap();
-    let mut ips: Vec<Ipv4Addr> = vec![a.ip, b.ip, c.ip, d.ip];
+    let mut ips: Vec<IpAddr> = vec![a.ip(), b.ip(), c.ip(), d.ip()];
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), 4);
@@ -557,7 +624,7 @@ fn second_open_and_newer_schema_are_refused() {
     let ipam = open(&f, config());
     let e = Ipam::open(&f.path, config(), "n1").unwrap_err();
     assert!(e.to_string().contains("another process"), "{e}");
-    assert_eq!(e.cni_code(), code::IO);
+    assert!(matches!(e, IpamError::Store(_)), "{e}");
     drop(ipam);
     {
         let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -579,7 +646,6 @@ fn invalid(cfg: IpamConfig, needle: &str) {
     match Ipam::open(&f.path, cfg, "n1") {
         Err(e @ IpamError::InvalidConfig(_)) => {
             assert!(e.to_string().contains(needle), "{needle:?} not in {e}");
-            assert_eq!(e.cni_code(), code::INVALID_CONFIG);
         }
         other => panic!("expected InvalidConfig containing {needle:?}, got {other:?}"),
     }
@@ -720,4 +786,292 @@ fn config_defaults_from_yaml_like_json() {
     assert_eq!(c.cooldown_secs, 30);
     assert!(c.problems().is_empty());
     assert_eq!(c.networks[0].subnets[0].effective_gateway(), ip("10.0.0.1"));
+}
+
+/// vpc-a with the IPv4 subnets of [`config`] plus `pods6` fd00:40::/64 (n1: fd00:40::/126, whose
+/// ::0 is the network address and ::1 the gateway → ::2-::3 usable) and `wide6` fd00:41::/64
+/// whose whole range is n1's block.
+fn dual_config() -> IpamConfig {
+    let mut c = config();
+    c.networks[0]
+        .subnets
+        .push(subnet("pods6", "fd00:40::/64", &[("n1", "fd00:40::/126")]));
+    c.networks[0]
+        .subnets
+        .push(subnet("wide6", "fd00:41::/64", &[("n1", "fd00:41::/64")]));
+    c
+}
+
+#[test]
+fn ipv6_subnets_allocate_ipv6_addresses() {
+    let f = fixture();
+    let ipam = open(&f, dual_config());
+    let a = Req::new("a").sub("pods6").run(&ipam).unwrap();
+    assert_eq!(a.ip(), ip("fd00:40::2"));
+    assert_eq!(a.addresses[0].prefix_len, 64);
+    assert_eq!(a.ipv4(), None);
+    assert_eq!(a.ipv6(), Some("fd00:40::2".parse().unwrap()));
+    let b = Req::new("b").sub("pods6").run(&ipam).unwrap();
+    assert_eq!(b.ip(), ip("fd00:40::3"));
+    let e = Req::new("c").sub("pods6").run(&ipam).unwrap_err();
+    assert!(
+        matches!(e, IpamError::Exhausted { allocated: 2, .. }),
+        "{e}"
+    );
+    // The IPv4 subnets are untouched by the IPv6 ones.
+    assert_eq!(Req::new("v4").run(&ipam).unwrap().ip(), ip("10.40.0.4"));
+    // Static IPv6, found by the subnet that contains it.
+    let s = Req::new("s").ip("fd00:41::abcd").run(&ipam).unwrap();
+    assert_eq!(s.subnet(), "wide6");
+    let e = Req::new("t").ip("fd00:41::abcd").run(&ipam).unwrap_err();
+    assert!(matches!(e, IpamError::AddressTaken { .. }), "{e}");
+    let e = Req::new("t").ip("fd00:40::1").run(&ipam).unwrap_err();
+    assert!(e.to_string().contains("the gateway"), "{e}");
+    // A /64 block: the scan is bounded and the count saturates rather than overflows.
+    let w = Req::new("w").sub("wide6").run(&ipam).unwrap();
+    assert_eq!(w.ip(), ip("fd00:41::2"));
+    assert_eq!(
+        free_of(&ipam, "vpc-a/wide6"),
+        u64::MAX - 3,
+        "2^64 - network - gateway - 2 held"
+    );
+    assert_eq!(free_of(&ipam, "vpc-a/pods6"), 0);
+    ipam.release(&a.key).unwrap();
+    assert_eq!(free_of(&ipam, "vpc-a/pods6"), 1, "cooldown 0: free at once");
+    assert!(ipam.verify().unwrap().is_empty());
+    drop(ipam);
+    // Cursors and index survive a restart per family.
+    let ipam = open(&f, dual_config());
+    assert_eq!(
+        Req::new("w2").sub("wide6").run(&ipam).unwrap().ip(),
+        ip("fd00:41::3")
+    );
+    assert_eq!(
+        Req::new("a2").sub("pods6").run(&ipam).unwrap().ip(),
+        ip("fd00:40::2")
+    );
+}
+
+#[test]
+fn ipv6_config_validation() {
+    let mut c = dual_config();
+    c.networks[0].subnets[2].blocks = [("n1".to_string(), vec![net("10.40.0.64/28")])]
+        .into_iter()
+        .collect();
+    invalid(c, "is not inside the subnet's fd00:40::/64");
+    let mut c = dual_config();
+    c.networks[0].subnets[2].gateway = Some(ip("10.40.0.1"));
+    invalid(c, "gateway 10.40.0.1 is outside fd00:40::/64");
+    let mut c = dual_config();
+    c.networks[0].subnets[2].cidr = net("fd00:40::/127");
+    c.networks[0].subnets[2].blocks.clear();
+    invalid(c, "use a /126 or larger");
+    let mut c = dual_config();
+    c.networks[0].subnets[2].reserved = vec![IpRange {
+        start: ip("fd00:40::5"),
+        end: ip("10.40.0.9"),
+    }];
+    invalid(c, "mixes IPv4 and IPv6");
+    // The last address of an IPv6 subnet is a host, not a broadcast address.
+    let mut c = dual_config();
+    c.networks[0].subnets[2].gateway = Some(ip("fd00:40::ffff:ffff:ffff:ffff"));
+    assert!(c.problems().is_empty(), "{:?}", c.problems());
+}
+
+#[test]
+fn ipv6_subnet_parses_from_yaml() {
+    let c: IpamConfig = serde_yaml::from_str(
+        "networks:\n- name: v\n  id: 7\n  routable_cidrs: [10.0.0.0/8, 'fd00::/8']\n  subnets:\n  \
+         - name: s4\n    cidr: 10.0.0.0/24\n    blocks: {n1: [10.0.0.0/26]}\n  \
+         - name: s6\n    cidr: 'fd00:7::/64'\n    gateway: 'fd00:7::1'\n    \
+         reserved: [{start: 'fd00:7::2', end: 'fd00:7::9'}]\n    blocks: {n1: ['fd00:7::/112']}\n",
+    )
+    .unwrap();
+    assert!(c.problems().is_empty(), "{:?}", c.problems());
+    let s6 = &c.networks[0].subnets[1];
+    assert!(s6.cidr.is_ipv6());
+    assert_eq!(s6.node_blocks("n1")[0], net("fd00:7::/112"));
+    let f = fixture();
+    let ipam = open(&f, c);
+    // ::0 network, ::1 gateway, ::2-::9 reserved.
+    assert_eq!(
+        Req::new("a").sub("s6").run(&ipam).unwrap().ip(),
+        ip("fd00:7::a")
+    );
+}
+
+#[test]
+fn undecodable_record_is_reported_and_freed_by_release() {
+    use redb::TableDefinition;
+    let f = fixture();
+    let ipam = open(&f, config());
+    let a = Req::new("a").run(&ipam).unwrap();
+    drop(ipam);
+    {
+        let t: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("endpoints");
+        let db = redb::Database::create(&f.path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(t)
+            .unwrap()
+            .insert(("a", "eth0"), b"{\"v\":\"99\"}".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let ipam = open(&f, config());
+    let report = |problems: &[String]| {
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("cannot be decoded"), "{problems:?}");
+        assert!(problems[0].contains("\"a\""), "{problems:?}");
+    };
+    report(ipam.open_repairs());
+    report(&ipam.verify().unwrap());
+    assert!(ipam.list().unwrap().is_empty());
+    // Still reserved: the next dynamic allocation skips it.
+    assert_ne!(Req::new("b").run(&ipam).unwrap().ip(), a.ip());
+    assert_eq!(ipam.release(&key("a")).unwrap(), None, "nothing decodable");
+    let left = ipam.verify().unwrap();
+    assert!(left.is_empty(), "the release freed it: {left:?}");
+    assert_eq!(
+        Req::new("c")
+            .ip(&a.ip().to_string())
+            .run(&ipam)
+            .unwrap()
+            .ip(),
+        a.ip()
+    );
+}
+
+#[test]
+fn topology_block_and_subnet_added_are_used_at_once() {
+    let f = fixture();
+    let ipam = open(&f, config());
+    for i in 0..4 {
+        Req::new(&format!("k{i}")).run(&ipam).unwrap();
+    }
+    assert!(matches!(
+        Req::new("k4").run(&ipam).unwrap_err(),
+        IpamError::Exhausted { .. }
+    ));
+    let mut c = config();
+    c.networks[0].subnets[0]
+        .blocks
+        .get_mut("n1")
+        .unwrap()
+        .push(net("10.40.0.32/29"));
+    c.networks[1]
+        .subnets
+        .push(subnet("extra", "10.51.0.0/24", &[("n1", "10.51.0.8/29")]));
+    let change = ipam.apply_topology(c.clone()).unwrap();
+    assert_eq!(
+        change.blocks_added,
+        ["vpc-a/pods-a 10.40.0.32/29", "vpc-b/extra 10.51.0.8/29"]
+    );
+    assert_eq!(change.subnets_added, ["vpc-b/extra"]);
+    assert!(change.blocks_removed.is_empty() && change.subnets_removed.is_empty());
+    assert!(change.to_string().contains("blocks added"), "{change}");
+    assert_eq!(Req::new("k4").run(&ipam).unwrap().ip(), ip("10.40.0.32"));
+    let x = Req::new("x").net("vpc-b").sub("extra").run(&ipam).unwrap();
+    assert_eq!(x.ip(), ip("10.51.0.8"));
+    assert_eq!(ipam.config(), c);
+    assert!(
+        ipam.apply_topology(c).unwrap().is_empty(),
+        "same again: no change"
+    );
+}
+
+#[test]
+fn topology_removed_block_is_never_handed_out_again() {
+    let f = fixture();
+    let mut two = config();
+    // pods-b: n1 owns 10.41.0.16/28 and 10.41.0.32/30.
+    two.networks[0].subnets[1]
+        .blocks
+        .get_mut("n1")
+        .unwrap()
+        .push(net("10.41.0.32/30"));
+    let ipam = open(&f, two.clone());
+    let live = Req::new("live").ip("10.41.0.33").run(&ipam).unwrap();
+    let change = ipam.apply_topology(config()).unwrap();
+    assert_eq!(change.blocks_removed, ["vpc-a/pods-b 10.41.0.32/30"]);
+    // The live endpoint stays listed; dynamic allocations only come from the remaining block.
+    assert!(ipam.list().unwrap().contains(&live));
+    let got: Vec<IpAddr> = (0..16)
+        .map_while(|i| Req::new(&format!("d{i}")).sub("pods-b").run(&ipam).ok())
+        .map(|r| r.ip())
+        .collect();
+    assert_eq!(got.len(), 16);
+    assert!(got.iter().all(|a| a.to_string().starts_with("10.41.0.")));
+    assert!(got.iter().all(|a| match a {
+        IpAddr::V4(v4) => (16..32).contains(&v4.octets()[3]),
+        IpAddr::V6(_) => false,
+    }));
+    // Released, its address does not come back while the block is gone.
+    assert_eq!(ipam.release(&live.key).unwrap().unwrap().ip(), live.ip());
+    assert!(matches!(
+        Req::new("more").sub("pods-b").run(&ipam).unwrap_err(),
+        IpamError::Exhausted { .. }
+    ));
+    assert!(ipam.verify().unwrap().is_empty());
+    // The block back: its addresses are usable again.
+    ipam.apply_topology(two).unwrap();
+    assert_eq!(
+        Req::new("more").sub("pods-b").run(&ipam).unwrap().ip(),
+        ip("10.41.0.32")
+    );
+}
+
+#[test]
+fn topology_removed_subnet_keeps_its_endpoints_releasable() {
+    let f = fixture();
+    let ipam = open(&f, config());
+    let b = Req::new("b").sub("pods-b").run(&ipam).unwrap();
+    let mut c = config();
+    c.networks[0].subnets.pop();
+    let change = ipam.apply_topology(c).unwrap();
+    assert_eq!(change.subnets_removed, ["vpc-a/pods-b"]);
+    assert_eq!(change.blocks_removed, ["vpc-a/pods-b 10.41.0.16/28"]);
+    assert_eq!(ipam.list().unwrap(), vec![b.clone()]);
+    assert_eq!(
+        Req::new("b").run(&ipam).unwrap(),
+        b,
+        "a retried ADD still answers"
+    );
+    let e = Req::new("n").sub("pods-b").run(&ipam).unwrap_err();
+    assert!(matches!(e, IpamError::UnknownSubnet { .. }), "{e}");
+    let e = Req::new("n").ip("10.41.0.20").run(&ipam).unwrap_err();
+    assert!(matches!(e, IpamError::OutsideSubnet { .. }), "{e}");
+    assert!(!free_counts_names(&ipam).contains(&"vpc-a/pods-b".to_string()));
+    assert_eq!(ipam.release(&b.key).unwrap().unwrap(), b);
+    assert!(ipam.list().unwrap().is_empty());
+    assert!(ipam.verify().unwrap().is_empty());
+}
+
+fn free_counts_names(ipam: &Ipam) -> Vec<String> {
+    ipam.free_counts()
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect()
+}
+
+#[test]
+fn topology_network_attributes_and_invalid_updates() {
+    let f = fixture();
+    let ipam = open(&f, config());
+    let a = Req::new("a").run(&ipam).unwrap();
+    let mut c = config();
+    c.networks[0].routable_cidrs = vec![net("10.0.0.0/8"), net("fd00::/8")];
+    c.networks[1].peers = vec!["vpc-a".into()];
+    let change = ipam.apply_topology(c.clone()).unwrap();
+    assert_eq!(change.networks_changed, ["vpc-a", "vpc-b"]);
+    assert!(change.blocks_added.is_empty() && change.subnets_added.is_empty());
+    assert_eq!(ipam.network(Some("vpc-a")).unwrap().routable_cidrs.len(), 2);
+    assert_eq!(ipam.list().unwrap(), vec![a.clone()], "endpoints untouched");
+    // An invalid topology is refused and the one in force stays.
+    let mut bad = c.clone();
+    bad.networks[1].id = 1;
+    let e = ipam.apply_topology(bad).unwrap_err();
+    assert!(matches!(e, IpamError::InvalidConfig(_)), "{e}");
+    assert_eq!(ipam.config(), c);
+    assert_eq!(Req::new("b").run(&ipam).unwrap().ip(), ip("10.40.0.5"));
 }

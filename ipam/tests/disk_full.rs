@@ -8,8 +8,10 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use vpcnet_api::{AttachmentKey, PodRef, code};
-use vpcnet_ipam::{AllocRequest, Ipam, IpamConfig, IpamError, NetworkConfig, Record, SubnetConfig};
+use vpcnet_ipam::{
+    AllocRequest, AttachmentKey, Ipam, IpamConfig, IpamError, NetworkConfig, PodInfo, Record,
+    SubnetConfig,
+};
 
 fn config() -> IpamConfig {
     IpamConfig {
@@ -44,10 +46,10 @@ fn key(i: usize) -> AttachmentKey {
 }
 
 fn alloc(ipam: &Ipam, i: usize) -> Result<Record, IpamError> {
-    let pod = PodRef {
+    let pod = PodInfo {
         namespace: "ns".into(),
         name: format!("pod-{i}-{}", "p".repeat(200)),
-        ..PodRef::default()
+        ..PodInfo::default()
     };
     ipam.allocate(&AllocRequest {
         key: &key(i),
@@ -116,7 +118,7 @@ fn a_full_disk_fails_writes_with_try_again_and_recovers_without_restart() {
     let mut held: BTreeMap<AttachmentKey, Ipv4Addr> = BTreeMap::new();
     for i in 0..20 {
         let r = alloc(&ipam, i).unwrap();
-        held.insert(r.key, r.ip);
+        held.insert(r.key.clone(), r.ipv4().unwrap());
     }
     // Whatever redb had preallocated is used up by allocating on: the first failure is the
     // disk's, then every write fails while it stays full.
@@ -126,7 +128,7 @@ fn a_full_disk_fails_writes_with_try_again_and_recovers_without_restart() {
     let full = loop {
         match alloc(&ipam, next) {
             Ok(r) => {
-                held.insert(r.key, r.ip);
+                held.insert(r.key.clone(), r.ipv4().unwrap());
                 next += 1;
                 assert!(next < 20_000, "the disk never filled");
             }
@@ -135,7 +137,7 @@ fn a_full_disk_fails_writes_with_try_again_and_recovers_without_restart() {
     };
     let failed_key = key(next);
     let msg = full.to_string();
-    assert_eq!(full.cni_code(), code::TRY_AGAIN_LATER, "{msg}");
+    assert!(matches!(full, IpamError::StoreUnavailable(_)), "{msg}");
     assert!(msg.contains("disk is full"), "{msg}");
     assert!(
         msg.contains(&db.display().to_string()),
@@ -147,9 +149,9 @@ fn a_full_disk_fails_writes_with_try_again_and_recovers_without_restart() {
     // Still full: releases fail the same way (nothing changes), health keeps saying so.
     let (victim, victim_ip) = held.iter().next().map(|(k, ip)| (k.clone(), *ip)).unwrap();
     let e = ipam.release(&victim).unwrap_err();
-    assert_eq!(e.cni_code(), code::TRY_AGAIN_LATER, "{e}");
+    assert!(matches!(e, IpamError::StoreUnavailable(_)), "{e}");
     let e = alloc(&ipam, next + 1).unwrap_err();
-    assert_eq!(e.cni_code(), code::TRY_AGAIN_LATER, "{e}");
+    assert!(matches!(e, IpamError::StoreUnavailable(_)), "{e}");
     assert!(ipam.health().is_some());
 
     // Space comes back: health clears by itself (no write needed from a caller) ...
@@ -168,10 +170,10 @@ fn a_full_disk_fails_writes_with_try_again_and_recovers_without_restart() {
         .release(&victim)
         .unwrap()
         .expect("the record was still there");
-    assert_eq!(released.ip, victim_ip);
+    assert_eq!(released.ipv4().unwrap(), victim_ip);
     held.remove(&victim);
     let again = alloc(&ipam, next).unwrap();
-    held.insert(again.key.clone(), again.ip);
+    held.insert(again.key.clone(), again.ipv4().unwrap());
 
     // Nothing lost, nothing duplicated, nothing half-written, and the failed allocations left
     // no trace.
@@ -179,7 +181,7 @@ fn a_full_disk_fails_writes_with_try_again_and_recovers_without_restart() {
         .list()
         .unwrap()
         .into_iter()
-        .map(|r| (r.key, r.ip))
+        .map(|r| (r.key.clone(), r.ipv4().unwrap()))
         .collect();
     assert_eq!(listed, held);
     let ips: HashSet<Ipv4Addr> = listed.values().copied().collect();
@@ -195,7 +197,7 @@ fn a_full_disk_fails_writes_with_try_again_and_recovers_without_restart() {
         .list()
         .unwrap()
         .into_iter()
-        .map(|r| (r.key, r.ip))
+        .map(|r| (r.key.clone(), r.ipv4().unwrap()))
         .collect();
     assert_eq!(reopened, held);
     drop(ipam);

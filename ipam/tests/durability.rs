@@ -9,8 +9,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
-use vpcnet_api::{AttachmentKey, PodRef};
-use vpcnet_ipam::{AllocRequest, Ipam, IpamConfig, IpamError, NetworkConfig, Record, SubnetConfig};
+use vpcnet_ipam::{
+    AllocRequest, AttachmentKey, Ipam, IpamConfig, IpamError, NetworkConfig, PodInfo, Record,
+    SubnetConfig,
+};
 
 /// One network "vpc", one subnet "pods" of `cidr` whose gateway is the first host and whose
 /// second and third hosts are reserved; node "n1" owns `block`.
@@ -27,11 +29,11 @@ fn config(cidr: &str, block: &str, cooldown_secs: u64) -> IpamConfig {
             default_subnet: None,
             subnets: vec![SubnetConfig {
                 name: "pods".into(),
-                cidr,
+                cidr: cidr.into(),
                 gateway: None,
                 reserved: vec![vpcnet_ipam::IpRange {
-                    start: Ipv4Addr::from(base + 2),
-                    end: Ipv4Addr::from(base + 3),
+                    start: Ipv4Addr::from(base + 2).into(),
+                    end: Ipv4Addr::from(base + 3).into(),
                 }],
                 blocks: [("n1".to_string(), vec![block.parse().unwrap()])]
                     .into_iter()
@@ -52,17 +54,17 @@ fn key(id: &str) -> AttachmentKey {
 
 fn alloc(ipam: &Ipam, id: &str, static_ip: Option<Ipv4Addr>) -> Result<Record, IpamError> {
     let key = key(id);
-    let pod = PodRef {
+    let pod = PodInfo {
         namespace: "ns".into(),
         name: format!("pod-{id}"),
-        ..PodRef::default()
+        ..PodInfo::default()
     };
     ipam.allocate(&AllocRequest {
         key: &key,
         pod: &pod,
         network: None,
         subnet: None,
-        static_ip,
+        static_ip: static_ip.map(Into::into),
         host_veth: "veth-test",
     })
 }
@@ -70,8 +72,13 @@ fn alloc(ipam: &Ipam, id: &str, static_ip: Option<Ipv4Addr>) -> Result<Record, I
 fn assert_unique_ips(records: &[Record]) {
     let mut seen = HashMap::new();
     for r in records {
-        if let Some(other) = seen.insert(r.ip, &r.key) {
-            panic!("{} held by both {:?} and {:?}", r.ip, other, r.key);
+        if let Some(other) = seen.insert(r.ipv4().unwrap(), &r.key) {
+            panic!(
+                "{} held by both {:?} and {:?}",
+                r.ipv4().unwrap(),
+                other,
+                r.key
+            );
         }
     }
 }
@@ -114,7 +121,7 @@ fn check_against_model(ipam: &Ipam, model: &BTreeMap<u8, Ipv4Addr>) {
     assert_unique_ips(&records);
     let listed: BTreeMap<u8, Ipv4Addr> = records
         .iter()
-        .map(|r| (r.key.container_id.parse::<u8>().unwrap(), r.ip))
+        .map(|r| (r.key.container_id.parse::<u8>().unwrap(), r.ipv4().unwrap()))
         .collect();
     assert_eq!(&listed, model);
 }
@@ -136,7 +143,7 @@ fn run_ops(cooldown_secs: u64, ops: Vec<Op>) {
                 match (model.get(&k), static_ip, got) {
                     (Some(held), Some(want), Err(IpamError::KeyHoldsOtherAddress { .. }))
                         if *held != want => {}
-                    (Some(held), _, Ok(r)) => assert_eq!(r.ip, *held),
+                    (Some(held), _, Ok(r)) => assert_eq!(r.ipv4().unwrap(), *held),
                     (None, Some(want), got) => {
                         let host = want.octets()[3];
                         let taken = model.values().any(|ip| *ip == want);
@@ -147,8 +154,8 @@ fn run_ops(cooldown_secs: u64, ops: Vec<Op>) {
                             Err(IpamError::AddressTaken { .. }) => assert!(taken),
                             Ok(r) => {
                                 assert!(!taken && ![0, 1, 2, 3, 31].contains(&host));
-                                assert_eq!(r.ip, want);
-                                model.insert(k, r.ip);
+                                assert_eq!(r.ipv4().unwrap(), want);
+                                model.insert(k, r.ipv4().unwrap());
                             }
                             Err(e) => panic!("static {want}: {e}"),
                         }
@@ -157,8 +164,8 @@ fn run_ops(cooldown_secs: u64, ops: Vec<Op>) {
                         let held_in_block = model.values().filter(|ip| in_block(**ip)).count();
                         match got {
                             Ok(r) => {
-                                assert!(in_block(r.ip));
-                                model.insert(k, r.ip);
+                                assert!(in_block(r.ipv4().unwrap()));
+                                model.insert(k, r.ipv4().unwrap());
                             }
                             Err(IpamError::Exhausted { .. })
                                 if cooldown_secs > 0 || held_in_block == PROP_USABLE => {}
@@ -170,7 +177,7 @@ fn run_ops(cooldown_secs: u64, ops: Vec<Op>) {
             }
             Op::Release { k } => {
                 let got = im.release(&key(&k.to_string())).unwrap();
-                assert_eq!(got.map(|r| r.ip), model.remove(&k));
+                assert_eq!(got.map(|r| r.ipv4().unwrap()), model.remove(&k));
             }
             Op::Gc { keep } => {
                 let valid: HashSet<AttachmentKey> =
@@ -280,7 +287,7 @@ fn crash_child() {
     for i in 0u64.. {
         let id = format!("r{round}-{i}");
         match alloc(&ipam, &id, None) {
-            Ok(r) => line(format!("{MARK}A {id} {}\n", r.ip)),
+            Ok(r) => line(format!("{MARK}A {id} {}\n", r.ipv4().unwrap())),
             Err(e) => {
                 line(format!("{MARK}E {e}\n"));
                 return;
@@ -367,7 +374,7 @@ fn sigkill_loses_no_committed_allocation() {
         let stored: HashMap<String, Ipv4Addr> = records
             .iter()
             .filter(|r| r.key.container_id.starts_with(&format!("r{round}-")))
-            .map(|r| (r.key.container_id.clone(), r.ip))
+            .map(|r| (r.key.container_id.clone(), r.ipv4().unwrap()))
             .collect();
         for (id, ip) in &allocated {
             if released.contains(id) {
@@ -411,7 +418,10 @@ fn sixty_four_parallel_allocations_get_distinct_addresses() {
             let (ipam, barrier) = (ipam.clone(), barrier.clone());
             std::thread::spawn(move || {
                 barrier.wait();
-                alloc(&ipam, &format!("par-{i}"), None).unwrap().ip
+                alloc(&ipam, &format!("par-{i}"), None)
+                    .unwrap()
+                    .ipv4()
+                    .unwrap()
             })
         })
         .collect();

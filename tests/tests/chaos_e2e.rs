@@ -55,7 +55,17 @@ fn list(socket: &std::path::Path) -> Option<Vec<(String, Ipv4Addr)>> {
         Ok(vpcnet_api::ResponseBody::List { allocations }) => Some(
             allocations
                 .into_iter()
-                .map(|a| (a.key.container_id, a.ip))
+                .map(|a| {
+                    let ip = a
+                        .ips
+                        .iter()
+                        .find_map(|i| match i.address {
+                            std::net::IpAddr::V4(v4) => Some(v4),
+                            std::net::IpAddr::V6(_) => None,
+                        })
+                        .expect("an IPv4 address");
+                    (a.key.container_id, ip)
+                })
                 .collect(),
         ),
         _ => None,

@@ -35,7 +35,18 @@ fn allocations(c: &Cluster) -> Vec<(Ipv4Addr, String)> {
     ) {
         Ok(vpcnet_api::ResponseBody::List { allocations }) => allocations
             .into_iter()
-            .map(|a| (a.ip, a.key.container_id))
+            .map(|a| {
+                (
+                    a.ips
+                        .iter()
+                        .find_map(|i| match i.address {
+                            std::net::IpAddr::V4(v4) => Some(v4),
+                            std::net::IpAddr::V6(_) => None,
+                        })
+                        .expect("an IPv4 address"),
+                    a.key.container_id,
+                )
+            })
             .collect(),
         other => panic!("list: {other:?}"),
     }

@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vpcnet_api::{
-    Allocation, ApiError, AttachmentKey, Request, RequestBody, Response, ResponseBody, StatusInfo,
+    Allocation, ApiError, AttachmentKey, IpConfig, Request, RequestBody, Response, ResponseBody,
+    StatusInfo,
 };
 
 pub const PLUGIN: &str = env!("CARGO_BIN_EXE_vpcnet");
@@ -143,6 +144,8 @@ pub struct Behavior {
     pub endpoint_ready_error: Option<ApiError>,
     pub release_error: Option<ApiError>,
     pub check_error: Option<ApiError>,
+    /// An IPv6 address allocated with every IPv4 one (a dual-stack subnet set-up).
+    pub also_v6: Option<std::net::Ipv6Addr>,
 }
 
 impl Default for Behavior {
@@ -154,6 +157,7 @@ impl Default for Behavior {
             endpoint_ready_error: None,
             release_error: None,
             check_error: None,
+            also_v6: None,
         }
     }
 }
@@ -265,17 +269,29 @@ fn answer(body: RequestBody, state: &Mutex<State>) -> ResponseBody {
                 return ResponseBody::Allocated(a.clone());
             }
             let ip = match req.static_ips.first() {
-                Some(ip) => *ip,
+                Some(std::net::IpAddr::V4(ip)) => *ip,
+                Some(std::net::IpAddr::V6(ip)) => panic!("the plugin asked for IPv6 {ip}"),
                 None => {
                     let ip = b.next_ip;
                     st.behavior.next_ip = Ipv4Addr::from(u32::from(ip) + 1);
                     ip
                 }
             };
+            let mut ips = vec![IpConfig {
+                address: ip.into(),
+                prefix_len: 24,
+                gateway: None,
+            }];
+            if let Some(v6) = b.also_v6 {
+                ips.push(IpConfig {
+                    address: v6.into(),
+                    prefix_len: 64,
+                    gateway: None,
+                });
+            }
             let a = Allocation {
                 key: req.key.clone(),
-                ip,
-                prefix_len: 24,
+                ips,
                 network: req.network.unwrap_or_else(|| "default".into()),
                 subnet: "subnet-test".into(),
                 mtu: b.mtu,

@@ -90,9 +90,14 @@ fn real_main() -> Result<()> {
                 "IP", "NETWORK", "SUBNET", "IFNAME"
             );
             for a in allocations {
+                let ips: Vec<String> = a.ips.iter().map(|i| i.address.to_string()).collect();
                 println!(
                     "{:<16} {:<12} {:<10} {:<8} {}",
-                    a.ip, a.network, a.subnet, a.key.ifname, a.key.container_id
+                    ips.join(","),
+                    a.network,
+                    a.subnet,
+                    a.key.ifname,
+                    a.key.container_id
                 );
             }
         }

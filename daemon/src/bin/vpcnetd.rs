@@ -73,7 +73,7 @@ fn real_main() -> anyhow::Result<()> {
             .enable_all()
             .build()
             .context("starting the async runtime")?
-            .block_on(vpcnet_daemon::run::run(config)),
+            .block_on(vpcnet_daemon::run::run(config, cli.config)),
     }
 }
 

@@ -43,8 +43,10 @@ pub fn local_endpoints(records: &[vpcnet_ipam::Record]) -> BTreeMap<PodRef, Ipv4
         } else {
             r.pod.name.clone()
         };
-        out.entry(ObjRef::new(&r.pod.namespace, name))
-            .or_insert(r.ip);
+        // The policy model is IPv4 today; an endpoint without an IPv4 address has none there.
+        if let Some(ip) = r.ipv4() {
+            out.entry(ObjRef::new(&r.pod.namespace, name)).or_insert(ip);
+        }
     }
     out
 }
