@@ -550,7 +550,15 @@ impl Service {
                 )
             })?;
         // Revision 0: the policy sync does not number its revisions yet.
-        self.ipam.mark_ready(&key, 0).map_err(ipam_err)?;
+        // The policy revision the endpoint was installed under: the cluster state generation
+        // the last sync applied (0 without a cluster state source).
+        let revision = self
+            .policy_sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation
+            .unwrap_or(0);
+        self.ipam.mark_ready(&key, revision).map_err(ipam_err)?;
         Ok(())
     }
 
