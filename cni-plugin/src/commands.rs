@@ -952,7 +952,7 @@ mod tests {
         assert_eq!(path.file_name().unwrap(), &*release_queue::file_name(&key));
         let back = release_queue::read(&path).unwrap();
         assert_eq!(back.key, key);
-        assert_eq!(back.ip, Some(Ipv4Addr::new(10, 0, 0, 5)));
+        assert_eq!(back.ip, Some(Ipv4Addr::new(10, 0, 0, 5).into()));
         let names: Vec<_> = fs::read_dir(dir.join("queue")).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file left behind");
         fs::remove_dir_all(&dir).unwrap();
