@@ -220,9 +220,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let k = key("abc", "eth0");
         // As the IPv4-only release wrote it.
-        let old = format!(
-            r#"{{"key":{{"container_id":"abc","ifname":"eth0"}},"queued_unix_ms":5,"ip":"10.1.2.3"}}"#
-        );
+        let old =
+            r#"{"key":{"container_id":"abc","ifname":"eth0"},"queued_unix_ms":5,"ip":"10.1.2.3"}"#;
         let p = dir.path().join(file_name(&k));
         fs::write(&p, old).unwrap();
         let e = read(&p).unwrap();
