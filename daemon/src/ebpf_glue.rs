@@ -106,19 +106,14 @@ impl Forwarding for Ebpf {
     }
 }
 
-fn dataplane_config(config: &DaemonConfig) -> DataplaneConfig {
-    let node = &config.node;
+/// `live`: the addresses of the store's endpoints, routed also when their block left the
+/// topology.
+fn dataplane_config(config: &DaemonConfig, live: Vec<std::net::IpAddr>) -> DataplaneConfig {
     DataplaneConfig {
         pin_dir: config.bpf_dir.clone(),
         uplink: config.uplink.clone(),
         networks: config.ipam.networks.clone(),
-        local_pod_cidrs: config
-            .ipam
-            .networks
-            .iter()
-            .flat_map(|n| n.subnets.iter())
-            .flat_map(|s| s.blocks.get(node).cloned().unwrap_or_default())
-            .collect(),
+        local_pod_cidrs: crate::topology::local_pod_cidrs(&config.ipam, &config.node, live),
     }
 }
 
@@ -187,8 +182,14 @@ pub fn forwarding(config: &DaemonConfig, ipam: &Ipam) -> anyhow::Result<Box<dyn 
         PolicyMode::Open
     };
     let endpoints = durable_endpoints(config, ipam)?;
+    let live = ipam
+        .list()
+        .context("listing allocations")?
+        .iter()
+        .flat_map(|ep| ep.ips().collect::<Vec<_>>())
+        .collect();
     let (dp, report) = Dataplane::start_restoring(
-        dataplane_config(config),
+        dataplane_config(config, live),
         StartOptions {
             endpoint_attach,
             policy,

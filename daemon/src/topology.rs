@@ -194,29 +194,52 @@ impl TopologySource for ConfigFile {
     }
 }
 
-/// This node's pod blocks in `ipam`, every family.
-fn local_blocks(ipam: &IpamConfig, node: &str) -> Vec<ipnetwork::IpNetwork> {
+/// What the dataplane routes as this node's pods: its blocks in `ipam`, and a host prefix for
+/// every live endpoint outside them (its block was removed from the topology; the pod keeps
+/// working until it goes, also across a daemon restart).
+pub fn local_pod_cidrs(
+    ipam: &IpamConfig,
+    node: &str,
+    live: impl IntoIterator<Item = std::net::IpAddr>,
+) -> Vec<ipnetwork::IpNetwork> {
     let mut out: Vec<ipnetwork::IpNetwork> = ipam
         .networks
         .iter()
         .flat_map(|n| &n.subnets)
         .flat_map(|s| s.node_blocks(node).iter().copied())
         .collect();
+    let stragglers: Vec<ipnetwork::IpNetwork> = live
+        .into_iter()
+        .filter(|ip| !out.iter().any(|b| b.contains(*ip)))
+        .map(ipnetwork::IpNetwork::from)
+        .collect();
+    out.extend(stragglers);
     out.sort();
     out.dedup();
     out
 }
 
+fn live_ips(service: &crate::service::Service) -> Result<Vec<std::net::IpAddr>, String> {
+    Ok(service
+        .ipam
+        .list()
+        .map_err(|e| format!("IPAM: {e}"))?
+        .iter()
+        .flat_map(|ep| ep.ips().collect::<Vec<_>>())
+        .collect())
+}
+
 /// Applies a published topology to IPAM and the dataplane, in the order that never strands a
-/// packet: the dataplane first learns the union of the old and the new blocks (so a new block
+/// packet: the dataplane first routes the union of the old and the new blocks (so a new block
 /// is routed before IPAM hands out its first address), then IPAM switches (a removed block is
-/// never handed out again), then the dataplane drops the routes of removed blocks — except
-/// those that still hold live endpoints, which keep working until their pods go.
+/// never handed out again), then the dataplane drops the routes of removed blocks — keeping a
+/// host route for each live endpoint outside the new blocks, which works until its pod goes.
 pub fn apply(service: &crate::service::Service, topology: &Topology) -> Result<(), String> {
     let node = &service.config.node;
     let networks = &topology.ipam.networks;
-    let mut union = local_blocks(&service.ipam.config(), node);
-    union.extend(local_blocks(&topology.ipam, node));
+    let live = live_ips(service)?;
+    let mut union = local_pod_cidrs(&service.ipam.config(), node, live.iter().copied());
+    union.extend(local_pod_cidrs(&topology.ipam, node, live));
     union.sort();
     union.dedup();
     service
@@ -227,21 +250,8 @@ pub fn apply(service: &crate::service::Service, topology: &Topology) -> Result<(
         .ipam
         .apply_topology(topology.ipam.clone())
         .map_err(|e| format!("IPAM: {e}"))?;
-    let live: Vec<std::net::IpAddr> = service
-        .ipam
-        .list()
-        .map_err(|e| format!("IPAM: {e}"))?
-        .iter()
-        .flat_map(|ep| ep.ips().collect::<Vec<_>>())
-        .collect();
-    let mut keep = local_blocks(&topology.ipam, node);
-    keep.extend(
-        union
-            .into_iter()
-            .filter(|b| live.iter().any(|ip| b.contains(*ip))),
-    );
-    keep.sort();
-    keep.dedup();
+    // Read again: an ADD may have allocated from a removed block just before the switch.
+    let keep = local_pod_cidrs(&topology.ipam, node, live_ips(service)?);
     service
         .lock_fwd()
         .apply_topology(networks, &keep)
