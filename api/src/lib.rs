@@ -323,6 +323,16 @@ pub enum DecodeError {
     Version(u32),
 }
 
+/// A request line that could not be taken, with the version its answer is owed in: the one the
+/// client declared when the daemon serves it (a version-1 plugin gets a version-1 error),
+/// otherwise this release's.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Undecodable {
+    pub answer_version: u32,
+    pub error: DecodeError,
+}
+
 impl DecodeError {
     pub fn code(&self) -> u32 {
         match self {
@@ -333,28 +343,37 @@ impl DecodeError {
 }
 
 /// Decodes one request line of this version or of version 1 (translated).
-pub fn decode_request(line: &[u8]) -> Result<Incoming, DecodeError> {
+pub fn decode_request(line: &[u8]) -> Result<Incoming, Undecodable> {
     #[derive(Deserialize)]
     struct Probe {
         version: u32,
     }
-    let probe: Probe = serde_json::from_slice(line)?;
+    let failed = |answer_version: u32| {
+        move |e: serde_json::Error| Undecodable {
+            answer_version,
+            error: DecodeError::Json(e),
+        }
+    };
+    let probe: Probe = serde_json::from_slice(line).map_err(failed(PROTOCOL_VERSION))?;
     match probe.version {
         PROTOCOL_VERSION => {
-            let req: Request = serde_json::from_slice(line)?;
+            let req: Request = serde_json::from_slice(line).map_err(failed(PROTOCOL_VERSION))?;
             Ok(Incoming {
                 version: req.version,
                 body: req.body,
             })
         }
         v1::VERSION => {
-            let req: v1::Request = serde_json::from_slice(line)?;
+            let req: v1::Request = serde_json::from_slice(line).map_err(failed(v1::VERSION))?;
             Ok(Incoming {
                 version: v1::VERSION,
                 body: req.body.into(),
             })
         }
-        other => Err(DecodeError::Version(other)),
+        other => Err(Undecodable {
+            answer_version: PROTOCOL_VERSION,
+            error: DecodeError::Version(other),
+        }),
     }
 }
 
@@ -532,10 +551,15 @@ mod tests {
         };
         assert_eq!(c.ips.len(), 1);
         let e = decode_request(br#"{"version":3,"op":"status"}"#).unwrap_err();
-        assert_eq!(e.code(), code::INCOMPATIBLE_VERSION);
+        assert_eq!(e.error.code(), code::INCOMPATIBLE_VERSION);
+        assert_eq!(e.answer_version, PROTOCOL_VERSION);
         assert!(e.to_string().contains("protocol 3"), "{e}");
         let e = decode_request(b"{").unwrap_err();
-        assert_eq!(e.code(), code::DECODE);
+        assert_eq!(e.error.code(), code::DECODE);
+        assert_eq!(e.answer_version, PROTOCOL_VERSION);
+        // A version-1 client's bad request is answered in version 1: it can read that.
+        let e = decode_request(br#"{"op":"","version":1}"#).unwrap_err();
+        assert_eq!((e.error.code(), e.answer_version), (code::DECODE, 1));
     }
 
     #[test]

@@ -234,22 +234,25 @@ async fn connection(stream: UnixStream, shared: &Shared) -> std::io::Result<()> 
         shared.service.metrics.requests.inc();
         // Version 1 is still decoded (and answered in its shapes): a plugin binary of the
         // previous release keeps working while a node is upgraded.
-        let mut version = PROTOCOL_VERSION;
-        let body = match vpcnet_api::decode_request(&line) {
+        let (version, body) = match vpcnet_api::decode_request(&line) {
             Ok(req) => {
                 drop(line);
-                version = req.version;
+                let version = req.version;
                 let service = shared.service.clone();
-                tokio::task::spawn_blocking(move || service.handle(req.body))
+                let body = tokio::task::spawn_blocking(move || service.handle(req.body))
                     .await
                     .unwrap_or_else(|e| {
                         ResponseBody::Error(ApiError::new(
                             code::INTERNAL,
                             format!("request handler failed: {e}"),
                         ))
-                    })
+                    });
+                (version, body)
             }
-            Err(e) => ResponseBody::Error(ApiError::new(e.code(), e.to_string())),
+            Err(e) => (
+                e.answer_version,
+                ResponseBody::Error(ApiError::new(e.error.code(), e.error.to_string())),
+            ),
         };
         drop(slot);
         let out = answer_in(version, body);

@@ -37,45 +37,13 @@ fn forwarding_isolation_and_counters() {
     let n1 = topo.ns("n1");
     let n2 = topo.ns("n2");
     for name in ["p1", "p2", "p4"] {
-        let ep = eps[name].clone();
-        let dp = &dp1;
-        in_ns(&n1, || dp.add_endpoint(&ep).expect("add_endpoint"));
-        let t = dp1.timings();
-        eprintln!(
-            "[dataplane] add_endpoint {name}: total {:?}, attach {:?}",
-            t.last_add_endpoint, t.last_endpoint_attach
-        );
+        add_timed(&dp1, &n1, &eps[name], name);
     }
-    {
-        let ep = eps["p3"].clone();
-        let dp = &dp2;
-        in_ns(&n2, || dp.add_endpoint(&ep).expect("add_endpoint"));
-        let t = dp2.timings();
-        eprintln!(
-            "[dataplane] add_endpoint p3 (classic filter): total {:?}, attach {:?}",
-            t.last_add_endpoint, t.last_endpoint_attach
-        );
-        let ep = eps["p3"].clone();
-        let dp = &dp2;
-        in_ns(&n2, || dp.add_endpoint(&ep).expect("add_endpoint again"));
-        let t = dp2.timings();
-        eprintln!(
-            "[dataplane] add_endpoint p3 again (classic filter replace): total {:?}, attach {:?}",
-            t.last_add_endpoint, t.last_endpoint_attach
-        );
-    }
+    add_timed(&dp2, &n2, &eps["p3"], "p3 (classic filter)");
+    add_timed(&dp2, &n2, &eps["p3"], "p3 again (classic filter replace)");
     // Idempotent: the second ADD updates the link in place.
-    {
-        let ep = eps["p1"].clone();
-        let dp = &dp1;
-        in_ns(&n1, || dp.add_endpoint(&ep).expect("add_endpoint again"));
-        let t = dp1.timings();
-        assert!(t.last_endpoint_updated, "second add must update in place");
-        eprintln!(
-            "[dataplane] add_endpoint p1 again (link update): total {:?}, attach {:?}",
-            t.last_add_endpoint, t.last_endpoint_attach
-        );
-    }
+    let t = add_timed(&dp1, &n1, &eps["p1"], "p1 again (link update)");
+    assert!(t.last_endpoint_updated, "second add must update in place");
     let listed = dp1.endpoints().unwrap();
     assert_eq!(
         listed,
@@ -268,26 +236,7 @@ fn restart_under_load_loses_nothing() {
             assert_eq!(u32::from_be_bytes(b), n);
         };
         echo(1);
-        let flood = |from: &str, to: Ipv4Addr| {
-            topo.exec(
-                from,
-                &[
-                    "ping",
-                    "-q",
-                    "-n",
-                    "-c",
-                    "250",
-                    "-i",
-                    "0.01",
-                    "-W",
-                    "1",
-                    &to.to_string(),
-                ],
-            )
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap()
-        };
+        let flood = |from: &str, to: Ipv4Addr| common::flood(&topo, from, to, 250);
         let a = flood("p1", P3);
         let b = flood("p2", VPC_HOST);
         std::thread::sleep(Duration::from_millis(600));
@@ -634,4 +583,20 @@ fn kernel_nat_flows_are_reverse_natted() {
         });
     }
     drop((dp1, dp2));
+}
+
+/// Adds `ep` from inside `ns` and prints what it cost (the ADD latency budget's figures).
+fn add_timed(
+    dp: &vpcnet_dataplane::Dataplane,
+    ns: &str,
+    ep: &vpcnet_dataplane::Endpoint,
+    what: &str,
+) -> vpcnet_dataplane::Timings {
+    in_ns(ns, || dp.add_endpoint(ep).expect("add_endpoint"));
+    let t = dp.timings();
+    eprintln!(
+        "[dataplane] add_endpoint {what}: total {:?}, attach {:?}",
+        t.last_add_endpoint, t.last_endpoint_attach
+    );
+    t
 }

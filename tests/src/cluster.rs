@@ -90,6 +90,18 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A cluster of `nodes` with the default spec (eBPF dataplane), every daemon started.
+    pub fn started(nodes: usize) -> Result<Cluster> {
+        let mut c = Cluster::build(ClusterSpec {
+            nodes,
+            ..ClusterSpec::default()
+        })?;
+        for i in 0..nodes {
+            c.node_mut(i).start_daemon()?;
+        }
+        Ok(c)
+    }
+
     pub fn build(spec: ClusterSpec) -> Result<Cluster> {
         let prefix = run_prefix();
         let dir = std::env::temp_dir().join(&prefix);

@@ -667,7 +667,22 @@ mod fuzz {
                     reader.read_line(&mut answer).unwrap();
                     let v: serde_json::Value = serde_json::from_str(&answer)
                         .map_err(|e| TestCaseError::fail(format!("{answer:?}: {e}")))?;
-                    prop_assert_eq!(&v["version"], &serde_json::json!(1), "{}", answer);
+                    // A client is answered in the version it declared when the daemon serves
+                    // that version (1 or 2), else in the daemon's own.
+                    let declared = serde_json::from_slice::<serde_json::Value>(
+                        line.split(|&b| b == b'\n').next().unwrap_or_default(),
+                    )
+                    .ok()
+                    .and_then(|v| v["version"].as_u64());
+                    let expected = match declared {
+                        Some(1) => 1,
+                        _ => vpcnet_api::PROTOCOL_VERSION as u64,
+                    };
+                    if lines == 1 {
+                        prop_assert_eq!(&v["version"], &serde_json::json!(expected), "{}", answer);
+                    } else {
+                        prop_assert!(v["version"].as_u64().is_some(), "{}", answer);
+                    }
                     prop_assert!(v["result"].is_string(), "{}", answer);
                     if v["result"] == "error" {
                         prop_assert!(v["msg"].as_str().is_some_and(|m| m.len() <= 4096));

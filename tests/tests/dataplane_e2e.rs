@@ -7,21 +7,12 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+use vpcnet_tests::Cluster;
 use vpcnet_tests::cluster::*;
 use vpcnet_tests::probe::{self, WhoAmI};
-use vpcnet_tests::{Cluster, ClusterSpec};
 
 fn cluster() -> Cluster {
-    let mut c = Cluster::build(ClusterSpec {
-        nodes: 2,
-        cooldown_secs: 30,
-        dataplane: true,
-    })
-    .unwrap();
-    for i in 0..2 {
-        c.node_mut(i).start_daemon().unwrap();
-    }
-    c
+    Cluster::started(2).unwrap()
 }
 
 #[test]

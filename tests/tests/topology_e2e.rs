@@ -4,9 +4,9 @@
 use serde_json::{Value, json};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
+use vpcnet_tests::Cluster;
 use vpcnet_tests::cluster::{PHYS_CIDR, PHYS_HOST_IP, VPC_CIDR};
 use vpcnet_tests::probe::{self, WhoAmI};
-use vpcnet_tests::{Cluster, ClusterSpec};
 
 /// Rewrites every node's config file with `edit` applied to its `ipam` section, atomically (as a
 /// ConfigMap update lands), and waits until each daemon has applied topology `generation`.
@@ -56,15 +56,7 @@ fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
 
 #[test]
 fn blocks_subnets_and_routable_cidrs_change_without_a_restart_and_pods_keep_working() {
-    let mut c = Cluster::build(ClusterSpec {
-        nodes: 2,
-        cooldown_secs: 30,
-        dataplane: true,
-    })
-    .unwrap();
-    for i in 0..2 {
-        c.node_mut(i).start_daemon().unwrap();
-    }
+    let c = Cluster::started(2).unwrap();
     let pids: Vec<_> = (0..2).map(|i| c.node(i).daemon_pid()).collect();
     let a = c.add_pod(0, "x", "a").unwrap();
     let r = c.add_pod(1, "x", "r").unwrap();
@@ -161,13 +153,7 @@ fn blocks_subnets_and_routable_cidrs_change_without_a_restart_and_pods_keep_work
 
 #[test]
 fn an_invalid_topology_change_is_refused_and_the_one_in_force_stays() {
-    let mut c = Cluster::build(ClusterSpec {
-        nodes: 1,
-        cooldown_secs: 30,
-        dataplane: true,
-    })
-    .unwrap();
-    c.node_mut(0).start_daemon().unwrap();
+    let c = Cluster::started(1).unwrap();
     let a = c.add_pod(0, "x", "a").unwrap();
     let node = c.node(0);
     let mut config: Value =

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+use vpcnet_tests::Cluster;
 use vpcnet_tests::probe;
-use vpcnet_tests::{Cluster, ClusterSpec};
 
 /// Replaces the pinned `map` with an empty one of another layout, as an older release with a
 /// different record would have left it. The programs attached now keep the map they were loaded
@@ -37,15 +37,7 @@ fn pin_map_of_another_layout(pin_dir: &Path, map: &str, key: u32, value: u32) {
 
 #[test]
 fn an_upgrade_that_changes_the_endpoint_map_layout_loses_no_packet() {
-    let mut c = Cluster::build(ClusterSpec {
-        nodes: 2,
-        cooldown_secs: 30,
-        dataplane: true,
-    })
-    .unwrap();
-    for i in 0..2 {
-        c.node_mut(i).start_daemon().unwrap();
-    }
+    let mut c = Cluster::started(2).unwrap();
     let a = c.add_pod(0, "x", "a").unwrap();
     let b = c.add_pod(0, "x", "b").unwrap();
     let r = c.add_pod(1, "x", "r").unwrap();
