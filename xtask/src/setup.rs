@@ -17,6 +17,7 @@ const PACKAGES: &[&str] = &[
     "nftables",                    // masquerade of internet egress
     "procps",                      // sysctl
     "hyperfine",                   // plugin latency comparisons
+    "bpftool",                     // the upgrade test pins a map of another layout
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
