@@ -1,11 +1,10 @@
-//! Connects the service to the eBPF dataplane module.
+//! Connects the agent to the eBPF dataplane module.
 
+use crate::agent::{DataplaneEndpoint, Forwarding, ForwardingError};
 use crate::config::{DaemonConfig, EndpointAttach};
-use crate::service::{EndpointSpec, Forwarding};
 use anyhow::Context as _;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::OnceLock;
 use vpcnet_api::{CountersInfo, EndpointCounters};
 use vpcnet_dataplane::{
     AttachMode, Dataplane, DataplaneConfig, Endpoint, PolicyMode, StartOptions, SyncStats,
@@ -13,38 +12,30 @@ use vpcnet_dataplane::{
 use vpcnet_ipam::Ipam;
 use vpcnet_policy::Compiled;
 
-/// The dataplane behind the service's `Forwarding` port. The dataplane itself is `Sync` with its
-/// own locks; the port's `&mut self` methods just call its `&self` ones.
+/// The dataplane behind the agent's `Forwarding` port: `Sync` with its own locks, so the port
+/// just calls it.
 struct Ebpf {
     dp: Dataplane,
-    /// A copy of the applied policy for `applied_policy`, which must hand out a plain reference
-    /// while the dataplane keeps its mirror under the policy lock. Taken on demand (the service
-    /// asks once, when it seeds its compiler) and dropped by every sync.
-    applied: OnceLock<Compiled>,
 }
 
 impl Forwarding for Ebpf {
-    fn add_endpoint(&mut self, ep: &EndpointSpec) -> Result<(), String> {
-        self.dp
-            .add_endpoint(&Endpoint {
-                ip: ep.ip,
-                host_ifindex: ep.host_ifindex,
-                pod_mac: ep.pod_mac,
-                network_id: ep.network_id,
-            })
-            .map_err(|e| e.to_string())
+    fn add_endpoint(&self, ep: &DataplaneEndpoint<'_>) -> Result<(), ForwardingError> {
+        let wiring = ep.wiring();
+        Ok(self.dp.add_endpoint(&Endpoint {
+            ip: ep.ip(),
+            host_ifindex: wiring.host_ifindex,
+            pod_mac: wiring.pod_mac,
+            network_id: ep.network_id(),
+        })?)
     }
-    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), String> {
-        self.dp.remove_endpoint(ip).map_err(|e| e.to_string())
+    fn remove_endpoint(&self, ip: Ipv4Addr) -> Result<(), ForwardingError> {
+        Ok(self.dp.remove_endpoint(ip)?)
     }
-    fn endpoints(&self) -> Result<Vec<Ipv4Addr>, String> {
-        self.dp
-            .endpoints()
-            .map(|v| v.into_iter().map(|e| e.ip).collect())
-            .map_err(|e| e.to_string())
+    fn endpoints(&self) -> Result<Vec<Ipv4Addr>, ForwardingError> {
+        Ok(self.dp.endpoints()?.into_iter().map(|e| e.ip).collect())
     }
-    fn counters(&self) -> Result<CountersInfo, String> {
-        let c = self.dp.counters().map_err(|e| e.to_string())?;
+    fn counters(&self) -> Result<CountersInfo, ForwardingError> {
+        let c = self.dp.counters()?;
         Ok(CountersInfo {
             endpoints: c
                 .endpoints
@@ -59,7 +50,7 @@ impl Forwarding for Ebpf {
                 .collect(),
             drops: c.drops,
             node: c.node,
-            // Filled in by the service outside its lock: see `conntrack_entries`.
+            // Filled in by the agent from the pinned map: see `conntrack_pin`.
             conntrack: None,
         })
     }
@@ -75,8 +66,8 @@ impl Forwarding for Ebpf {
             }
         )
     }
-    fn health(&self) -> Result<(), String> {
-        self.dp.health().map_or(Ok(()), Err)
+    fn health(&self) -> Option<String> {
+        self.dp.health()
     }
     fn enforces_policy(&self) -> bool {
         self.dp.policy_mode() == PolicyMode::Enforce
@@ -84,25 +75,18 @@ impl Forwarding for Ebpf {
     fn conntrack_pin(&self) -> Option<std::path::PathBuf> {
         Some(self.dp.conntrack_pin())
     }
-    fn applied_policy(&self) -> Option<&Compiled> {
-        Some(
-            self.applied
-                .get_or_init(|| self.dp.applied_policy().clone()),
-        )
+    fn applied_policy(&self) -> Option<Compiled> {
+        Some(self.dp.applied_policy().clone())
     }
     fn apply_topology(
-        &mut self,
+        &self,
         networks: &[vpcnet_ipam::NetworkConfig],
         local_pod_cidrs: &[ipnetwork::IpNetwork],
-    ) -> Result<(), String> {
-        self.dp
-            .apply_topology(networks, local_pod_cidrs)
-            .map_err(|e| e.to_string())
+    ) -> Result<(), ForwardingError> {
+        Ok(self.dp.apply_topology(networks, local_pod_cidrs)?)
     }
-    fn sync_policy(&mut self, new: &Compiled) -> Result<SyncStats, String> {
-        // Also after a failed sync: the maps may hold part of the plan.
-        self.applied = OnceLock::new();
-        self.dp.sync_policy(new).map_err(|e| e.to_string())
+    fn sync_policy(&self, new: &Compiled) -> Result<SyncStats, ForwardingError> {
+        Ok(self.dp.sync_policy(new)?)
     }
 }
 
@@ -122,7 +106,7 @@ fn dataplane_config(config: &DaemonConfig, live: Vec<std::net::IpAddr>) -> Datap
 /// release that did not store its wiring (a store migrated from schema 1) takes its pod MAC from
 /// the pinned map's record, readable across record layouts (see `pinned_endpoints`). One without
 /// any known MAC is left out: its pod was never wired to the dataplane (the plugin's ADD failed
-/// before), and the service's reconcile handles it like a pod without an endpoint.
+/// before), and the agent's reconcile handles it like a pod without an endpoint.
 fn durable_endpoints(config: &DaemonConfig, ipam: &Ipam) -> anyhow::Result<Vec<Endpoint>> {
     let records = ipam.list().context("listing allocations")?;
     let pinned: BTreeMap<Ipv4Addr, Endpoint> = if records.iter().all(|r| r.wiring.is_some()) {
@@ -206,10 +190,7 @@ pub fn forwarding(config: &DaemonConfig, ipam: &Ipam) -> anyhow::Result<Box<dyn 
         recreated_maps = ?report.recreated_maps,
         "endpoints restored from the store"
     );
-    Ok(Box::new(Ebpf {
-        dp,
-        applied: OnceLock::new(),
-    }))
+    Ok(Box::new(Ebpf { dp }))
 }
 
 pub fn uninstall_node(config: &DaemonConfig) -> anyhow::Result<()> {

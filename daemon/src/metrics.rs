@@ -136,7 +136,7 @@ impl Metrics {
 }
 
 /// What /healthz reports: the daemon's one readiness verdict (the same one STATUS gives).
-pub type Health = Arc<dyn Fn() -> crate::service::Readiness + Send + Sync>;
+pub type Health = Arc<dyn Fn() -> crate::agent::Readiness + Send + Sync>;
 
 /// Scrapes and probes are occasional; beyond this many at once, connections are closed unanswered
 /// so a flood cannot take the file descriptors ADD needs.

@@ -1,12 +1,12 @@
 //! vpcnetd's life: open state, program the dataplane, serve, reconcile, and leave the dataplane
 //! forwarding when it stops.
 
+use crate::agent::{Agent, Forwarding, KernelRoutes};
 use crate::config::{DaemonConfig, DataplaneMode};
 use crate::links::NodeNetlink;
 use crate::metrics::Metrics;
-use crate::service::{Forwarding, KernelRoutes, Service};
 use anyhow::{Context as _, Result};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 use vpcnet_ipam::Ipam;
@@ -75,35 +75,28 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
         None => None,
     };
     let metrics = Arc::new(Metrics::default());
-    let service = Arc::new(Service {
-        ipam,
-        policy,
-        fwd: Mutex::new(fwd),
-        config: config.clone(),
-        metrics: metrics.clone(),
-        mtu,
-        policy_sync: Default::default(),
-        policy_dirty: tokio::sync::Notify::new(),
-        policy_requests: Default::default(),
-        release_queue_lock: Default::default(),
-    });
+    let mut agent = Agent::new(config.clone(), ipam, fwd, mtu).with_metrics(metrics.clone());
+    if let Some(source) = policy {
+        agent = agent.with_state_source(source);
+    }
+    let agent = Arc::new(agent);
 
     // Before serving: queued releases first (their addresses were freed by pods that are gone), then
     // the leak check, so the first ADD sees the true state.
-    let s = service.clone();
-    tokio::task::spawn_blocking(move || s.replay_release_queue()).await?;
-    reconcile_once(&service, &netlink).await;
+    let a = agent.clone();
+    tokio::task::spawn_blocking(move || a.replay_release_queue()).await?;
+    reconcile_once(&agent, &netlink).await;
     // The pinned maps kept enforcing the previous policy; bring them to the current state before
     // the first ADD, then follow every change.
-    sync_policy_once(&service).await;
-    if let Some(source) = service.policy.clone() {
-        let s = service.clone();
+    sync_policy_once(&agent).await;
+    if let Some(source) = agent.state_source().cloned() {
+        let s = agent.clone();
         tokio::spawn(async move {
             let mut states = source.subscribe();
             loop {
                 tokio::select! {
                     changed = states.changed() => if changed.is_err() { return },
-                    _ = s.policy_dirty.notified() => {}
+                    () = s.policy_dirty() => {}
                 }
                 sync_policy_once(&s).await;
             }
@@ -112,25 +105,25 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
 
     // The topology follows the config file live: the file may have changed since it was read.
     let topology = crate::topology::ConfigFile::new(config_path, config.clone());
-    service
-        .metrics
+    agent
+        .metrics()
         .topology_generation
         .set(crate::topology::TopologySource::current(&*topology).generation as i64);
     let _topology_watch = topology.spawn_watcher(Duration::from_secs(1));
     tokio::spawn(crate::topology::follow(
-        service.clone(),
+        agent.clone(),
         topology.clone() as Arc<dyn crate::topology::TopologySource>,
     ));
 
     let listener = crate::server::bind(&config.socket)
         .with_context(|| format!("binding {}", config.socket.display()))?;
     info!(socket = %config.socket.display(), "serving");
-    let server = crate::server::Server::start(listener, config.socket.clone(), service.clone());
+    let server = crate::server::Server::start(listener, config.socket.clone(), agent.clone());
 
     if let Some(addr) = config.metrics_addr.clone() {
         let registry = Arc::new(metrics.registry());
-        let s = service.clone();
-        let health: crate::metrics::Health = Arc::new(move || s.readiness());
+        let a = agent.clone();
+        let health: crate::metrics::Health = Arc::new(move || a.readiness());
         // Not fatal: pods need the socket, not the metrics (readiness comes from STATUS too).
         match tokio::net::TcpListener::bind(&addr).await {
             Ok(listener) => {
@@ -148,11 +141,11 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let s = service.clone();
-                let _ = tokio::task::spawn_blocking(move || s.replay_release_queue()).await;
-                reconcile_once(&service, &netlink).await;
+                let a = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || a.replay_release_queue()).await;
+                reconcile_once(&agent, &netlink).await;
                 // Also retries a sync that failed, and catches anything a notification missed.
-                sync_policy_once(&service).await;
+                sync_policy_once(&agent).await;
             }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
@@ -225,11 +218,11 @@ pub fn log_colours() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-async fn sync_policy_once(service: &Arc<Service>) {
-    if service.policy.is_none() {
+async fn sync_policy_once(agent: &Arc<Agent>) {
+    if agent.state_source().is_none() {
         return;
     }
-    let s = service.clone();
+    let s = agent.clone();
     let result = tokio::task::spawn_blocking(move || {
         let r = s.sync_policy();
         trim_heap();
@@ -245,7 +238,7 @@ async fn sync_policy_once(service: &Arc<Service>) {
     }
 }
 
-async fn reconcile_once(service: &Arc<Service>, netlink: &NodeNetlink) {
+async fn reconcile_once(agent: &Arc<Agent>, netlink: &NodeNetlink) {
     let links = match netlink.link_names().await {
         Ok(l) => l,
         Err(e) => {
@@ -253,13 +246,13 @@ async fn reconcile_once(service: &Arc<Service>, netlink: &NodeNetlink) {
             return;
         }
     };
-    let s = service.clone();
+    let a = agent.clone();
     match tokio::task::spawn_blocking(move || {
-        let r = s.reconcile(&links);
-        if let Ok(list) = s.ipam.list() {
-            s.metrics.live_allocations.set(list.len() as i64);
+        let r = a.reconcile(&links);
+        if let Ok(list) = a.ipam().list() {
+            a.metrics().live_allocations.set(list.len() as i64);
         }
-        s.refresh_dataplane_metrics();
+        a.refresh_dataplane_metrics();
         r
     })
     .await

@@ -8,7 +8,7 @@
 //! and requests beyond [`SMALL_LINE`] (only a GC of a busy node is that large) are read
 //! [`LARGE_SLOTS`] at a time.
 
-use crate::service::Service;
+use crate::agent::Agent;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -102,11 +102,11 @@ pub struct Server {
 
 impl Server {
     /// Serves `listener` (bound at `path`) until [`Server::shutdown`].
-    pub fn start(listener: UnixListener, path: PathBuf, service: Arc<Service>) -> Server {
+    pub fn start(listener: UnixListener, path: PathBuf, agent: Arc<Agent>) -> Server {
         let (stop, stopping) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let shared = Shared {
-            service,
+            agent,
             slots: slots.clone(),
             large: Arc::new(Semaphore::new(LARGE_SLOTS)),
             stopping,
@@ -136,7 +136,7 @@ impl Server {
 
 #[derive(Clone)]
 struct Shared {
-    service: Arc<Service>,
+    agent: Arc<Agent>,
     slots: Arc<Semaphore>,
     large: Arc<Semaphore>,
     stopping: watch::Receiver<bool>,
@@ -231,22 +231,23 @@ async fn connection(stream: UnixStream, shared: &Shared) -> std::io::Result<()> 
             Incoming::Done => return Ok(()),
         };
         let large = slot.is_some();
-        shared.service.metrics.requests.inc();
+        shared.agent.metrics().requests.inc();
         // Version 1 is still decoded (and answered in its shapes): a plugin binary of the
         // previous release keeps working while a node is upgraded.
         let (version, body) = match vpcnet_api::decode_request(&line) {
             Ok(req) => {
                 drop(line);
                 let version = req.version;
-                let service = shared.service.clone();
-                let body = tokio::task::spawn_blocking(move || service.handle(req.body))
-                    .await
-                    .unwrap_or_else(|e| {
-                        ResponseBody::Error(ApiError::new(
-                            code::INTERNAL,
-                            format!("request handler failed: {e}"),
-                        ))
-                    });
+                let agent = shared.agent.clone();
+                let body =
+                    tokio::task::spawn_blocking(move || crate::wire::handle(&agent, req.body))
+                        .await
+                        .unwrap_or_else(|e| {
+                            ResponseBody::Error(ApiError::new(
+                                code::INTERNAL,
+                                format!("request handler failed: {e}"),
+                            ))
+                        });
                 (version, body)
             }
             Err(e) => (

@@ -7,6 +7,7 @@
 //! [`TopologySource`]. A topology that fails validation is reported and never published: the one
 //! in force stays, because half a topology would strand pods or open routes.
 
+use crate::agent::Agent;
 use crate::config::DaemonConfig;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash as _, Hasher as _};
@@ -219,9 +220,9 @@ pub fn local_pod_cidrs(
     out
 }
 
-fn live_ips(service: &crate::service::Service) -> Result<Vec<std::net::IpAddr>, String> {
-    Ok(service
-        .ipam
+fn live_ips(agent: &Agent) -> Result<Vec<std::net::IpAddr>, String> {
+    Ok(agent
+        .ipam()
         .list()
         .map_err(|e| format!("IPAM: {e}"))?
         .iter()
@@ -234,26 +235,26 @@ fn live_ips(service: &crate::service::Service) -> Result<Vec<std::net::IpAddr>, 
 /// is routed before IPAM hands out its first address), then IPAM switches (a removed block is
 /// never handed out again), then the dataplane drops the routes of removed blocks — keeping a
 /// host route for each live endpoint outside the new blocks, which works until its pod goes.
-pub fn apply(service: &crate::service::Service, topology: &Topology) -> Result<(), String> {
-    let node = &service.config.node;
+pub fn apply(agent: &Agent, topology: &Topology) -> Result<(), String> {
+    let node = &agent.config().node;
     let networks = &topology.ipam.networks;
-    let live = live_ips(service)?;
-    let mut union = local_pod_cidrs(&service.ipam.config(), node, live.iter().copied());
+    let live = live_ips(agent)?;
+    let mut union = local_pod_cidrs(&agent.ipam().config(), node, live.iter().copied());
     union.extend(local_pod_cidrs(&topology.ipam, node, live));
     union.sort();
     union.dedup();
-    service
-        .lock_fwd()
+    agent
+        .forwarding()
         .apply_topology(networks, &union)
         .map_err(|e| format!("dataplane: {e}"))?;
-    let change = service
-        .ipam
+    let change = agent
+        .ipam()
         .apply_topology(topology.ipam.clone())
         .map_err(|e| format!("IPAM: {e}"))?;
     // Read again: an ADD may have allocated from a removed block just before the switch.
-    let keep = local_pod_cidrs(&topology.ipam, node, live_ips(service)?);
-    service
-        .lock_fwd()
+    let keep = local_pod_cidrs(&topology.ipam, node, live_ips(agent)?);
+    agent
+        .forwarding()
         .apply_topology(networks, &keep)
         .map_err(|e| format!("dataplane: {e}"))?;
     tracing::info!(generation = topology.generation, change = ?change, "topology applied");
@@ -262,16 +263,16 @@ pub fn apply(service: &crate::service::Service, topology: &Topology) -> Result<(
 
 /// Applies every topology `source` publishes until the daemon stops. A topology that cannot be
 /// applied is reported and retried with the next change; what was applied stays in force.
-pub async fn follow(service: Arc<crate::service::Service>, source: Arc<dyn TopologySource>) {
+pub async fn follow(agent: Arc<Agent>, source: Arc<dyn TopologySource>) {
     let mut rx = source.subscribe();
     while rx.changed().await.is_ok() {
         let topology = rx.borrow_and_update().clone();
-        let s = service.clone();
+        let s = agent.clone();
         let applied =
             tokio::task::spawn_blocking(move || apply(&s, &topology).map(|()| topology)).await;
         match applied {
             Ok(Ok(t)) => {
-                service.metrics.topology_generation.set(t.generation as i64);
+                agent.metrics().topology_generation.set(t.generation as i64);
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "topology not applied; the previous one stays in force")

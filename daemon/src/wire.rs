@@ -1,8 +1,61 @@
-//! The socket edge: IPAM's types and errors in the wire protocol's terms. IPAM knows nothing of
-//! the protocol or of CNI error codes; this is the one place they meet.
+//! The socket edge: the agent's and IPAM's types and errors in the wire protocol's terms.
+//! Neither knows the protocol's shapes or CNI error codes; this is the one place they meet.
 
-use vpcnet_api::{self as api, ApiError, code};
+use crate::agent::{Agent, AgentError};
+use vpcnet_api::{self as api, ApiError, RequestBody, ResponseBody, code};
 use vpcnet_ipam::{self as ipam, IpamError};
+
+/// Serves one decoded request (blocking: see [`Agent`]).
+pub fn handle(agent: &Agent, body: RequestBody) -> ResponseBody {
+    let mtu = agent.mtu();
+    let result = match body {
+        RequestBody::Allocate(req) => agent
+            .allocate(&req)
+            .map(|ep| ResponseBody::Allocated(allocation(&ep, mtu))),
+        RequestBody::EndpointReady(req) => agent.endpoint_ready(&req).map(|()| ResponseBody::Ok),
+        RequestBody::Release { key: k } => {
+            agent.release(&key(&k)).map(|ep| ResponseBody::Released {
+                allocation: ep.map(|ep| allocation(&ep, mtu)),
+            })
+        }
+        RequestBody::Check(req) => agent.check(&req).map(|()| ResponseBody::Ok),
+        RequestBody::Gc(req) => agent.gc(&req).map(|released| ResponseBody::GcDone {
+            released: released.iter().map(|ep| allocation(ep, mtu)).collect(),
+        }),
+        RequestBody::Status => agent.status().map(ResponseBody::Status),
+        RequestBody::List => agent.list().map(|l| ResponseBody::List {
+            allocations: l.iter().map(|ep| allocation(ep, mtu)).collect(),
+        }),
+        RequestBody::Policy { namespace, name } => agent
+            .explain_policy(&namespace, &name)
+            .map(|text| ResponseBody::Text { text }),
+        RequestBody::Counters => agent.counters().map(ResponseBody::Counters),
+    };
+    result.unwrap_or_else(|e| ResponseBody::Error(agent_error(&e)))
+}
+
+/// The CNI error code and message the plugin reports for an agent error.
+pub fn agent_error(e: &AgentError) -> ApiError {
+    let code = match e {
+        AgentError::Ipam(e) => return ipam_error(e),
+        // Transient: the runtime retries the ADD once the state is there.
+        AgentError::NotSynced(_) => code::TRY_AGAIN_LATER,
+        AgentError::BadAnnotation { .. }
+        | AgentError::NoClusterState
+        | AgentError::ClusterState(_)
+        | AgentError::NoStateToEnforce(_) => code::INVALID_CONFIG,
+        AgentError::TooManyStaticIps(_) | AgentError::Ipv6Only { .. } => code::UNSUPPORTED_FIELD,
+        AgentError::UnknownAttachment(_) | AgentError::Explain(_) => code::UNKNOWN_CONTAINER,
+        AgentError::AddressMismatch { .. } => code::INTERNAL,
+        AgentError::CheckMismatch { .. } | AgentError::CheckUnknown(_) => code::CHECK_FAILED,
+        AgentError::Dataplane { .. } => code::DATAPLANE,
+        AgentError::GcIncomplete { failed, .. } => {
+            let each: Vec<String> = failed.iter().map(|f| agent_error(f).msg).collect();
+            return ApiError::new(code::DATAPLANE, e.to_string()).with_details(each.join("; "));
+        }
+    };
+    ApiError::new(code, e.to_string())
+}
 
 /// The CNI error code and message the plugin reports for an IPAM error.
 pub fn ipam_error(e: &IpamError) -> ApiError {
@@ -146,12 +199,11 @@ mod tests {
 /// while a node is upgraded.
 #[cfg(test)]
 mod upgrade_tests {
+    use crate::agent::{Agent, KernelRoutes};
     use crate::config::DaemonConfig;
-    use crate::metrics::Metrics;
-    use crate::service::{Forwarding, KernelRoutes, Service};
     use serde_json::Value;
     use std::io::{BufRead, BufReader, Write};
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     use std::time::Duration;
     use vpcnet_ipam::{Ipam, Lifecycle, Wiring};
 
@@ -179,21 +231,14 @@ mod upgrade_tests {
         let config = DaemonConfig::load(&path).unwrap();
         let ipam =
             Arc::new(Ipam::open(&dir.path().join("ipam.redb"), config.ipam.clone(), "n1").unwrap());
-        let fwd: Box<dyn Forwarding> = Box::new(KernelRoutes);
-        let service = Arc::new(Service {
-            ipam: ipam.clone(),
-            policy: None,
-            fwd: Mutex::new(fwd),
-            config: config.clone(),
-            metrics: Arc::new(Metrics::default()),
-            mtu: 1400,
-            policy_sync: Default::default(),
-            policy_dirty: tokio::sync::Notify::new(),
-            policy_requests: Default::default(),
-            release_queue_lock: Default::default(),
-        });
+        let agent = Arc::new(Agent::new(
+            config.clone(),
+            ipam.clone(),
+            Box::new(KernelRoutes),
+            1400,
+        ));
         let listener = crate::server::bind(&config.socket).unwrap();
-        let server = crate::server::Server::start(listener, config.socket.clone(), service);
+        let server = crate::server::Server::start(listener, config.socket.clone(), agent);
         let socket = config.socket.clone();
         tokio::task::spawn_blocking(move || {
             let key = r#""key":{"container_id":"old","ifname":"eth0"}"#;
