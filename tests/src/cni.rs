@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use std::io::{Read, Write as _};
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -110,8 +111,8 @@ pub fn exec_plugin(node_ns: &Netns, plugin: &str, env: &CniEnv, stdin: &str) -> 
 /// Runs a CNI plugin as a runtime does, inside `node_ns`: an environment holding only `PATH` and
 /// `vars` (so a test can leave a variable out, or give it any value), `stdin` written from a
 /// thread of its own (a plugin may exit before reading it, or read it only after writing).
-/// With a `limit`, a plugin still running after it is killed and the run is an error that
-/// carries what it printed: a hang must fail a test, not stall it.
+/// With a `limit`, a plugin still running after it is killed (with every process it started)
+/// and the run is an error that carries what it printed: a hang must fail a test, not stall it.
 pub fn run_plugin(
     node_ns: &Netns,
     program: &Path,
@@ -120,8 +121,13 @@ pub fn run_plugin(
     limit: Option<Duration>,
 ) -> Result<CniOutput> {
     let start = Instant::now();
-    let mut child = node_ns
-        .command(program)?
+    let mut cmd = node_ns.command(program)?;
+    if limit.is_some() {
+        // A group of its own, so the kill at the limit reaches whatever the plugin started too
+        // (a delegated plugin holding the output pipes open would stall the run).
+        cmd.process_group(0);
+    }
+    let mut child = cmd
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .envs(vars.iter().copied())
@@ -156,6 +162,8 @@ pub fn run_plugin(
                 break Some(status);
             }
             if start.elapsed() > limit {
+                // SAFETY: signals the process group of our own child, which it leads.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;
@@ -299,4 +307,35 @@ fn md5ish(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // `sh` reads its script from stdin: a stand-in plugin that shows what the runner gave it.
+    const SH: &str = "/bin/sh";
+
+    #[test]
+    fn runs_with_only_the_given_environment_and_reports_what_it_printed() {
+        let ns = Netns::fresh("r").unwrap();
+        let script = b"echo \"$CNI_COMMAND ${HOME:-nohome}\"; echo oops >&2; exit 3";
+        let out = run_plugin(&ns, Path::new(SH), &[("CNI_COMMAND", "ADD")], script, None).unwrap();
+        assert!(!out.success);
+        assert_eq!(out.exit_code, Some(3));
+        assert_eq!(out.stdout, "ADD nohome\n");
+        assert_eq!(out.stderr, "oops\n");
+    }
+
+    #[test]
+    fn a_plugin_past_its_limit_is_killed_and_the_run_fails() {
+        let ns = Netns::fresh("r").unwrap();
+        let limit = Duration::from_millis(200);
+        let started = Instant::now();
+        let err = run_plugin(&ns, Path::new(SH), &[], b"sleep 5", Some(limit)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3), "not killed");
+        assert!(err.to_string().contains("still running"), "{err:#}");
+        let out = run_plugin(&ns, Path::new(SH), &[], b"echo ok", Some(limit)).unwrap();
+        assert!(out.success && out.stdout == "ok\n", "{out:?}");
+    }
 }

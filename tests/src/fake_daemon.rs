@@ -249,3 +249,67 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use vpcnet_api::{AllocateRequest, PodRef};
+
+    fn allocate(socket: &Path, container_id: &str) -> ResponseBody {
+        let req = AllocateRequest {
+            key: AttachmentKey {
+                container_id: container_id.into(),
+                ifname: "eth0".into(),
+            },
+            pod: PodRef::default(),
+            network: None,
+            static_ips: vec![],
+            host_veth: "vpc0".into(),
+            netns: String::new(),
+        };
+        vpcnet_api::call(socket, RequestBody::Allocate(req), Duration::from_secs(2)).unwrap()
+    }
+
+    #[test]
+    fn allocates_in_order_answers_again_the_same_and_releases() {
+        let dir = std::env::temp_dir().join(crate::netns::run_prefix());
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut d = FakeDaemon::start(&dir).unwrap();
+        let ip = |r: ResponseBody| match r {
+            ResponseBody::Allocated(a) => a.ips[0].address,
+            other => panic!("{other:?}"),
+        };
+        let v4 = |d: u8| std::net::IpAddr::from(Ipv4Addr::new(10, 77, 0, d));
+        assert_eq!(ip(allocate(&d.socket, "a")), v4(10));
+        assert_eq!(ip(allocate(&d.socket, "b")), v4(11));
+        assert_eq!(ip(allocate(&d.socket, "a")), v4(10));
+        assert_eq!(d.allocations(), 2);
+        d.set(|b| b.release_error = Some(ApiError::new(5, "no")));
+        let key = AttachmentKey {
+            container_id: "a".into(),
+            ifname: "eth0".into(),
+        };
+        let release = |d: &FakeDaemon| {
+            vpcnet_api::call(
+                &d.socket,
+                RequestBody::Release { key: key.clone() },
+                Duration::from_secs(2),
+            )
+            .unwrap()
+        };
+        assert!(matches!(release(&d), ResponseBody::Error(_)));
+        d.set(|b| b.release_error = None);
+        assert!(matches!(
+            release(&d),
+            ResponseBody::Released {
+                allocation: Some(_)
+            }
+        ));
+        assert_eq!(d.allocations(), 1);
+        assert_eq!(d.requests().len(), 5);
+        d.stop();
+        assert!(!d.socket.exists(), "a stopped daemon's socket is gone");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
