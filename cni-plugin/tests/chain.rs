@@ -76,8 +76,8 @@ fn first_in_a_chain_with_tuning_bandwidth_portmap() {
         let vars = f.env("ADD", cid);
         let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let out = run_plugin(&program(plugin), &f.node, &vars, &conf);
-        assert!(out.ok(), "{} ADD failed: {out:?}", plugin["type"]);
-        prev = Some(out.json());
+        assert!(out.success, "{} ADD failed: {out:?}", plugin["type"]);
+        prev = Some(out.json().unwrap());
     }
     let result = prev.unwrap();
     assert_eq!(result["ips"][0]["address"], "10.77.0.10/32");
@@ -91,15 +91,17 @@ fn first_in_a_chain_with_tuning_bandwidth_portmap() {
     let somaxconn = f
         .pod
         .command("cat")
+        .unwrap()
         .arg("/proc/sys/net/core/somaxconn")
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&somaxconn.stdout).trim(), "1234");
-    let qdisc = f.node.ip(&["-o", "link", "show"]);
+    let qdisc = f.node.ip(&["-o", "link", "show"]).unwrap();
     assert!(qdisc.contains("bwp"), "bandwidth's ifb is missing: {qdisc}");
     let nat = f
         .node
         .command("iptables")
+        .unwrap()
         .args(["-t", "nat", "-S"])
         .output()
         .unwrap();
@@ -114,7 +116,7 @@ fn first_in_a_chain_with_tuning_bandwidth_portmap() {
         let vars = f.env("CHECK", cid);
         let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let out = run_plugin(&program(plugin), &f.node, &vars, &conf);
-        assert!(out.ok(), "{} CHECK failed: {out:?}", plugin["type"]);
+        assert!(out.success, "{} CHECK failed: {out:?}", plugin["type"]);
     }
 
     // DEL in reverse.
@@ -123,11 +125,11 @@ fn first_in_a_chain_with_tuning_bandwidth_portmap() {
         let vars = f.env("DEL", cid);
         let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let out = run_plugin(&program(plugin), &f.node, &vars, &conf);
-        assert!(out.ok(), "{} DEL failed: {out:?}", plugin["type"]);
+        assert!(out.success, "{} DEL failed: {out:?}", plugin["type"]);
     }
     assert!(!f.node.has_link(&veth));
     assert!(!f.pod.has_link("eth0"));
-    let links = f.node.ip(&["-o", "link", "show"]);
+    let links = f.node.ip(&["-o", "link", "show"]).unwrap();
     assert!(!links.contains("bwp"), "{links}");
     assert_eq!(f.daemon.allocations(), 0);
 }

@@ -306,6 +306,7 @@ fn case() -> impl Strategy<Value = Case> {
 
 fn vpc_links(ns: &Netns) -> usize {
     ns.ip(&["-o", "link", "show"])
+        .unwrap()
         .lines()
         .filter(|l| l.contains(": vpc"))
         .count()
@@ -355,8 +356,8 @@ impl World {
             vars.push(("CNI_ARGS", a.clone()));
         }
         let netns = match &case.netns {
-            NetnsPick::Pod => Some(self.f.pod.path()),
-            NetnsPick::Node => Some(self.f.node.path()),
+            NetnsPick::Pod => Some(self.f.pod.path_string()),
+            NetnsPick::Node => Some(self.f.node.path_string()),
             NetnsPick::SelfNs => Some("/proc/self/ns/net".into()),
             NetnsPick::Fifo => Some(self.fifo.clone()),
             NetnsPick::PlainFile => Some(self.plain.clone()),
@@ -386,7 +387,7 @@ impl World {
                 "other".into()
             };
             let e = o.entry(verb).or_default();
-            if out.ok() {
+            if out.success {
                 e.0 += 1;
             } else {
                 e.1 += 1;
@@ -399,7 +400,7 @@ impl World {
             "{} bytes of output",
             out.stdout.len()
         );
-        if out.ok() {
+        if out.success {
             let text = out.stdout.trim();
             match case.command.as_str() {
                 "ADD" => {
@@ -486,9 +487,9 @@ fn random_input_gets_spec_answers_in_bounded_time_and_leaks_nothing() {
         vpc_links(&f.node),
         0,
         "{}",
-        f.node.ip(&["-o", "link", "show"])
+        f.node.ip(&["-o", "link", "show"]).unwrap()
     );
-    let pod_links = f.pod.ip(&["-o", "link", "show"]);
+    let pod_links = f.pod.ip(&["-o", "link", "show"]).unwrap();
     assert_eq!(pod_links.lines().count(), 1, "only lo is left: {pod_links}");
     assert_eq!(f.daemon.allocations(), 0, "allocations left at the daemon");
 }

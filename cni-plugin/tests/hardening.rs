@@ -22,7 +22,7 @@ fn host_veth(result: &Value) -> String {
 }
 
 fn no_vpcnet_links(ns: &Netns) {
-    let links = ns.ip(&["-o", "link", "show"]);
+    let links = ns.ip(&["-o", "link", "show"]).unwrap();
     assert!(!links.contains("vpc"), "{links}");
 }
 
@@ -105,18 +105,22 @@ fn repeated_add_is_refused_and_leaves_the_live_attachment_intact() {
     let f = Fixture::new();
     let conf = f.conf("1.0.0", Value::Null);
     let (out, _) = run_timed(&f, &f.env("ADD", "c0ffee40"), &conf, LIMIT);
-    let r = out.expect_ok().json();
+    let r = out.expect_ok().json().unwrap();
     let veth = host_veth(&r);
     // What a chained plugin (tuning, bandwidth…) may have added: it must survive too.
-    f.pod.ip(&["addr", "add", "192.0.2.99/32", "dev", "eth0"]);
+    f.pod
+        .ip(&["addr", "add", "192.0.2.99/32", "dev", "eth0"])
+        .unwrap();
     let snapshot = || {
         (
-            f.pod.ip(&["-o", "link", "show", "dev", "eth0"]),
-            f.pod.ip(&["-o", "-4", "addr", "show", "dev", "eth0"]),
-            f.pod.ip(&["-4", "route", "show"]),
-            f.pod.ip(&["-4", "neigh", "show", "dev", "eth0"]),
-            f.node.ip(&["-o", "link", "show", "dev", &veth]),
-            f.node.ip(&["-4", "route", "show"]),
+            f.pod.ip(&["-o", "link", "show", "dev", "eth0"]).unwrap(),
+            f.pod
+                .ip(&["-o", "-4", "addr", "show", "dev", "eth0"])
+                .unwrap(),
+            f.pod.ip(&["-4", "route", "show"]).unwrap(),
+            f.pod.ip(&["-4", "neigh", "show", "dev", "eth0"]).unwrap(),
+            f.node.ip(&["-o", "link", "show", "dev", &veth]).unwrap(),
+            f.node.ip(&["-4", "route", "show"]).unwrap(),
         )
     };
     let before = snapshot();
@@ -152,16 +156,18 @@ fn add_replaces_a_pod_interface_left_without_its_address() {
     let r = run_timed(&f, &f.env("ADD", "c0ffee41"), &conf, LIMIT)
         .0
         .expect_ok()
-        .json();
+        .json()
+        .unwrap();
     // An ADD that died after creating the pair but before addressing the pod end.
-    f.pod.ip(&["addr", "flush", "dev", "eth0"]);
+    f.pod.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
     let r2 = run_timed(&f, &f.env("ADD", "c0ffee41"), &conf, LIMIT)
         .0
         .expect_ok()
-        .json();
+        .json()
+        .unwrap();
     assert_eq!(host_veth(&r2), host_veth(&r));
     assert_eq!(r2["ips"][0]["address"], "10.77.0.10/32");
-    let addr = f.pod.ip(&["-4", "addr", "show", "dev", "eth0"]);
+    let addr = f.pod.ip(&["-4", "addr", "show", "dev", "eth0"]).unwrap();
     assert!(addr.contains("inet 10.77.0.10/32"), "{addr}");
     assert_eq!(f.daemon.allocations(), 1);
 }
@@ -175,14 +181,14 @@ fn add_and_check_into_the_plugins_own_namespace_are_refused() {
     let conf = f.conf("1.0.0", Value::Null);
     let node_state = || {
         (
-            f.node.ip(&["-o", "link", "show"]),
-            f.node.ip(&["-o", "-4", "addr", "show"]),
-            f.node.ip(&["-4", "route", "show"]),
+            f.node.ip(&["-o", "link", "show"]).unwrap(),
+            f.node.ip(&["-o", "-4", "addr", "show"]).unwrap(),
+            f.node.ip(&["-4", "route", "show"]).unwrap(),
         )
     };
     let before = node_state();
     // The node's namespace by its bind mount, and by the path that always names one's own.
-    for netns in [f.node.path(), "/proc/self/ns/net".to_string()] {
+    for netns in [f.node.path_string(), "/proc/self/ns/net".to_string()] {
         let mut vars = f.env("ADD", "c0ffee42");
         set_var(&mut vars, "CNI_NETNS", &netns);
         let (out, _) = run_timed(&f, &vars, &conf, LIMIT);
@@ -253,7 +259,7 @@ fn a_daemon_that_trickles_bytes_is_cut_off_by_the_watchdog() {
     let msg = out.expect_error(code::TRY_AGAIN_LATER as u64);
     eprintln!("trickling daemon: ADD failed after {took:?}: {msg}");
     assert!(msg.contains("allocate"), "names what it waited for: {msg}");
-    assert_eq!(out.json()["cniVersion"], "1.0.0");
+    assert_eq!(out.json().unwrap()["cniVersion"], "1.0.0");
     assert!(
         took >= Duration::from_secs(19) && took < Duration::from_secs(25),
         "{took:?}"
@@ -281,15 +287,15 @@ fn add_against_a_stuck_daemon_fails_in_seconds_and_leaves_no_veth() {
 // ---------------------------------------------------------------------------------------------
 // Item 16: errors stay small whatever the input.
 
-fn assert_small_spec_error(out: &Out, what: &str) {
-    assert_ne!(out.code, Some(0), "{what}: expected failure");
+fn assert_small_spec_error(out: &CniOutput, what: &str) {
+    assert_ne!(out.exit_code, Some(0), "{what}: expected failure");
     // msg and details are bounded to MAX_MESSAGE each; the rest is the JSON around them.
     assert!(
         out.stdout.len() < 2 * vpcnet_api::MAX_MESSAGE + 256,
         "{what}: {} bytes of error",
         out.stdout.len()
     );
-    let v = out.json();
+    let v = out.json().unwrap();
     assert!(v["cniVersion"].is_string(), "{what}: {v}");
     assert!(v["code"].is_u64(), "{what}: {v}");
     assert!(v["msg"].is_string(), "{what}: {v}");
@@ -348,7 +354,7 @@ fn huge_inputs_give_small_spec_errors() {
     let stdin = f.conf("1.0.0", json!({ "socket": socket, "network": huge }));
     let (out, _) = run_timed(&f, &f.env("ADD", "c0ffee46"), &stdin, LIMIT);
     assert_small_spec_error(&out, "network");
-    assert_eq!(out.json()["code"], code::UNKNOWN_NETWORK);
+    assert_eq!(out.json().unwrap()["code"], code::UNKNOWN_NETWORK);
     stop.store(true, Ordering::SeqCst);
     no_vpcnet_links(&f.node);
 }
@@ -470,7 +476,8 @@ fn shipped_conflists_use_a_version_todays_runtimes_accept() {
         let v = run_timed(&f, &f.env("VERSION", &id), conf.to_string(), LIMIT)
             .0
             .expect_ok()
-            .json();
+            .json()
+            .unwrap();
         assert!(
             v["supportedVersions"]
                 .as_array()
@@ -481,12 +488,13 @@ fn shipped_conflists_use_a_version_todays_runtimes_accept() {
         let r = run_timed(&f, &f.env("ADD", &id), conf.to_string(), LIMIT)
             .0
             .expect_ok()
-            .json();
+            .json()
+            .unwrap();
         // The 1.0.0 result format: no per-address "version", no interface MTU (1.1.0 only).
         assert_eq!(r["cniVersion"], json!(version));
         assert!(r["ips"][0].get("version").is_none(), "{r}");
         assert!(r["interfaces"][1].get("mtu").is_none(), "{r}");
-        assert_eq!(r["interfaces"][1]["sandbox"], f.pod.path());
+        assert_eq!(r["interfaces"][1]["sandbox"], f.pod.path_string());
         assert_eq!(r["ips"][0]["interface"], 1);
         conf["prevResult"] = r;
         run_timed(&f, &f.env("CHECK", &id), conf.to_string(), LIMIT)

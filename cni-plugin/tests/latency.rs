@@ -47,7 +47,7 @@ fn measure(
     iters: usize,
 ) -> (Vec<Duration>, Vec<Duration>) {
     let (mut adds, mut dels) = (Vec::new(), Vec::new());
-    let netns = pod.path();
+    let netns = pod.path_string();
     for i in 0..iters {
         let cid = format!("{tag}{i:05}");
         let vars = |cmd: &'static str| {
@@ -65,15 +65,15 @@ fn measure(
         let t = Instant::now();
         let out = run_plugin(program, node, &vars("ADD"), conf);
         adds.push(t.elapsed());
-        assert!(out.ok(), "{tag} ADD {i}: {out:?}");
-        let prev: Value = out.json();
+        assert!(out.success, "{tag} ADD {i}: {out:?}");
+        let prev: Value = out.json().unwrap();
         let mut del_conf: Value = serde_json::from_str(conf).unwrap();
         del_conf["prevResult"] = prev;
         let del_conf = del_conf.to_string();
         let t = Instant::now();
         let out = run_plugin(program, node, &vars("DEL"), &del_conf);
         dels.push(t.elapsed());
-        assert!(out.ok(), "{tag} DEL {i}: {out:?}");
+        assert!(out.success, "{tag} DEL {i}: {out:?}");
     }
     (adds, dels)
 }
@@ -93,8 +93,8 @@ fn add_del_latency_against_reference_bridge() {
         std::path::Path::new(&bridge).exists(),
         "{bridge} is missing: install containernetworking-plugins for the reference measurement"
     );
-    let ref_node = Netns::new("n");
-    let ref_pod = Netns::new("p");
+    let ref_node = netns("n");
+    let ref_pod = netns("p");
     let data = TempDir::new();
     let ref_conf = json!({
         "cniVersion": "1.0.0",

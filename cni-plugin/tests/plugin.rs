@@ -16,10 +16,10 @@ fn host_veth(result: &Value) -> String {
 
 #[test]
 fn version_lists_supported_versions() {
-    let node = Netns::new("n");
+    let node = netns("n");
     let out = run_plugin(PLUGIN, &node, &[("CNI_COMMAND", "VERSION")], "");
     out.expect_ok();
-    let v = out.json();
+    let v = out.json().unwrap();
     let versions: Vec<&str> = v["supportedVersions"]
         .as_array()
         .unwrap()
@@ -48,13 +48,13 @@ fn add_wires_the_pod_then_check_then_del_twice() {
         "stderr must stay quiet: {}",
         out.stderr
     );
-    let r = out.json();
+    let r = out.json().unwrap();
     let veth = host_veth(&r);
     assert_eq!(r["cniVersion"], "1.1.0");
     assert!(veth.starts_with("vpc") && veth.len() <= 15, "{veth}");
     assert_eq!(r["interfaces"][0]["mac"], "ee:ee:ee:ee:ee:ee");
     assert_eq!(r["interfaces"][1]["name"], "eth0");
-    assert_eq!(r["interfaces"][1]["sandbox"], f.pod.path());
+    assert_eq!(r["interfaces"][1]["sandbox"], f.pod.path_string());
     assert_eq!(r["interfaces"][1]["mtu"], 1450);
     assert_eq!(r["ips"][0]["address"], "10.77.0.10/32");
     assert_eq!(r["ips"][0]["gateway"], "169.254.1.1");
@@ -64,21 +64,21 @@ fn add_wires_the_pod_then_check_then_del_twice() {
     assert_eq!(r["routes"][0]["gw"], "169.254.1.1");
 
     // Pod side.
-    let link = f.pod.ip(&["-d", "link", "show", "dev", "eth0"]);
+    let link = f.pod.ip(&["-d", "link", "show", "dev", "eth0"]).unwrap();
     assert!(link.contains("mtu 1450"), "{link}");
     assert!(link.contains(",UP"), "{link}");
     let pod_mac = r["interfaces"][1]["mac"].as_str().unwrap();
     assert!(link.contains(pod_mac), "{link}");
-    let addr = f.pod.ip(&["-4", "addr", "show", "dev", "eth0"]);
+    let addr = f.pod.ip(&["-4", "addr", "show", "dev", "eth0"]).unwrap();
     assert!(addr.contains("inet 10.77.0.10/32"), "{addr}");
-    let routes = f.pod.ip(&["-4", "route", "show"]);
+    let routes = f.pod.ip(&["-4", "route", "show"]).unwrap();
     assert!(
         routes.contains("default via 169.254.1.1 dev eth0"),
         "{routes}"
     );
     assert!(routes.contains("169.254.1.1 dev eth0"), "{routes}");
     assert!(routes.contains("scope link"), "{routes}");
-    let neigh = f.pod.ip(&["-4", "neigh", "show", "dev", "eth0"]);
+    let neigh = f.pod.ip(&["-4", "neigh", "show", "dev", "eth0"]).unwrap();
     assert!(
         neigh.contains("169.254.1.1 lladdr ee:ee:ee:ee:ee:ee PERMANENT"),
         "{neigh}"
@@ -88,6 +88,7 @@ fn add_wires_the_pod_then_check_then_del_twice() {
         let out = f
             .pod
             .command("cat")
+            .unwrap()
             .arg("/proc/sys/net/ipv6/conf/eth0/accept_dad")
             .output()
             .unwrap();
@@ -95,11 +96,11 @@ fn add_wires_the_pod_then_check_then_del_twice() {
     }
 
     // Node side.
-    let hl = f.node.ip(&["link", "show", "dev", &veth]);
+    let hl = f.node.ip(&["link", "show", "dev", &veth]).unwrap();
     assert!(hl.contains("ee:ee:ee:ee:ee:ee"), "{hl}");
     assert!(hl.contains("UP"), "{hl}");
     assert!(hl.contains("mtu 1450"), "{hl}");
-    let nroutes = f.node.ip(&["-4", "route", "show"]);
+    let nroutes = f.node.ip(&["-4", "route", "show"]).unwrap();
     assert!(
         nroutes.contains(&format!("10.77.0.10 dev {veth}")) && nroutes.contains("scope link"),
         "{nroutes}"
@@ -116,7 +117,7 @@ fn add_wires_the_pod_then_check_then_del_twice() {
     assert_eq!(alloc.pod.name, "web-0");
     assert_eq!(alloc.pod.uid, "uid-1");
     assert_eq!(alloc.host_veth, veth);
-    assert_eq!(alloc.netns, f.pod.path());
+    assert_eq!(alloc.netns, f.pod.path_string());
     let RequestBody::EndpointReady(ready) = &reqs[1] else {
         panic!("{reqs:?}")
     };
@@ -138,10 +139,13 @@ fn add_wires_the_pod_then_check_then_del_twice() {
     );
 
     // Traffic between the node namespace and the pod, over the veth only.
-    f.node.ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"]);
+    f.node
+        .ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"])
+        .unwrap();
     let ping = f
         .node
         .command("ping")
+        .unwrap()
         .args(["-c", "1", "-W", "2", "10.77.0.10"])
         .output()
         .unwrap();
@@ -153,6 +157,7 @@ fn add_wires_the_pod_then_check_then_del_twice() {
     let ping = f
         .pod
         .command("ping")
+        .unwrap()
         .args(["-c", "1", "-W", "2", "192.0.2.1"])
         .output()
         .unwrap();
@@ -171,7 +176,7 @@ fn add_wires_the_pod_then_check_then_del_twice() {
         Some(RequestBody::Check(_))
     ));
     // ...and names what broke once the address is gone.
-    f.pod.ip(&["addr", "flush", "dev", "eth0"]);
+    f.pod.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
     let msg = f
         .run(&f.env("CHECK", "c0ffee01"), &conf_with_prev)
         .expect_error(code::CHECK_FAILED as u64);
@@ -186,7 +191,7 @@ fn add_wires_the_pod_then_check_then_del_twice() {
         .expect_ok();
     assert!(!f.node.has_link(&veth));
     assert!(!f.pod.has_link("eth0"));
-    let nroutes = f.node.ip(&["-4", "route", "show"]);
+    let nroutes = f.node.ip(&["-4", "route", "show"]).unwrap();
     assert!(!nroutes.contains("10.77.0.10"), "{nroutes}");
     f.run(&f.env("DEL", "c0ffee01"), &conf_with_prev)
         .expect_ok();
@@ -203,38 +208,44 @@ fn add_wires_the_pod_then_check_then_del_twice() {
 #[test]
 fn check_fails_on_missing_route_neighbour_and_daemon_error() {
     let f = Fixture::new();
-    let r = f.add("c0ffee02", "1.0.0").expect_ok().json();
+    let r = f.add("c0ffee02", "1.0.0").expect_ok().json().unwrap();
     let conf = f.conf("1.0.0", json!({ "prevResult": r }));
     f.run(&f.env("CHECK", "c0ffee02"), &conf).expect_ok();
 
-    f.pod.ip(&["neigh", "del", "169.254.1.1", "dev", "eth0"]);
-    f.pod.ip(&["route", "del", "default"]);
+    f.pod
+        .ip(&["neigh", "del", "169.254.1.1", "dev", "eth0"])
+        .unwrap();
+    f.pod.ip(&["route", "del", "default"]).unwrap();
     let msg = f
         .run(&f.env("CHECK", "c0ffee02"), &conf)
         .expect_error(code::CHECK_FAILED as u64);
     assert!(msg.contains("default route"), "{msg}");
     assert!(msg.contains("neighbour"), "{msg}");
 
-    f.pod.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-    ]);
-    f.pod.ip(&[
-        "neigh",
-        "add",
-        "169.254.1.1",
-        "lladdr",
-        "ee:ee:ee:ee:ee:ee",
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
+    f.pod
+        .ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    f.pod
+        .ip(&[
+            "neigh",
+            "add",
+            "169.254.1.1",
+            "lladdr",
+            "ee:ee:ee:ee:ee:ee",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
     f.run(&f.env("CHECK", "c0ffee02"), &conf).expect_ok();
 
     // The daemon's own verdict is passed through untouched.
@@ -253,7 +264,7 @@ fn check_fails_on_missing_route_neighbour_and_daemon_error() {
 #[test]
 fn del_with_empty_netns_and_no_prev_result() {
     let f = Fixture::new();
-    let r = f.add("c0ffee03", "1.0.0").expect_ok().json();
+    let r = f.add("c0ffee03", "1.0.0").expect_ok().json().unwrap();
     let veth = host_veth(&r);
     // containerd's RemovePodSandbox DEL: no namespace, no prevResult.
     let mut vars = f.env("DEL", "c0ffee03");
@@ -270,7 +281,7 @@ fn del_with_empty_netns_and_no_prev_result() {
 #[test]
 fn del_with_daemon_down_queues_the_release() {
     let mut f = Fixture::new();
-    let r = f.add("c0ffee04", "1.0.0").expect_ok().json();
+    let r = f.add("c0ffee04", "1.0.0").expect_ok().json().unwrap();
     let veth = host_veth(&r);
     f.daemon.stop();
     let out = f.run(
@@ -312,7 +323,7 @@ fn del_with_daemon_down_queues_the_release() {
 #[test]
 fn del_returns_daemon_errors() {
     let f = Fixture::new();
-    let r = f.add("c0ffee05", "1.0.0").expect_ok().json();
+    let r = f.add("c0ffee05", "1.0.0").expect_ok().json().unwrap();
     f.daemon.set(|b| {
         b.release_error = Some(vpcnet_api::ApiError::new(
             code::INTERNAL,
@@ -342,9 +353,9 @@ fn add_with_daemon_down_is_try_again_later() {
         "{msg}"
     );
     assert!(msg.contains("DaemonSet"), "{msg}");
-    assert_eq!(out.json()["cniVersion"], "1.0.0");
+    assert_eq!(out.json().unwrap()["cniVersion"], "1.0.0");
     assert!(!f.pod.has_link("eth0"));
-    let links = f.node.ip(&["-o", "link", "show"]);
+    let links = f.node.ip(&["-o", "link", "show"]).unwrap();
     assert!(!links.contains("vpc"), "{links}");
 }
 
@@ -361,7 +372,7 @@ fn add_failure_after_allocate_rolls_back_and_reports_the_original_error() {
     let msg = out.expect_error(code::DATAPLANE as u64);
     assert_eq!(msg, "cannot attach the eBPF program");
     assert!(!f.pod.has_link("eth0"));
-    let links = f.node.ip(&["-o", "link", "show"]);
+    let links = f.node.ip(&["-o", "link", "show"]).unwrap();
     assert!(!links.contains("vpc"), "{links}");
     assert!(matches!(
         f.daemon.requests().last(),
@@ -382,7 +393,7 @@ fn an_ipv6_address_in_the_allocation_is_a_clear_error_not_dropped() {
     assert!(msg.contains("IPv4 pods only"), "{msg}");
     // Nothing half-configured stays behind, and the allocation is handed back.
     assert!(!f.pod.has_link("eth0"));
-    let links = f.node.ip(&["-o", "link", "show"]);
+    let links = f.node.ip(&["-o", "link", "show"]).unwrap();
     assert!(!links.contains("vpc"), "{links}");
     assert_eq!(f.daemon.allocations(), 0);
 }
@@ -390,23 +401,25 @@ fn an_ipv6_address_in_the_allocation_is_a_clear_error_not_dropped() {
 #[test]
 fn add_replaces_a_stale_host_veth() {
     let f = Fixture::new();
-    let r = f.add("c0ffee08", "1.0.0").expect_ok().json();
+    let r = f.add("c0ffee08", "1.0.0").expect_ok().json().unwrap();
     let veth = host_veth(&r);
     f.run(&f.env("DEL", "c0ffee08"), &f.conf("1.0.0", Value::Null))
         .expect_ok();
     // What an ADD that died half-way leaves: a link with the attachment's host veth name, here with
     // its peer in the node namespace too.
-    f.node.ip(&[
-        "link",
-        "add",
-        &veth,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "stalepeer",
-    ]);
-    let r2 = f.add("c0ffee08", "1.0.0").expect_ok().json();
+    f.node
+        .ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "stalepeer",
+        ])
+        .unwrap();
+    let r2 = f.add("c0ffee08", "1.0.0").expect_ok().json().unwrap();
     assert_eq!(host_veth(&r2), veth);
     assert!(!f.node.has_link("stalepeer"), "the stale pair was removed");
     assert!(f.pod.has_link("eth0"));
@@ -415,12 +428,14 @@ fn add_replaces_a_stale_host_veth() {
 #[test]
 fn add_with_existing_pod_interface_fails_cleanly() {
     let f = Fixture::new();
-    f.pod.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer",
-    ]);
+    f.pod
+        .ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer",
+        ])
+        .unwrap();
     let msg = f.add("c0ffee09", "1.0.0").expect_error(code::IO as u64);
     assert!(msg.contains("eth0 already exists"), "{msg}");
-    let links = f.node.ip(&["-o", "link", "show"]);
+    let links = f.node.ip(&["-o", "link", "show"]).unwrap();
     assert!(!links.contains("vpc"), "{links}");
     assert_eq!(f.daemon.allocations(), 0, "rolled back");
 }
@@ -435,10 +450,14 @@ fn static_ip_and_mac_from_capabilities_and_args() {
             "runtimeConfig": {"ips": ["10.77.3.4/24"], "mac": "02:42:ac:11:00:09"}
         }),
     );
-    let r = f.run(&f.env("ADD", "c0ffee10"), &conf).expect_ok().json();
+    let r = f
+        .run(&f.env("ADD", "c0ffee10"), &conf)
+        .expect_ok()
+        .json()
+        .unwrap();
     assert_eq!(r["ips"][0]["address"], "10.77.3.4/32");
     assert_eq!(r["interfaces"][1]["mac"], "02:42:ac:11:00:09");
-    let link = f.pod.ip(&["link", "show", "dev", "eth0"]);
+    let link = f.pod.ip(&["link", "show", "dev", "eth0"]).unwrap();
     assert!(link.contains("02:42:ac:11:00:09"), "{link}");
     let RequestBody::Allocate(a) = &f.daemon.requests()[0] else {
         panic!()
@@ -449,9 +468,9 @@ fn static_ip_and_mac_from_capabilities_and_args() {
     );
 
     // podman's --ip/--mac-address arrive as CNI_ARGS.
-    let pod2 = Netns::new("p");
+    let pod2 = netns("p");
     let mut vars = f.env("ADD", "c0ffee11");
-    set_var(&mut vars, "CNI_NETNS", &pod2.path());
+    set_var(&mut vars, "CNI_NETNS", &pod2.path_string());
     set_var(
         &mut vars,
         "CNI_ARGS",
@@ -460,7 +479,8 @@ fn static_ip_and_mac_from_capabilities_and_args() {
     let r = f
         .run(&vars, &f.conf("1.0.0", Value::Null))
         .expect_ok()
-        .json();
+        .json()
+        .unwrap();
     assert_eq!(r["ips"][0]["address"], "10.77.5.6/32");
     assert_eq!(r["interfaces"][1]["mac"], "02:00:00:00:00:42");
 }
@@ -469,7 +489,7 @@ fn static_ip_and_mac_from_capabilities_and_args() {
 fn old_result_versions_carry_ip_version() {
     for version in ["0.3.0", "0.3.1", "0.4.0"] {
         let f = Fixture::new();
-        let r = f.add("c0ffee12", version).expect_ok().json();
+        let r = f.add("c0ffee12", version).expect_ok().json().unwrap();
         assert_eq!(r["cniVersion"], version);
         assert_eq!(r["ips"][0]["version"], "4", "{version}");
         assert!(r["interfaces"][1].get("mtu").is_none());
@@ -481,20 +501,21 @@ fn config_mtu_overrides_the_daemon() {
     let f = Fixture::new();
     let conf = f.conf("1.0.0", json!({"mtu": 1300}));
     f.run(&f.env("ADD", "c0ffee13"), &conf).expect_ok();
-    let link = f.pod.ip(&["link", "show", "dev", "eth0"]);
+    let link = f.pod.ip(&["link", "show", "dev", "eth0"]).unwrap();
     assert!(link.contains("mtu 1300"), "{link}");
 }
 
 #[test]
 fn gc_removes_released_attachments_only() {
     let f = Fixture::new();
-    let keep = f.add("keep0001", "1.1.0").expect_ok().json();
+    let keep = f.add("keep0001", "1.1.0").expect_ok().json().unwrap();
     let mut vars = f.env("ADD", "gone0001");
     set_var(&mut vars, "CNI_IFNAME", "eth1");
     let gone = f
         .run(&vars, &f.conf("1.1.0", Value::Null))
         .expect_ok()
-        .json();
+        .json()
+        .unwrap();
     let (keep_veth, gone_veth) = (host_veth(&keep), host_veth(&gone));
     assert_ne!(keep_veth, gone_veth);
 

@@ -1,5 +1,7 @@
 //! End-to-end tests of the eBPF dataplane on a topology of network namespaces (root only); the
-//! topology is the shared fixture in `common/`.
+//! topology is the shared fixture in `common/`. Each test builds its own topology (namespaces
+//! and pins of its own prefix) and checks one behaviour; `serial()` keeps the ones that send
+//! traffic from measuring each other's load.
 
 mod common;
 use common::*;
@@ -11,18 +13,16 @@ use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TcAttachType};
 
-/// Both attach modes carry traffic: reachability and isolation between networks, no SNAT inside
-/// the VPC, masquerade to the internet, receiver-side isolation, TTL, anti-spoofing, counters,
-/// and no VPC packet through the kernel's forward path.
+/// Both attach modes install endpoints (node1 TCX, node2 classic filters), a second ADD updates
+/// in place, and the dataplane lists what it holds.
 #[test]
-fn forwarding_isolation_and_counters() {
+fn both_attach_modes_install_endpoints_and_a_second_add_updates_in_place() {
     require_root();
     let _serial = serial();
     let mut ph = Phases::new();
-    let (topo, eps) = Topology::build("dp");
+    let (topo, eps) = Topology::build();
     ph.done("topology");
 
-    // --- start + endpoints -------------------------------------------------------------------
     let dp1 = topo.start("node1");
     let dp2 = topo.start("node2");
     let t = dp1.timings();
@@ -50,8 +50,13 @@ fn forwarding_isolation_and_counters() {
         vec![eps["p1"].clone(), eps["p2"].clone(), eps["p4"].clone()]
     );
     ph.done("start + endpoints");
+    // Both modes carry traffic, both ways across the nodes.
+    topo.pings(&[("p1", P3, true), ("p3", P1, true)]);
+}
 
-    // --- reachability ------------------------------------------------------------------------
+/// Who reaches whom: pods of a network on a node and across nodes, the VPC and beyond its
+/// router; nothing between the two networks, on a node or across.
+fn ping_matrix(topo: &Topology) {
     topo.pings(&[
         ("p1", P2, true),        // same node
         ("p2", P1, true),        // same node, other way
@@ -66,7 +71,42 @@ fn forwarding_isolation_and_counters() {
         ("p4", P3, false),       // net 2 -> net 1, across nodes (dropped at node1)
         ("p3", P4, false),       // net 1 -> net 2, across nodes (dropped at node2)
     ]);
-    ph.done("pings");
+}
+
+/// Whether `ping <args>` from `from` got its answers.
+fn ping_answered(topo: &Topology, from: &str, args: &[&str]) -> bool {
+    let mut argv = vec!["ping", "-q", "-W", "1"];
+    argv.extend_from_slice(args);
+    topo.exec(from, &argv).output().unwrap().status.success()
+}
+
+/// No VPC packet went through the kernel's forward path on either node.
+fn assert_kernel_path_unused(topo: &Topology) {
+    for node in ["n1", "n2"] {
+        assert_eq!(
+            topo.guard_drops(node),
+            0,
+            "VPC traffic went through the kernel on {node}"
+        );
+    }
+}
+
+#[test]
+fn pods_reach_their_network_and_nothing_of_the_other() {
+    require_root();
+    let _serial = serial();
+    let s = Started::new();
+    ping_matrix(&s.topo);
+    assert_kernel_path_unused(&s.topo);
+}
+
+/// No SNAT inside the VPC, to the physical cloud or between pods; masquerade to the internet.
+#[test]
+fn sources_survive_inside_the_vpc_and_are_masqueraded_to_the_internet() {
+    require_root();
+    let _serial = serial();
+    let s = Started::new();
+    let topo = &s.topo;
     assert_eq!(
         topo.peer_seen("phy", PHY_HOST, "p1"),
         P1,
@@ -83,88 +123,78 @@ fn forwarding_isolation_and_counters() {
         NODE1,
         "internet traffic leaves with the node's address"
     );
-    ph.done("tcp peers");
+    assert_kernel_path_unused(topo);
+}
 
-    // The receiving node enforces isolation too: a VPC-side sender using an address of network
-    // 2's subnet is refused by node1 before reaching a network-1 pod.
+/// The receiving node enforces isolation too: a VPC-side sender using an address of network
+/// 2's subnet is refused by node1 before reaching a network-1 pod.
+#[test]
+fn the_receiving_node_enforces_isolation() {
+    require_root();
+    let _serial = serial();
+    let s = Started::new();
+    let (topo, dp1) = (&s.topo, &s.dp1);
     topo.ip("vpc", "addr add 10.40.0.99/32 dev eth0");
-    let before = drop_count(&dp1, "isolated");
-    let out = topo
-        .exec(
-            "vpc",
-            &[
-                "ping",
-                "-q",
-                "-c",
-                "2",
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                "-I",
-                "10.40.0.99",
-                &P1.to_string(),
-            ],
-        )
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "isolated source must not reach p1");
+    let before = drop_count(dp1, "isolated");
+    let p1 = P1.to_string();
+    let args = ["-c", "2", "-i", "0.2", "-I", "10.40.0.99", &p1];
     assert!(
-        drop_count(&dp1, "isolated") > before,
+        !ping_answered(topo, "vpc", &args),
+        "isolated source must not reach p1"
+    );
+    assert!(
+        drop_count(dp1, "isolated") > before,
         "receiver-side isolation drop counted"
     );
     topo.ip("vpc", "addr del 10.40.0.99/32 dev eth0");
+    assert_kernel_path_unused(topo);
+}
 
-    // A routed hop decrements TTL; a packet arriving with TTL 1 is dropped and counted.
-    let before = drop_count(&dp1, "ttl-exceeded");
-    let out = topo
-        .exec(
-            "p1",
-            &[
-                "ping",
-                "-q",
-                "-c",
-                "1",
-                "-t",
-                "1",
-                "-W",
-                "1",
-                &P2.to_string(),
-            ],
-        )
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "TTL 1 must not cross the node");
-    assert_eq!(drop_count(&dp1, "ttl-exceeded"), before + 1);
-
-    // A pod sending from an address that is not its own is refused (anti-spoofing).
-    topo.ip("p1", "addr add 10.20.1.99/32 dev eth0");
-    let before = drop_count(&dp1, "spoofed");
-    let out = topo
-        .exec(
-            "p1",
-            &[
-                "ping",
-                "-q",
-                "-c",
-                "1",
-                "-W",
-                "1",
-                "-I",
-                "10.20.1.99",
-                &VPC_HOST.to_string(),
-            ],
-        )
-        .output()
-        .unwrap();
+/// A routed hop decrements TTL; a packet arriving with TTL 1 is dropped and counted.
+#[test]
+fn ttl_1_is_dropped_and_counted() {
+    require_root();
+    let _serial = serial();
+    let s = Started::new();
+    let (topo, dp1) = (&s.topo, &s.dp1);
+    let before = drop_count(dp1, "ttl-exceeded");
+    let p2 = P2.to_string();
     assert!(
-        !out.status.success(),
+        !ping_answered(topo, "p1", &["-c", "1", "-t", "1", &p2]),
+        "TTL 1 must not cross the node"
+    );
+    assert_eq!(drop_count(dp1, "ttl-exceeded"), before + 1);
+    assert_kernel_path_unused(topo);
+}
+
+/// A pod sending from an address that is not its own is refused (anti-spoofing).
+#[test]
+fn a_spoofed_source_is_refused() {
+    require_root();
+    let _serial = serial();
+    let s = Started::new();
+    let (topo, dp1) = (&s.topo, &s.dp1);
+    topo.ip("p1", "addr add 10.20.1.99/32 dev eth0");
+    let before = drop_count(dp1, "spoofed");
+    let vpc = VPC_HOST.to_string();
+    assert!(
+        !ping_answered(topo, "p1", &["-c", "1", "-I", "10.20.1.99", &vpc]),
         "spoofed source must not leave the node"
     );
-    assert!(drop_count(&dp1, "spoofed") > before);
+    assert!(drop_count(dp1, "spoofed") > before);
     topo.ip("p1", "addr del 10.20.1.99/32 dev eth0");
+    assert_kernel_path_unused(topo);
+}
 
-    // Counters moved, drops are named, and the kernel forward path was never used for VPC traffic.
+/// After the ping matrix the counters moved: per endpoint, per drop reason (isolation on both
+/// nodes), per path; and the kernel's forward path saw no VPC packet.
+#[test]
+fn counters_follow_the_traffic_and_name_the_drops() {
+    require_root();
+    let _serial = serial();
+    let s = Started::new();
+    let (topo, dp1, dp2) = (&s.topo, &s.dp1, &s.dp2);
+    ping_matrix(topo);
     let c = dp1.counters().unwrap();
     let p1c = c
         .endpoints
@@ -173,23 +203,13 @@ fn forwarding_isolation_and_counters() {
         .expect("p1 counters");
     assert!(p1c.tx_packets >= 10 && p1c.rx_packets >= 10, "{p1c:?}");
     assert!(p1c.tx_bytes > 0 && p1c.rx_bytes > 0);
-    assert!(drop_count(&dp1, "isolated") >= 4, "{:?}", c.drops);
-    assert!(drop_count(&dp2, "isolated") >= 2);
-    assert!(node_count(&dp2, "arp-replies") >= 1);
-    assert!(node_count(&dp1, "pod-to-uplink") >= 3);
-    assert!(node_count(&dp1, "pod-to-pod") >= 3);
-    assert_eq!(
-        topo.guard_drops("n1"),
-        0,
-        "VPC traffic went through the kernel"
-    );
-    assert_eq!(
-        topo.guard_drops("n2"),
-        0,
-        "VPC traffic went through the kernel"
-    );
+    assert!(drop_count(dp1, "isolated") >= 4, "{:?}", c.drops);
+    assert!(drop_count(dp2, "isolated") >= 2);
+    assert!(node_count(dp2, "arp-replies") >= 1);
+    assert!(node_count(dp1, "pod-to-uplink") >= 3);
+    assert!(node_count(dp1, "pod-to-pod") >= 3);
+    assert_kernel_path_unused(topo);
     eprintln!("[dataplane] node1 counters: {c:?}");
-    ph.done("counters");
 }
 
 /// A restart of both dataplanes from their pins under 100 pps floods and an open TCP connection
@@ -204,7 +224,7 @@ fn restart_under_load_loses_nothing() {
         eps: _,
         dp1,
         dp2,
-    } = Started::new("rs");
+    } = Started::new();
     ph.done("topology + endpoints");
     // --- restart from pins under load: 0 loss ---------------------------------------------
     let echo_ns = topo.ns("vpc");
@@ -284,7 +304,7 @@ fn remove_and_readd_endpoint() {
     require_root();
     let _serial = serial();
     let mut ph = Phases::new();
-    let s = Started::new("ra");
+    let s = Started::new();
     let (topo, eps, dp1) = (&s.topo, &s.eps, &s.dp1);
     let n1 = topo.ns("n1");
     // --- remove / re-add an endpoint ---------------------------------------------------------
@@ -322,7 +342,7 @@ fn detached_programs_block_the_kernel_path_until_restart() {
         eps: _,
         dp1,
         dp2,
-    } = Started::new("dt");
+    } = Started::new();
     // --- programs detached: the kernel must not forward pod traffic --------------------------
     for (role, node) in [("n1", "node1"), ("n2", "node2")] {
         let pin_dir = topo.pin_dir(node);
@@ -370,7 +390,7 @@ fn uninstall_removes_everything() {
         eps: _,
         dp1,
         dp2,
-    } = Started::new("un");
+    } = Started::new();
     topo.pings(&[("p1", P3, true), ("vpc", P1, true)]);
     let n1 = topo.ns("n1");
     drop(dp1);
@@ -429,53 +449,47 @@ fn uninstall_removes_everything() {
 #[test]
 fn uninstall_of_nothing_is_ok() {
     require_root();
-    let prefix = format!("vpcndq{:x}", std::process::id() & 0xfffff);
-    let ns = format!("{prefix}-n");
-    run(Command::new("ip").args(["netns", "add", &ns]));
-    struct Guard(String);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-        }
-    }
-    let _g = Guard(ns.clone());
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/vpcnet/{prefix}-none"));
-    in_ns(&ns, || {
+    let ns = vpcnet_tests::Netns::fresh("n").unwrap_or_else(|e| panic!("{e:#}"));
+    let pin_dir =
+        PathBuf::from(vpcnet_tests::cluster::BPF_ROOT).join(format!("{}-none", ns.name()));
+    in_ns(ns.name(), || {
         vpcnet_dataplane::uninstall(&pin_dir, "lo").expect("nothing to remove is not an error")
     });
 }
+
+const VIP_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 
 /// Flows the kernel NATs keep going through the kernel both ways (conntrack's reverse NAT):
 /// a portmap-style hostPort (VPC host → node1:8080, DNAT → p2:80) and kube-proxy-style Services
 /// (pod → virtual IP, DNAT → a backend pod on the other node, or on the same node). The DNAT rules
 /// live in a table of the test's own in node1's netns; node2 uses classic filters, so both attach
-/// modes of the observers are exercised.
-#[test]
-fn kernel_nat_flows_are_reverse_natted() {
-    require_root();
-    let _serial = serial();
-    let mut ph = Phases::new();
-    let (topo, eps) = Topology::build("dn");
-    let dp1 = topo.start("node1");
-    let dp2 = topo.start("node2");
-    let n1 = topo.ns("n1");
-    let n2 = topo.ns("n2");
-    for name in ["p1", "p2"] {
-        let ep = eps[name].clone();
-        let dp = &dp1;
-        in_ns(&n1, || dp.add_endpoint(&ep).expect("add_endpoint"));
-    }
-    {
-        let ep = eps["p3"].clone();
-        let dp = &dp2;
-        in_ns(&n2, || dp.add_endpoint(&ep).expect("add_endpoint"));
-    }
-    ph.done("topology + start");
+/// modes of the observers are exercised. p1 and p2 on node1, p3 on node2.
+struct NatBed {
+    topo: Topology,
+    dp1: vpcnet_dataplane::Dataplane,
+    dp2: vpcnet_dataplane::Dataplane,
+}
 
-    const VIP_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-    const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
-    let rules = format!(
-        "table ip vpcnt_test {{
+impl NatBed {
+    fn new() -> NatBed {
+        let (topo, eps) = Topology::build();
+        let dp1 = topo.start("node1");
+        let dp2 = topo.start("node2");
+        let n1 = topo.ns("n1");
+        let n2 = topo.ns("n2");
+        for name in ["p1", "p2"] {
+            let ep = eps[name].clone();
+            let dp = &dp1;
+            in_ns(&n1, || dp.add_endpoint(&ep).expect("add_endpoint"));
+        }
+        {
+            let ep = eps["p3"].clone();
+            let dp = &dp2;
+            in_ns(&n2, || dp.add_endpoint(&ep).expect("add_endpoint"));
+        }
+        let rules = format!(
+            "table ip vpcnt_test {{
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     ip daddr {NODE1} tcp dport 8080 dnat to {P2}:80
@@ -484,105 +498,168 @@ fn kernel_nat_flows_are_reverse_natted() {
   }}
 }}
 "
-    );
-    let mut nft = topo
-        .exec("n1", &["nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    nft.stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    assert!(nft.wait().unwrap().success(), "nft rules");
+        );
+        let mut nft = topo
+            .exec("n1", &["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(nft.wait().unwrap().success(), "nft rules");
+        NatBed { topo, dp1, dp2 }
+    }
 
-    let sa = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
-    // hostPort: the client gets its answer from node1:8080, the pod sees the client (no SNAT).
-    let hits = node_count(&dp1, "kernel-flow-hits");
-    assert_eq!(
-        topo.peer_seen_via("p2", sa(P2, 80), "vpc", sa(NODE1, 8080), None),
-        Ok(VPC_HOST),
-        "hostPort through DNAT"
-    );
-    assert!(node_count(&dp1, "kernel-flow-hits") > hits);
-    // Service, backend on the other node: the reply arrives on node1's uplink.
-    assert_eq!(
-        topo.peer_seen_via("p3", sa(P3, 80), "p1", sa(VIP_REMOTE, 80), None),
-        Ok(P1),
-        "Service with a remote backend"
-    );
-    // Service, backend on the same node.
-    assert_eq!(
-        topo.peer_seen_via("p2", sa(P2, 80), "p1", sa(VIP_LOCAL, 80), None),
-        Ok(P1),
-        "Service with a local backend"
-    );
-    ph.done("DNAT flows");
+    /// hostPort: the client gets its answer from node1:8080, the pod sees the client (no SNAT).
+    fn host_port(&self) {
+        let hits = node_count(&self.dp1, "kernel-flow-hits");
+        assert_eq!(
+            self.topo
+                .peer_seen_via("p2", sa(P2, 80), "vpc", sa(NODE1, 8080), None),
+            Ok(VPC_HOST),
+            "hostPort through DNAT"
+        );
+        assert!(node_count(&self.dp1, "kernel-flow-hits") > hits);
+    }
 
-    // A new connection reusing a hostPort flow's 5-tuple without NAT (straight to the pod) is
-    // the programs' again: the recorded entry is stale and must not capture it.
-    let stale = node_count(&dp1, "kernel-flow-stale");
-    assert_eq!(
-        topo.peer_seen_via("p2", sa(P2, 80), "vpc", sa(NODE1, 8080), Some(41000)),
-        Ok(VPC_HOST)
-    );
-    assert_eq!(
-        topo.peer_seen_via("p2", sa(P2, 80), "vpc", sa(P2, 80), Some(41000)),
-        Ok(VPC_HOST),
-        "direct connection reusing the tuple of a closed NAT flow"
-    );
-    assert!(node_count(&dp1, "kernel-flow-stale") > stale);
-    // And the eBPF paths are untouched.
-    assert_eq!(topo.peer_seen("p3", P3, "p1"), P1);
-    assert_eq!(topo.peer_seen("p2", P2, "p1"), P1);
-    assert_eq!(topo.peer_seen("p1", P1, "vpc"), VPC_HOST);
-    assert_eq!(topo.guard_drops("n1"), 0, "guard drops on node1");
-    assert_eq!(topo.guard_drops("n2"), 0, "guard drops on node2");
-    eprintln!(
-        "[dataplane] node1 counters: {:?}",
-        dp1.node_counters().unwrap()
-    );
-    eprintln!(
-        "[dataplane] node2 counters: {:?}",
-        dp2.node_counters().unwrap()
-    );
-    ph.done("tuple reuse + eBPF paths");
+    /// Service, backend on the other node: the reply arrives on node1's uplink.
+    fn remote_service(&self) {
+        assert_eq!(
+            self.topo
+                .peer_seen_via("p3", sa(P3, 80), "p1", sa(VIP_REMOTE, 80), None),
+            Ok(P1),
+            "Service with a remote backend"
+        );
+    }
 
-    // Throughput of the eBPF paths (informational): pod to pod on a node, pod to pod across.
-    if Command::new("iperf3").arg("--version").output().is_ok() {
-        for (server, ip, client) in [("p2", P2, "p1"), ("p3", P3, "p1")] {
-            let mut srv = topo
-                .exec(server, &["iperf3", "-s", "-1", "-B", &ip.to_string()])
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            std::thread::sleep(Duration::from_millis(300));
-            let out = topo
-                .exec(client, &["iperf3", "-c", &ip.to_string(), "-t", "3", "-J"])
-                .output()
-                .unwrap();
-            let _ = srv.wait();
-            let text = String::from_utf8_lossy(&out.stdout);
-            let gbps = text
-                .split("\"sum_received\"")
-                .nth(1)
-                .and_then(|t| t.split("\"bits_per_second\":").nth(1))
-                .and_then(|t| t.split([',', '\n', '}']).next())
-                .and_then(|t| t.trim().parse::<f64>().ok())
-                .map(|b| b / 1e9);
-            eprintln!("[dataplane] iperf3 {client} -> {server}: {gbps:?} Gbit/s");
+    /// Service, backend on the same node.
+    fn local_service(&self) {
+        assert_eq!(
+            self.topo
+                .peer_seen_via("p2", sa(P2, 80), "p1", sa(VIP_LOCAL, 80), None),
+            Ok(P1),
+            "Service with a local backend"
+        );
+    }
+
+    /// Uninstalls both nodes (the pins and links of a run go with it, and must).
+    fn finish(self) {
+        for (role, node) in [("n1", "node1"), ("n2", "node2")] {
+            let pin_dir = self.topo.pin_dir(node);
+            in_ns(&self.topo.ns(role), || {
+                vpcnet_dataplane::uninstall(&pin_dir, "eth0").expect("uninstall")
+            });
         }
-        ph.done("iperf3");
+        let NatBed { topo, dp1, dp2 } = self;
+        drop((dp1, dp2));
+        drop(topo);
     }
+}
 
-    for (role, node) in [("n1", "node1"), ("n2", "node2")] {
-        let pin_dir = topo.pin_dir(node);
-        in_ns(&topo.ns(role), || {
-            vpcnet_dataplane::uninstall(&pin_dir, "eth0").expect("uninstall")
-        });
-    }
-    drop((dp1, dp2));
+/// Runs `check` on a NAT bed of its own (one test at a time) and uninstalls it after.
+fn on_nat_bed(check: impl FnOnce(&NatBed)) {
+    require_root();
+    let _serial = serial();
+    let bed = NatBed::new();
+    check(&bed);
+    bed.finish();
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+#[test]
+fn a_host_port_flow_is_reverse_natted_by_the_kernel() {
+    on_nat_bed(NatBed::host_port);
+}
+
+#[test]
+fn a_service_with_a_remote_backend_is_reverse_natted_by_the_kernel() {
+    on_nat_bed(NatBed::remote_service);
+}
+
+#[test]
+fn a_service_with_a_local_backend_is_reverse_natted_by_the_kernel() {
+    on_nat_bed(NatBed::local_service);
+}
+
+/// A new connection reusing a hostPort flow's 5-tuple without NAT (straight to the pod) is
+/// the programs' again: the recorded entry is stale and must not capture it.
+#[test]
+fn a_nat_flows_tuple_reused_without_nat_is_the_programs_again() {
+    on_nat_bed(|bed| {
+        let (topo, dp1) = (&bed.topo, &bed.dp1);
+        let stale = node_count(dp1, "kernel-flow-stale");
+        assert_eq!(
+            topo.peer_seen_via("p2", sa(P2, 80), "vpc", sa(NODE1, 8080), Some(41000)),
+            Ok(VPC_HOST)
+        );
+        assert_eq!(
+            topo.peer_seen_via("p2", sa(P2, 80), "vpc", sa(P2, 80), Some(41000)),
+            Ok(VPC_HOST),
+            "direct connection reusing the tuple of a closed NAT flow"
+        );
+        assert!(node_count(dp1, "kernel-flow-stale") > stale);
+    });
+}
+
+/// Next to the kernel's NAT flows the eBPF paths are untouched: pods and the VPC still reach
+/// each other through the programs, never the kernel's forward path.
+#[test]
+fn kernel_nat_flows_leave_the_ebpf_paths_alone() {
+    on_nat_bed(|bed| {
+        let mut ph = Phases::new();
+        bed.host_port();
+        bed.remote_service();
+        bed.local_service();
+        ph.done("DNAT flows");
+        let (topo, dp1, dp2) = (&bed.topo, &bed.dp1, &bed.dp2);
+        assert_eq!(topo.peer_seen("p3", P3, "p1"), P1);
+        assert_eq!(topo.peer_seen("p2", P2, "p1"), P1);
+        assert_eq!(topo.peer_seen("p1", P1, "vpc"), VPC_HOST);
+        assert_eq!(topo.guard_drops("n1"), 0, "guard drops on node1");
+        assert_eq!(topo.guard_drops("n2"), 0, "guard drops on node2");
+        eprintln!(
+            "[dataplane] node1 counters: {:?}",
+            dp1.node_counters().unwrap()
+        );
+        eprintln!(
+            "[dataplane] node2 counters: {:?}",
+            dp2.node_counters().unwrap()
+        );
+        ph.done("eBPF paths");
+
+        // Throughput of the eBPF paths (informational): pod to pod on a node, pod to pod across.
+        if Command::new("iperf3").arg("--version").output().is_ok() {
+            for (server, ip, client) in [("p2", P2, "p1"), ("p3", P3, "p1")] {
+                let mut srv = topo
+                    .exec(server, &["iperf3", "-s", "-1", "-B", &ip.to_string()])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                let out = topo
+                    .exec(client, &["iperf3", "-c", &ip.to_string(), "-t", "3", "-J"])
+                    .output()
+                    .unwrap();
+                let _ = srv.wait();
+                let text = String::from_utf8_lossy(&out.stdout);
+                let gbps = text
+                    .split("\"sum_received\"")
+                    .nth(1)
+                    .and_then(|t| t.split("\"bits_per_second\":").nth(1))
+                    .and_then(|t| t.split([',', '\n', '}']).next())
+                    .and_then(|t| t.trim().parse::<f64>().ok())
+                    .map(|b| b / 1e9);
+                eprintln!("[dataplane] iperf3 {client} -> {server}: {gbps:?} Gbit/s");
+            }
+            ph.done("iperf3");
+        }
+    });
 }
 
 /// Adds `ep` from inside `ns` and prints what it cost (the ADD latency budget's figures).

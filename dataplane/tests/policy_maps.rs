@@ -6,7 +6,6 @@ mod common;
 use common::in_ns;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use vpcnet_dataplane::{
     AttachMode, Dataplane, DataplaneConfig, Endpoint, HOST_VETH_PREFIX, PolicyMode, StartOptions,
@@ -14,26 +13,21 @@ use vpcnet_dataplane::{
 use vpcnet_ipam::{NetworkConfig, SubnetConfig};
 use vpcnet_policy::compile::{Compiled, Compiler, plan};
 use vpcnet_policy::manifest::parse_files;
+use vpcnet_tests::Netns;
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
+/// The run's pins, removed before its namespace goes (the field dropped after `drop`).
 struct Guard {
-    ns: String,
     pins: PathBuf,
+    ns: Netns,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = vpcnet_dataplane::uninstall(&self.pins, "eth0");
+        // Inside the run's namespace: its `eth0` is the one the programs were attached to.
+        let _ = vpcnet_tests::netns::in_netns(self.ns.name(), || {
+            vpcnet_dataplane::uninstall(&self.pins, "eth0")
+        });
         let _ = std::fs::remove_dir_all(&self.pins);
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }
 
@@ -157,17 +151,15 @@ fn policy_maps_hold_the_compiled_rules_across_restarts() {
         unsafe { libc::geteuid() } == 0,
         "needs root (network namespaces, BPF)"
     );
-    let prefix = format!("vpcnpm{:x}", std::process::id() & 0xfffff);
-    let ns = format!("{prefix}-n1");
+    let netns = Netns::fresh("n1").unwrap_or_else(|e| panic!("{e:#}"));
+    let ns = netns.name().to_string();
     let g = Guard {
-        ns: ns.clone(),
-        pins: PathBuf::from(format!("/sys/fs/bpf/vpcnet/{prefix}")),
+        pins: PathBuf::from(vpcnet_tests::cluster::BPF_ROOT).join(&ns),
+        ns: netns,
     };
-    sh(&["ip", "netns", "add", &ns]);
     let ip = |args: &str| {
-        let mut v = vec!["ip", "-n", &ns];
-        v.extend(args.split(' '));
-        sh(&v);
+        let args: Vec<&str> = args.split(' ').collect();
+        g.ns.ip(&args).unwrap_or_else(|e| panic!("{e:#}"));
     };
     ip("link add eth0 type veth peer name eth1");
     ip("addr add 10.20.0.11/16 dev eth0");
@@ -179,10 +171,7 @@ fn policy_maps_hold_the_compiled_rules_across_restarts() {
         let host = format!("{HOST_VETH_PREFIX}pm{i}");
         ip(&format!("link add {host} type veth peer name p{i}"));
         ip(&format!("link set {host} up"));
-        let name = std::ffi::CString::new(host.clone()).unwrap();
-        // SAFETY: a valid C string; resolved in the namespace of the calling thread.
-        let ifindex = in_ns(&ns, || unsafe { libc::if_nametoindex(name.as_ptr()) });
-        assert_ne!(ifindex, 0, "{host}");
+        let ifindex = g.ns.ifindex(&host).unwrap_or_else(|e| panic!("{e:#}"));
         let ep = Endpoint {
             ip: *addr,
             host_ifindex: ifindex,

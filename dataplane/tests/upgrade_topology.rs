@@ -55,7 +55,7 @@ fn upgrade_with_a_changed_endpoint_layout_loses_nothing() {
         eps,
         dp1,
         dp2,
-    } = Started::new("up");
+    } = Started::new();
     topo.pings(&[("p1", P2, true), ("vpc", P1, true)]);
     let pin_dir = topo.pin_dir("node1");
     let pin = pin_dir.join("ENDPOINTS");
@@ -144,7 +144,7 @@ fn topology_changes_apply_live() {
     require_root();
     let _serial = serial();
     let mut ph = Phases::new();
-    let s = Started::new("tp");
+    let s = Started::new();
     let (topo, dp1) = (&s.topo, &s.dp1);
     let n1 = topo.ns("n1");
     topo.pings(&[("p1", P4, false), ("p4", P1, false)]);

@@ -538,6 +538,51 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The next hop of every pod: a link-local address the node side answers for.
+pub const POD_GATEWAY: &str = "169.254.1.1";
+/// The MAC of every host-side veth, the one the pod's permanent neighbour entry names.
+pub const HOST_VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
+
+/// Wires `pod` to `node` as the plugin does, without the plugin: a veth pair (`veth` on the
+/// node, `eth0` in the pod), the pod's /32 with a default route through [`POD_GATEWAY`] and a
+/// permanent neighbour entry for it, the node's host route. For tests of what sits below the
+/// plugin (the dataplane); returns the host veth's ifindex.
+pub fn wire_pod(node: &Netns, pod: &Netns, veth: &str, ip: Ipv4Addr, mac: [u8; 6]) -> Result<u32> {
+    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+    let ip32 = format!("{ip}/32");
+    node.ip(&[
+        "link",
+        "add",
+        veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.name(),
+    ])?;
+    node.ip(&["link", "set", veth, "address", HOST_VETH_MAC, "up"])?;
+    node.ip(&["route", "add", &ip32, "dev", veth, "scope", "link"])?;
+    pod.ip(&["link", "set", "eth0", "address", &mac, "up"])?;
+    pod.ip(&["addr", "add", &ip32, "dev", "eth0"])?;
+    let gw32 = format!("{POD_GATEWAY}/32");
+    pod.ip(&["route", "add", &gw32, "dev", "eth0", "scope", "link"])?;
+    pod.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
+    pod.ip(&[
+        "neigh",
+        "add",
+        POD_GATEWAY,
+        "lladdr",
+        HOST_VETH_MAC,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    node.ifindex(veth)
+}
+
 /// Plugs `host` into the fabric bridge with `addr` on its side.
 fn attach(fabric: &Netns, port: &str, host: &Netns, ifname: &str, addr: &str) -> Result<()> {
     veth(fabric, port, host, ifname)?;

@@ -5,8 +5,10 @@ use crate::cluster::{Cluster, Node, bin_dir};
 use crate::netns::Netns;
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
-use std::io::Write as _;
+use std::io::{Read, Write as _};
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -24,8 +26,26 @@ pub struct CniOutput {
 
 impl CniOutput {
     pub fn json(&self) -> Result<Value> {
-        serde_json::from_str(&self.stdout)
+        serde_json::from_str(self.stdout.trim())
             .with_context(|| format!("plugin stdout is not JSON: {self:?}"))
+    }
+
+    /// Asserts the plugin failed with a spec error of `code` (a JSON error naming its CNI version)
+    /// and returns its message.
+    pub fn expect_error(&self, code: u64) -> String {
+        assert!(!self.success, "expected failure, got {self:?}");
+        let v = self
+            .json()
+            .unwrap_or_else(|e| panic!("error output is not JSON: {e:#}"));
+        assert_eq!(v["code"].as_u64(), Some(code), "{self:?}");
+        assert!(v["cniVersion"].is_string(), "{self:?}");
+        v["msg"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Asserts the plugin succeeded.
+    pub fn expect_ok(&self) -> &Self {
+        assert!(self.success, "plugin failed: {self:?}");
+        self
     }
 
     /// The CNI error code, when the plugin failed.
@@ -77,34 +97,102 @@ pub fn exec_plugin(node_ns: &Netns, plugin: &str, env: &CniEnv, stdin: &str) -> 
         .map(|d| std::path::Path::new(d).join(plugin))
         .find(|p| p.exists())
         .with_context(|| format!("plugin {plugin} not found in {}", env.path))?;
+    let vars = [
+        ("CNI_COMMAND", env.command.as_str()),
+        ("CNI_CONTAINERID", &env.container_id),
+        ("CNI_NETNS", &env.netns),
+        ("CNI_IFNAME", &env.ifname),
+        ("CNI_ARGS", &env.args),
+        ("CNI_PATH", &env.path),
+    ];
+    run_plugin(node_ns, &program, &vars, stdin.as_bytes(), None)
+}
+
+/// Runs a CNI plugin as a runtime does, inside `node_ns`: an environment holding only `PATH` and
+/// `vars` (so a test can leave a variable out, or give it any value), `stdin` written from a
+/// thread of its own (a plugin may exit before reading it, or read it only after writing).
+/// With a `limit`, a plugin still running after it is killed (with every process it started)
+/// and the run is an error that carries what it printed: a hang must fail a test, not stall it.
+pub fn run_plugin(
+    node_ns: &Netns,
+    program: &Path,
+    vars: &[(&str, &str)],
+    stdin: &[u8],
+    limit: Option<Duration>,
+) -> Result<CniOutput> {
     let start = Instant::now();
-    let mut child = node_ns
-        .command(&program)?
+    let mut cmd = node_ns.command(program)?;
+    if limit.is_some() {
+        // A group of its own, so the kill at the limit reaches whatever the plugin started too
+        // (a delegated plugin holding the output pipes open would stall the run).
+        cmd.process_group(0);
+    }
+    let mut child = cmd
         .env_clear()
-        .env("CNI_COMMAND", &env.command)
-        .env("CNI_CONTAINERID", &env.container_id)
-        .env("CNI_NETNS", &env.netns)
-        .env("CNI_IFNAME", &env.ifname)
-        .env("CNI_ARGS", &env.args)
-        .env("CNI_PATH", &env.path)
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(vars.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawning {}", program.display()))?;
-    if let Some(mut stdin_pipe) = child.stdin.take() {
-        // A plugin may exit before reading stdin (e.g. VERSION): a broken pipe is not our failure.
-        let _ = stdin_pipe.write_all(stdin.as_bytes());
+    let writer = child.stdin.take().map(|mut pipe| {
+        let data = stdin.to_vec();
+        // A broken pipe (VERSION, an environment error) is the plugin's choice, not a failure.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        })
+    });
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out_reader = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let err_reader = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = match limit {
+        // A plain wait: a polling loop would add its period to the latency tests' figures.
+        None => Some(child.wait()?),
+        Some(limit) => loop {
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            if start.elapsed() > limit {
+                // SAFETY: signals the process group of our own child, which it leads.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        },
+    };
+    let elapsed = start.elapsed();
+    if let Some(w) = writer {
+        let _ = w.join();
     }
-    let out = child.wait_with_output()?;
-    Ok(CniOutput {
-        success: out.status.success(),
-        exit_code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: start.elapsed(),
-    })
+    let join = |h: std::thread::JoinHandle<String>| {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("plugin output reader panicked"))
+    };
+    let out = CniOutput {
+        success: status.is_some_and(|s| s.success()),
+        exit_code: status.and_then(|s| s.code()),
+        stdout: join(out_reader)?,
+        stderr: join(err_reader)?,
+        elapsed,
+    };
+    match (status, limit) {
+        (None, Some(limit)) => bail!(
+            "{} was still running after {limit:?} (killed): {out:?}",
+            program.display()
+        ),
+        _ => Ok(out),
+    }
 }
 
 /// The network configuration a node's runtime would hand to `vpcnet`.
@@ -219,4 +307,35 @@ fn md5ish(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // `sh` reads its script from stdin: a stand-in plugin that shows what the runner gave it.
+    const SH: &str = "/bin/sh";
+
+    #[test]
+    fn runs_with_only_the_given_environment_and_reports_what_it_printed() {
+        let ns = Netns::fresh("r").unwrap();
+        let script = b"echo \"$CNI_COMMAND ${HOME:-nohome}\"; echo oops >&2; exit 3";
+        let out = run_plugin(&ns, Path::new(SH), &[("CNI_COMMAND", "ADD")], script, None).unwrap();
+        assert!(!out.success);
+        assert_eq!(out.exit_code, Some(3));
+        assert_eq!(out.stdout, "ADD nohome\n");
+        assert_eq!(out.stderr, "oops\n");
+    }
+
+    #[test]
+    fn a_plugin_past_its_limit_is_killed_and_the_run_fails() {
+        let ns = Netns::fresh("r").unwrap();
+        let limit = Duration::from_millis(200);
+        let started = Instant::now();
+        let err = run_plugin(&ns, Path::new(SH), &[], b"sleep 5", Some(limit)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3), "not killed");
+        assert!(err.to_string().contains("still running"), "{err:#}");
+        let out = run_plugin(&ns, Path::new(SH), &[], b"echo ok", Some(limit)).unwrap();
+        assert!(out.success && out.stdout == "ok\n", "{out:?}");
+    }
 }

@@ -1,8 +1,10 @@
 //! Test harness: clusters built out of network namespaces, the CNI plugin run as a runtime runs it,
-//! and reachability probes. Used by the e2e tests, the demo and the benchmarks.
+//! a fake agent for the plugin's own tests, and reachability probes. Used by the e2e tests, the
+//! plugin's and the dataplane's tests, the demo and the benchmarks.
 
 pub mod cluster;
 pub mod cni;
+pub mod fake_daemon;
 pub mod netns;
 pub mod probe;
 

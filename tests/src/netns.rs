@@ -47,6 +47,12 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A namespace of its own run prefix (`<prefix>-<role>`): for a test that needs a few
+    /// namespaces and no cluster.
+    pub fn fresh(role: &str) -> Result<Netns> {
+        Netns::create(&format!("{}-{role}", run_prefix()))
+    }
+
     /// Another handle to a namespace of the run that something else owns (and deletes): for
     /// threads that run commands there while the owner is busy elsewhere.
     pub fn handle(&self) -> Netns {
@@ -64,6 +70,11 @@ impl Netns {
         PathBuf::from("/run/netns").join(&self.name)
     }
 
+    /// [`Netns::path`] as text, the form `CNI_NETNS` and a CNI result's `sandbox` carry.
+    pub fn path_string(&self) -> String {
+        self.path().display().to_string()
+    }
+
     /// Leave the namespace in place when dropped (demo `--keep`).
     pub fn keep(&mut self) {
         self.keep = true;
@@ -74,6 +85,41 @@ impl Netns {
         let out = run(Command::new("ip").arg("-n").arg(&self.name).args(args))
             .with_context(|| format!("ip -n {} {}", self.name, args.join(" ")))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `ip -n <ns> ...` whose failure is an answer, not an error: whether it succeeded, and its
+    /// stdout followed by its stderr (a failure to spawn `ip` reads as a failure).
+    pub fn try_ip(&self, args: &[&str]) -> (bool, String) {
+        match Command::new("ip")
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(out) => (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ),
+            Err(e) => (false, format!("spawning ip: {e}")),
+        }
+    }
+
+    pub fn has_link(&self, name: &str) -> bool {
+        self.try_ip(&["link", "show", "dev", name]).0
+    }
+
+    /// The interface index of `link` in this namespace.
+    pub fn ifindex(&self, link: &str) -> Result<u32> {
+        let line = self.ip(&["-o", "link", "show", "dev", link])?;
+        line.split(':')
+            .next()
+            .and_then(|s| s.trim().parse().ok())
+            .with_context(|| format!("no ifindex of {link} in {line:?}"))
     }
 
     /// A command that runs inside this namespace (setns before exec, like `ip netns exec` but without

@@ -1,8 +1,9 @@
-//! The shared fixture of the dataplane's root-only tests: a topology of network namespaces with
-//! two nodes, a VPC host, a router and pods wired as the CNI plugin wires them.
+//! The shared fixture of the dataplane's root-only tests: the harness's cluster of network
+//! namespaces (two nodes, a VPC host, a router; no daemons) and pods wired as the CNI plugin
+//! wires them, with the dataplanes started by the tests themselves.
 //!
-//! Everything lives in namespaces named `<prefix>-<role>` created here (prefix unique per run and
-//! test, starting with the project prefix so `cargo xtask clean` recognises leftovers); traffic
+//! Everything lives in namespaces named `<prefix>-<role>` (a prefix per topology, from the
+//! harness, starting with the project prefix so `cargo xtask clean` recognises leftovers); traffic
 //! only goes to those namespaces' addresses; nothing is attached in the root namespace. Pins live
 //! under `/sys/fs/bpf/vpcnet/<prefix>-node{1,2}`. The `Topology` guard removes all of it on drop,
 //! panics included.
@@ -19,16 +20,18 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io::Read as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vpcnet_dataplane::{AttachMode, Dataplane, DataplaneConfig, Endpoint, StartOptions};
 use vpcnet_ipam::{NetworkConfig, SubnetConfig};
-use vpcnet_tests::netns::{Netns, PROJECT_PREFIX};
+use vpcnet_tests::cluster::{remove_pins, wire_pod};
+use vpcnet_tests::probe::{self, WhoAmI};
+use vpcnet_tests::{Cluster, ClusterSpec, Netns};
 
 /// Runs `f` on a thread that has entered namespace `ns` (the dataplane works on the calling
 /// thread's netns, like the daemon does inside the node's).
@@ -49,81 +52,102 @@ pub const P2: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 11);
 pub const P3: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 140);
 pub const P4: Ipv4Addr = Ipv4Addr::new(10, 40, 0, 10);
 pub const NODE1: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 11);
-pub const VPC_HOST: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
-pub const PHY_HOST: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 10);
-pub const INET_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const VPC_HOST: Ipv4Addr = vpcnet_tests::cluster::VPC_HOST_IP;
+pub const PHY_HOST: Ipv4Addr = vpcnet_tests::cluster::PHYS_HOST_IP;
+pub const INET_HOST: Ipv4Addr = vpcnet_tests::cluster::INET_HOST_IP;
 
 pub fn run(cmd: &mut Command) -> Output {
     vpcnet_tests::netns::run(cmd).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// The harness's cluster of namespaces (fabric, router, VPC, physical and internet hosts, two
+/// nodes) without its daemons, the dataplanes started by the test itself on the nodes, and the
+/// pods wired by hand. Tests name namespaces by role: `fab`, `rtr`, `vpc`, `phy`, `inet`,
+/// `n1`, `n2`, and each pod's own name.
 pub struct Topology {
-    prefix: String,
-    /// Deleted (with every interface, route and nft table of the run) when dropped, after the
-    /// pins: see `Drop`.
-    namespaces: Vec<Netns>,
-    pin_dirs: Vec<PathBuf>,
+    /// Dropped before the cluster, after the pins: see `Drop`.
+    pods: Vec<Netns>,
+    cluster: Cluster,
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
         // Pins first: removing a link pin detaches its program; then the namespaces (and with
         // them every interface, route and nft table of the run).
-        for d in &self.pin_dirs {
-            let _ = std::fs::remove_dir_all(d);
+        for n in &self.cluster.nodes {
+            let _ = remove_pins(&n.bpf_dir);
         }
-        while let Some(ns) = self.namespaces.pop() {
-            drop(ns);
-        }
+        self.pods.clear();
     }
 }
 
 impl Topology {
+    /// A fresh topology with pods p1, p2, p4 wired on node1 and p3 on node2 (not yet known to
+    /// any dataplane). Its namespaces and pins carry a prefix of their own, so topologies of
+    /// tests running at once never meet.
+    pub fn build() -> (Topology, BTreeMap<&'static str, Endpoint>) {
+        let cluster = Cluster::build(ClusterSpec {
+            nodes: 2,
+            ..ClusterSpec::default()
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let mut t = Topology {
+            pods: Vec::new(),
+            cluster,
+        };
+        let mut eps = BTreeMap::new();
+        eps.insert("p1", t.pod("p1", "n1", P1, [2, 0, 0, 0, 1, 10], 1));
+        eps.insert("p2", t.pod("p2", "n1", P2, [2, 0, 0, 0, 1, 11], 1));
+        eps.insert("p3", t.pod("p3", "n2", P3, [2, 0, 0, 0, 1, 140], 1));
+        eps.insert("p4", t.pod("p4", "n1", P4, [2, 0, 0, 0, 4, 10], 2));
+        (t, eps)
+    }
+
+    pub fn netns(&self, role: &str) -> &Netns {
+        let c = &self.cluster;
+        match role {
+            "fab" => &c.fabric,
+            "rtr" => &c.router,
+            "vpc" => &c.vpc_host,
+            "phy" => &c.phys_host,
+            "inet" => &c.inet_host,
+            "n1" => &c.node(0).ns,
+            "n2" => &c.node(1).ns,
+            pod => {
+                let name = format!("{}-{pod}", c.prefix);
+                self.pods
+                    .iter()
+                    .find(|n| n.name() == name)
+                    .unwrap_or_else(|| panic!("no namespace of role {role}"))
+            }
+        }
+    }
+
     pub fn ns(&self, role: &str) -> String {
-        format!("{}-{role}", self.prefix)
+        self.netns(role).name().to_string()
     }
 
-    pub fn add_ns(&mut self, role: &str) -> String {
-        let name = self.ns(role);
-        let ns = Netns::create(&name).unwrap_or_else(|e| panic!("{e:#}"));
-        self.namespaces.push(ns);
-        name
-    }
-
+    /// `ip -n <role's ns> <args>`; panics on failure.
     pub fn ip(&self, role: &str, args: &str) -> String {
-        let out = run(Command::new("ip")
-            .arg("-n")
-            .arg(self.ns(role))
-            .args(args.split_whitespace()));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let args: Vec<&str> = args.split_whitespace().collect();
+        self.netns(role)
+            .ip(&args)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// A command that runs inside `role`'s namespace.
     pub fn exec(&self, role: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns(role)]).args(args);
+        let mut c = self
+            .netns(role)
+            .command(args[0])
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        c.args(&args[1..]);
         c
     }
 
     pub fn pin_dir(&self, node: &str) -> PathBuf {
-        PathBuf::from(format!("/sys/fs/bpf/vpcnet/{}-{node}", self.prefix))
-    }
-
-    /// Plugs `role`'s `ifname` into the fabric bridge with `addr`, default route via the router.
-    pub fn on_fabric(&self, role: &str, ifname: &str, addr: &str, gw: Option<&str>) {
-        let port = format!("f{role}");
-        self.ip(
-            role,
-            &format!(
-                "link add {ifname} type veth peer name {port} netns {}",
-                self.ns("fab")
-            ),
-        );
-        self.ip("fab", &format!("link set {port} master br0 up"));
-        self.ip(role, &format!("addr add {addr} dev {ifname}"));
-        self.ip(role, &format!("link set {ifname} up"));
-        if let Some(gw) = gw {
-            self.ip(role, &format!("route add default via {gw}"));
-        }
+        let i = if node == "node1" { 0 } else { 1 };
+        self.cluster.node(i).bpf_dir.clone()
     }
 
     /// Wires a pod exactly as the CNI plugin does. Returns the endpoint for the dataplane.
@@ -135,94 +159,18 @@ impl Topology {
         mac: [u8; 6],
         network_id: u16,
     ) -> Endpoint {
-        self.add_ns(role);
+        let ns = Netns::create(&format!("{}-{role}", self.cluster.prefix))
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let veth = format!("vpc{role}{}", "0".repeat(11 - role.len()));
-        let mac_s = mac.map(|b| format!("{b:02x}")).join(":");
-        self.ip(
-            node,
-            &format!(
-                "link add {veth} type veth peer name eth0 netns {}",
-                self.ns(role)
-            ),
-        );
-        self.ip(
-            node,
-            &format!("link set {veth} address ee:ee:ee:ee:ee:ee up"),
-        );
-        self.ip(node, &format!("route add {ip}/32 dev {veth} scope link"));
-        self.ip(role, &format!("link set eth0 address {mac_s} up"));
-        self.ip(role, &format!("addr add {ip}/32 dev eth0"));
-        self.ip(role, "route add 169.254.1.1/32 dev eth0 scope link");
-        self.ip(role, "route add default via 169.254.1.1 dev eth0");
-        self.ip(
-            role,
-            "neigh add 169.254.1.1 lladdr ee:ee:ee:ee:ee:ee dev eth0 nud permanent",
-        );
-        let line = self.ip(node, &format!("-o link show {veth}"));
-        let host_ifindex = line
-            .split(':')
-            .next()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| panic!("ifindex of {veth} in {line:?}"));
+        let host_ifindex = wire_pod(self.netns(node), &ns, &veth, ip, mac)
+            .unwrap_or_else(|e| panic!("wiring {role}: {e:#}"));
+        self.pods.push(ns);
         Endpoint {
             ip,
             host_ifindex,
             pod_mac: mac,
             network_id,
         }
-    }
-
-    /// `tag` keeps the namespaces of tests running in parallel (same process id) apart.
-    pub fn build(tag: &str) -> (Topology, BTreeMap<&'static str, Endpoint>) {
-        let prefix = format!("{PROJECT_PREFIX}{tag}{:x}", std::process::id() & 0xfffff);
-        let mut t = Topology {
-            prefix,
-            namespaces: Vec::new(),
-            pin_dirs: Vec::new(),
-        };
-        t.pin_dirs = vec![t.pin_dir("node1"), t.pin_dir("node2")];
-        for d in &t.pin_dirs {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        for role in ["fab", "n1", "n2", "vpc", "rtr", "phy", "inet"] {
-            t.add_ns(role);
-        }
-        t.ip("fab", "link add br0 type bridge");
-        t.ip("fab", "link set br0 up");
-        t.on_fabric("n1", "eth0", "10.20.0.11/16", Some("10.20.0.1"));
-        t.on_fabric("n2", "eth0", "10.20.0.12/16", Some("10.20.0.1"));
-        t.on_fabric("vpc", "eth0", "10.20.0.100/16", Some("10.20.0.1"));
-        t.on_fabric("rtr", "up0", "10.20.0.1/16", None);
-        for (role, ifname, raddr, haddr, gw) in [
-            ("phy", "phy0", "10.30.0.1/24", "10.30.0.10/24", "10.30.0.1"),
-            (
-                "inet",
-                "inet0",
-                "203.0.113.1/24",
-                "203.0.113.10/24",
-                "203.0.113.1",
-            ),
-        ] {
-            t.ip(
-                "rtr",
-                &format!(
-                    "link add {ifname} type veth peer name eth0 netns {}",
-                    t.ns(role)
-                ),
-            );
-            t.ip("rtr", &format!("addr add {raddr} dev {ifname}"));
-            t.ip("rtr", &format!("link set {ifname} up"));
-            t.ip(role, &format!("addr add {haddr} dev eth0"));
-            t.ip(role, "link set eth0 up");
-            t.ip(role, &format!("route add default via {gw}"));
-        }
-        run(&mut t.exec("rtr", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]));
-        let mut eps = BTreeMap::new();
-        eps.insert("p1", t.pod("p1", "n1", P1, [2, 0, 0, 0, 1, 10], 1));
-        eps.insert("p2", t.pod("p2", "n1", P2, [2, 0, 0, 0, 1, 11], 1));
-        eps.insert("p3", t.pod("p3", "n2", P3, [2, 0, 0, 0, 1, 140], 1));
-        eps.insert("p4", t.pod("p4", "n1", P4, [2, 0, 0, 0, 4, 10], 2));
-        (t, eps)
     }
 
     pub fn config(&self, node: &str) -> DataplaneConfig {
@@ -294,19 +242,10 @@ impl Topology {
         })
     }
 
+    /// `count` pings 0.2 s apart, each given 1 s.
     pub fn ping(&self, from: &str, to: Ipv4Addr, count: u32) -> Child {
-        let count = count.to_string();
-        let to = to.to_string();
-        self.exec(
-            from,
-            &[
-                "ping", "-q", "-n", "-c", &count, "-i", "0.2", "-W", "1", &to,
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ping")
+        probe::ping_flood(self.netns(from), to, count, Duration::from_millis(200))
+            .unwrap_or_else(|e| panic!("ping from {from}: {e:#}"))
     }
 
     /// Runs all pings at once; asserts each one's outcome (reachable or not).
@@ -360,36 +299,16 @@ impl Topology {
         connect: SocketAddr,
         src_port: Option<u16>,
     ) -> Result<Ipv4Addr, String> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let server_ns = self.ns(server);
-        let client_ns = self.ns(client);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                in_ns(&server_ns, move || {
-                    let l = TcpListener::bind(bind).expect("bind");
-                    l.set_nonblocking(true).unwrap();
-                    tx.send(()).unwrap();
-                    let deadline = Instant::now() + Duration::from_secs(4);
-                    while Instant::now() < deadline {
-                        match l.accept() {
-                            Ok((mut c, peer)) => {
-                                c.set_nonblocking(false).unwrap();
-                                let _ = c.write_all(peer.ip().to_string().as_bytes());
-                                return;
-                            }
-                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                        }
-                    }
-                })
-            });
-            rx.recv().unwrap();
-            in_ns(&client_ns, move || {
-                let mut c = connect_from(connect, src_port).map_err(|e| format!("connect: {e}"))?;
-                c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                let mut s = String::new();
-                c.read_to_string(&mut s).map_err(|e| format!("read: {e}"))?;
-                s.parse().map_err(|e| format!("answer {s:?}: {e}"))
-            })
+        let SocketAddr::V4(bind) = bind else {
+            unreachable!("IPv4 only")
+        };
+        let _server = WhoAmI::start(self.netns(server), bind).map_err(|e| format!("{e:#}"))?;
+        in_ns(&self.ns(client), move || {
+            let mut c = connect_from(connect, src_port).map_err(|e| format!("connect: {e}"))?;
+            c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).map_err(|e| format!("read: {e}"))?;
+            s.parse().map_err(|e| format!("answer {s:?}: {e}"))
         })
     }
 
@@ -519,8 +438,8 @@ pub struct Started {
 }
 
 impl Started {
-    pub fn new(tag: &str) -> Started {
-        let (topo, eps) = Topology::build(tag);
+    pub fn new() -> Started {
+        let (topo, eps) = Topology::build();
         let dp1 = topo.start("node1");
         let dp2 = topo.start("node2");
         let s = Started {
@@ -577,32 +496,17 @@ impl Started {
 
 /// A `ping -i 0.01` (100 pps) of `count` packets from `from` to `to`, for loss across a change.
 pub fn flood(topo: &Topology, from: &str, to: Ipv4Addr, count: u32) -> Child {
-    topo.exec(
-        from,
-        &[
-            "ping",
-            "-q",
-            "-n",
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.01",
-            "-W",
-            "1",
-            &to.to_string(),
-        ],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap()
+    probe::ping_flood(topo.netns(from), to, count, Duration::from_millis(10))
+        .unwrap_or_else(|e| panic!("flood from {from}: {e:#}"))
 }
 
 /// Waits for a [`flood`] and asserts it lost nothing.
 pub fn assert_no_loss(name: &str, child: Child, count: u32) {
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains(&format!("{count} received")) && text.contains(" 0% packet loss"),
+    assert_eq!(
+        probe::ping_summary(&text),
+        Some((count, count)),
         "{name} lost packets: {text}"
     );
 }
