@@ -6,6 +6,9 @@
 //! objects must be unique cluster-wide, which only a cluster-scoped name gives (a create of an
 //! existing name is refused atomically by the API server).
 
+// Every `printcolumn(...)` repeats `type_ = ...`, which the lint takes for a duplicate.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
 use kube::core::CustomResourceExt as _;

@@ -6,3 +6,4 @@ pub mod crd;
 pub mod fold;
 pub mod topology;
 pub mod watch;
+pub mod claims;

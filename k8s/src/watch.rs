@@ -13,14 +13,16 @@ use crate::topology::{self, Built};
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use vpcnet_policy::ClusterState;
 
 /// One watcher's output, tagged with its kind.
+// Moved once, from its watcher into the fold: boxing would only add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 pub enum Update {
     Namespace(watcher::Result<Event<Namespace>>),
     Pod(watcher::Result<Event<Pod>>),
@@ -38,11 +40,22 @@ pub enum WatchError {
     #[error(
         "the API server forbids watching {resource}: {message} (the vpcnet ServiceAccount needs list and watch on it; apply manifests/rbac.yaml)"
     )]
-    Forbidden { resource: &'static str, message: String },
-    #[error("{resource} is not served by the API server: {message} (are the vpcnet CRDs installed? kubectl apply -f manifests/crds.yaml)")]
-    NotFound { resource: &'static str, message: String },
+    Forbidden {
+        resource: &'static str,
+        message: String,
+    },
+    #[error(
+        "{resource} is not served by the API server: {message} (are the vpcnet CRDs installed? kubectl apply -f manifests/crds.yaml)"
+    )]
+    NotFound {
+        resource: &'static str,
+        message: String,
+    },
     #[error("watching {resource}: {message}")]
-    Failed { resource: &'static str, message: String },
+    Failed {
+        resource: &'static str,
+        message: String,
+    },
 }
 
 impl WatchError {
@@ -87,11 +100,16 @@ impl WatchHealth {
         let mut out: Vec<String> = self.errors.values().map(|e| e.to_string()).collect();
         let waiting: Vec<&str> = WatchedKind::ALL
             .iter()
-            .filter(|k| !self.listed.get(k).copied().unwrap_or(false) && !self.errors.contains_key(k))
+            .filter(|k| {
+                !self.listed.get(k).copied().unwrap_or(false) && !self.errors.contains_key(k)
+            })
             .map(|k| k.resource())
             .collect();
         if !waiting.is_empty() {
-            out.push(format!("waiting for the first list of {}", waiting.join(", ")));
+            out.push(format!(
+                "waiting for the first list of {}",
+                waiting.join(", ")
+            ));
         }
         out
     }
@@ -160,11 +178,7 @@ pub async fn run_fold(
 }
 
 fn apply(f: &mut Fold, h: &mut WatchHealth, u: Update) -> Changed {
-    fn one<K: Watched>(
-        f: &mut Fold,
-        h: &mut WatchHealth,
-        r: watcher::Result<Event<K>>,
-    ) -> Changed {
+    fn one<K: Watched>(f: &mut Fold, h: &mut WatchHealth, r: watcher::Result<Event<K>>) -> Changed {
         match r {
             Ok(ev) => {
                 if h.errors.remove(&K::KIND).is_some() {
@@ -218,9 +232,13 @@ pub fn watch_all(client: kube::Client) -> impl Stream<Item = Update> + Send + Un
     futures::stream::select_all([
         w::<Namespace>(&client).map(Update::Namespace).boxed(),
         w::<Pod>(&client).map(Update::Pod).boxed(),
-        w::<NetworkPolicy>(&client).map(Update::NetworkPolicy).boxed(),
+        w::<NetworkPolicy>(&client)
+            .map(Update::NetworkPolicy)
+            .boxed(),
         w::<Node>(&client).map(Update::Node).boxed(),
-        w::<VirtualNetwork>(&client).map(Update::VirtualNetwork).boxed(),
+        w::<VirtualNetwork>(&client)
+            .map(Update::VirtualNetwork)
+            .boxed(),
         w::<Subnet>(&client).map(Update::Subnet).boxed(),
         w::<IPBlock>(&client).map(Update::IPBlock).boxed(),
         w::<IPClaim>(&client).map(Update::IPClaim).boxed(),
@@ -228,7 +246,10 @@ pub fn watch_all(client: kube::Client) -> impl Stream<Item = Update> + Send + Un
 }
 
 /// Starts the fold on `updates` and returns what it publishes.
-pub fn spawn(updates: impl Stream<Item = Update> + Send + Unpin + 'static, cooldown_secs: u64) -> Published {
+pub fn spawn(
+    updates: impl Stream<Item = Update> + Send + Unpin + 'static,
+    cooldown_secs: u64,
+) -> Published {
     let (state_tx, state) = watch::channel(None);
     let (topology_tx, topology) = watch::channel(None);
     let health = Arc::new(Mutex::new(WatchHealth::default()));
@@ -307,13 +328,22 @@ mod tests {
         assert!(!p.health.lock().unwrap().synced());
         list_all(&tx);
         let mut state = p.state.clone();
-        let s = state.wait_for(|s| s.is_some()).await.unwrap().clone().unwrap();
+        let s = state
+            .wait_for(|s| s.is_some())
+            .await
+            .unwrap()
+            .clone()
+            .unwrap();
         // The relist that list_all sent for pods dropped p1: what was listed last is in force.
         assert_eq!(s.pods().count(), 0);
-        assert!(p.topology.borrow().is_some(), "topology published with the state");
+        assert!(
+            p.topology.borrow().is_some(),
+            "topology published with the state"
+        );
         let g = s.generation();
 
-        tx.unbounded_send(Update::Pod(Ok(Event::Apply(pod("p2", "y"))))).unwrap();
+        tx.unbounded_send(Update::Pod(Ok(Event::Apply(pod("p2", "y")))))
+            .unwrap();
         let s = state
             .wait_for(|s| s.as_ref().is_some_and(|s| s.generation() > g))
             .await
@@ -328,15 +358,18 @@ mod tests {
         let (tx, rx) = mpsc::unbounded();
         let p = spawn(rx, 30);
         list_all(&tx);
-        tx.unbounded_send(Update::Pod(Ok(Event::Apply(pod("p1", "x"))))).unwrap();
+        tx.unbounded_send(Update::Pod(Ok(Event::Apply(pod("p1", "x")))))
+            .unwrap();
         let mut state = p.state.clone();
         state
             .wait_for(|s| s.as_ref().is_some_and(|s| s.pods().count() == 1))
             .await
             .unwrap();
         // The watch breaks: RBAC was changed under the daemon, and the watcher's relist fails.
-        tx.unbounded_send(Update::Pod(Err(watcher::Error::InitialListFailed(status(403)))))
-            .unwrap();
+        tx.unbounded_send(Update::Pod(Err(watcher::Error::InitialListFailed(status(
+            403,
+        )))))
+        .unwrap();
         settle().await;
         let h = p.health.lock().unwrap().clone();
         let problems = h.problems().join("; ");
@@ -348,7 +381,8 @@ mod tests {
             "the last good state stays in force"
         );
         // It recovers with the next event of that kind.
-        tx.unbounded_send(Update::Pod(Ok(Event::Apply(pod("p1", "z"))))).unwrap();
+        tx.unbounded_send(Update::Pod(Ok(Event::Apply(pod("p1", "z")))))
+            .unwrap();
         settle().await;
         assert!(p.health.lock().unwrap().errors.is_empty());
     }
@@ -370,12 +404,17 @@ mod tests {
         list!(VirtualNetwork);
         list!(IPBlock);
         list!(IPClaim);
-        tx.unbounded_send(Update::Subnet(Err(watcher::Error::InitialListFailed(status(404)))))
-            .unwrap();
+        tx.unbounded_send(Update::Subnet(Err(watcher::Error::InitialListFailed(
+            status(404),
+        ))))
+        .unwrap();
         settle().await;
         assert!(p.state.borrow().is_none());
         let problems = p.health.lock().unwrap().problems().join("; ");
-        assert!(problems.contains("subnets.vpcnet.io is not served"), "{problems}");
+        assert!(
+            problems.contains("subnets.vpcnet.io is not served"),
+            "{problems}"
+        );
     }
 
     #[tokio::test]
@@ -383,16 +422,18 @@ mod tests {
         let (tx, rx) = mpsc::unbounded();
         let p = spawn(rx, 30);
         list_all(&tx);
-        tx.unbounded_send(Update::VirtualNetwork(Ok(Event::Apply(VirtualNetwork::new(
-            "vpc",
-            crate::crd::VirtualNetworkSpec {
-                id: 1,
-                default: true,
-                routable_cidrs: vec![],
-                masquerade_exclude: vec![],
-                peers: vec![],
-            },
-        )))))
+        tx.unbounded_send(Update::VirtualNetwork(Ok(Event::Apply(
+            VirtualNetwork::new(
+                "vpc",
+                crate::crd::VirtualNetworkSpec {
+                    id: 1,
+                    default: true,
+                    routable_cidrs: vec![],
+                    masquerade_exclude: vec![],
+                    peers: vec![],
+                },
+            ),
+        ))))
         .unwrap();
         tx.unbounded_send(Update::Subnet(Ok(Event::Apply(Subnet::new(
             "pods",
