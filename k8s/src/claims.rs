@@ -23,7 +23,9 @@ pub enum ClaimError {
     /// Someone else created the name first: try another block, or the address is held.
     #[error("{what} is already claimed")]
     Taken { what: String },
-    #[error("subnet {subnet} has no unclaimed block of /{block_size} left ({claimed} claimed); add a Subnet or widen this one")]
+    #[error(
+        "subnet {subnet} has no unclaimed block of /{block_size} left ({claimed} claimed); add a Subnet or widen this one"
+    )]
     Exhausted {
         subnet: String,
         block_size: u8,
@@ -59,7 +61,11 @@ pub fn free_blocks<'a>(
             let n = start + (i << step_bits);
             IpNetwork::new(addr(base.is_ipv4(), n), block_size).expect("prefix within family")
         })
-        .filter(move |b| !claimed.iter().any(|c| c.contains(b.network()) || b.contains(c.network())))
+        .filter(move |b| {
+            !claimed
+                .iter()
+                .any(|c| c.contains(b.network()) || b.contains(c.network()))
+        })
         .filter(move |b| !all_reserved(subnet, *b))
 }
 
@@ -248,16 +254,23 @@ mod tests {
         // claimed by hand overlaps the fourth.
         let s = subnet("10.20.0.0/24", &[("10.20.0.1", "10.20.0.63")]);
         let claimed = nets(&["10.20.0.64/26", "10.20.0.224/27"]);
-        let free: Vec<String> = free_blocks(&s, 26, &claimed).map(|b| b.to_string()).collect();
+        let free: Vec<String> = free_blocks(&s, 26, &claimed)
+            .map(|b| b.to_string())
+            .collect();
         assert_eq!(free, ["10.20.0.128/26"]);
         assert_eq!(free_blocks(&s, 24, &BTreeSet::new()).count(), 1);
-        assert_eq!(free_blocks(&s, 23, &BTreeSet::new()).count(), 0, "block larger than the subnet");
+        assert_eq!(
+            free_blocks(&s, 23, &BTreeSet::new()).count(),
+            0,
+            "block larger than the subnet"
+        );
     }
 
     #[test]
     fn ipv6_blocks_are_enumerated_lazily() {
         let s = subnet("fd00::/64", &[]);
-        let mut it = free_blocks(&s, 122, &BTreeSet::new());
+        let none = BTreeSet::new();
+        let mut it = free_blocks(&s, 122, &none);
         assert_eq!(it.next().unwrap().to_string(), "fd00::/122");
         assert_eq!(it.next().unwrap().to_string(), "fd00::40/122");
     }

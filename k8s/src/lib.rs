@@ -2,8 +2,8 @@
 //! folded from watched API objects, and the claims that make blocks and fixed addresses unique
 //! cluster-wide.
 
+pub mod claims;
 pub mod crd;
 pub mod fold;
 pub mod topology;
 pub mod watch;
-pub mod claims;
