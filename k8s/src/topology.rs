@@ -8,11 +8,12 @@
 
 use crate::crd::{IPBlock, Subnet, VirtualNetwork};
 use ipnetwork::IpNetwork;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt as _;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use vpcnet_ipam::{IpRange, IpamConfig, NetworkConfig, SubnetConfig};
+use vpcnet_policy::model::Labels;
+use vpcnet_policy::selector::Selector;
 
 /// Which kind of object a problem is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,7 +27,7 @@ pub enum ObjectKind {
 pub struct SubnetSelector {
     pub network: String,
     pub subnet: String,
-    pub selector: LabelSelector,
+    pub selector: Selector,
 }
 
 /// The topology the objects describe, and what is wrong with the ones left out of it.
@@ -63,6 +64,13 @@ impl Built {
             .entry((kind, name.to_string()))
             .or_default()
             .push(text);
+    }
+
+    /// The subnet whose namespace selector selects a namespace with `labels`: the oldest such
+    /// Subnet when several do (so creating a second one never moves a namespace's new pods).
+    /// An annotation on the pod or its namespace takes precedence over this.
+    pub fn subnet_for_namespace(&self, labels: &Labels) -> Option<&SubnetSelector> {
+        self.selectors.iter().find(|s| s.selector.matches(labels))
     }
 
     /// The problems of one object (empty when it is in force and well).
@@ -262,11 +270,21 @@ pub fn build(
             }
         }
         if let Some(sel) = &spec.namespace_selector {
-            out.selectors.push(SubnetSelector {
-                network: net.name.clone(),
-                subnet: name.clone(),
-                selector: sel.clone(),
-            });
+            match Selector::parse(sel) {
+                Ok(selector) => out.selectors.push(SubnetSelector {
+                    network: net.name.clone(),
+                    subnet: name.clone(),
+                    selector,
+                }),
+                Err(e) => {
+                    // The subnet stays usable by annotation; it just selects no namespace.
+                    out.problem(
+                        ObjectKind::Subnet,
+                        &name,
+                        format!("spec.namespaceSelector: {e}; it selects no namespace until fixed"),
+                    );
+                }
+            }
         }
         out.block_sizes
             .insert((net.name.clone(), name.clone()), spec.block_size);
@@ -464,6 +482,37 @@ mod tests {
         assert!(p(ObjectKind::Subnet, "orphan").contains("names no VirtualNetwork"));
         assert!(p(ObjectKind::Subnet, "older").is_empty());
         built.ipam.validate().unwrap();
+    }
+
+    #[test]
+    fn namespaces_are_placed_by_the_oldest_subnet_selecting_them() {
+        let sel = |app: &str| {
+            Some(serde_json::from_value(serde_json::json!({"matchLabels": {"team": app}})).unwrap())
+        };
+        let mut a = subnet("a", "vpc", "10.20.0.0/16", 0);
+        a.spec.namespace_selector = sel("blue");
+        let mut b = subnet("b", "vpc", "10.21.0.0/16", 5);
+        b.spec.namespace_selector = sel("blue");
+        let mut bad = subnet("bad", "vpc", "10.22.0.0/16", 6);
+        bad.spec.namespace_selector = Some(
+            serde_json::from_value(
+                serde_json::json!({"matchExpressions": [{"key": "x", "operator": "Near"}]}),
+            )
+            .unwrap(),
+        );
+        let built = build(&[vnet("vpc", 1, 0)], &[b, a, bad], &[], 30);
+        let labels = |t: &str| Labels::from([("team".to_string(), t.to_string())]);
+        assert_eq!(
+            built.subnet_for_namespace(&labels("blue")).unwrap().subnet,
+            "a"
+        );
+        assert!(built.subnet_for_namespace(&labels("red")).is_none());
+        assert!(built.problems_of(ObjectKind::Subnet, "bad")[0].contains("namespaceSelector"));
+        assert_eq!(
+            built.ipam.networks[0].subnets.len(),
+            3,
+            "a bad selector does not take the subnet out"
+        );
     }
 
     #[test]
