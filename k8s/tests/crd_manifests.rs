@@ -36,3 +36,27 @@ fn every_crd_document_parses_back_as_a_crd() {
         .collect();
     assert_eq!(kinds, ["VirtualNetwork", "Subnet", "IPBlock", "IPClaim"]);
 }
+
+#[test]
+fn the_example_network_is_a_valid_topology() {
+    use serde::Deserialize as _;
+    use vpcnet_k8s::crd::{Subnet, VirtualNetwork};
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/network.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let (mut nets, mut subnets) = (Vec::new(), Vec::new());
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc).unwrap();
+        match v["kind"].as_str() {
+            Some("VirtualNetwork") => {
+                nets.push(serde_yaml::from_value::<VirtualNetwork>(v).unwrap())
+            }
+            Some("Subnet") => subnets.push(serde_yaml::from_value::<Subnet>(v).unwrap()),
+            other => panic!("unexpected kind {other:?}"),
+        }
+    }
+    let built = vpcnet_k8s::topology::build(&nets, &subnets, &[], 30);
+    assert!(built.problems.is_empty(), "{:?}", built.problems);
+    built.ipam.validate().unwrap();
+    assert_eq!(built.ipam.networks[0].subnets.len(), 2);
+}
