@@ -5,5 +5,6 @@
 pub mod claims;
 pub mod crd;
 pub mod fold;
+pub mod node;
 pub mod topology;
 pub mod watch;
