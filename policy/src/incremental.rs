@@ -27,7 +27,7 @@
 use crate::cidr::{Cidr, lpm_closure, subtract};
 use crate::compile::{
     Compiled, DirectionRules, EndpointRules, FIRST_POD_ID, ID_ANY, ID_HOST, IdentityKey,
-    LAST_POD_ID, PortSet, split_ports,
+    LAST_POD_ID, PortSet, Touched, split_ports,
 };
 use crate::model::{
     ClusterState, Direction, Labels, NAMESPACE_NAME_LABEL, Namespace, NamespaceMatch, ObjRef,
@@ -270,6 +270,8 @@ pub struct Regenerator {
     endpoints: BTreeMap<Ipv4Addr, Endpoint>,
     /// Endpoints to rebuild at the next [`Regenerator::compile`].
     dirty: BTreeSet<Ipv4Addr>,
+    /// Keys of `out` changed since the last compile, for its change log.
+    touched: Touched,
     out: Compiled,
     /// Identities created since the last compile.
     added: usize,
@@ -294,6 +296,7 @@ impl Regenerator {
             seeds_taken: BTreeSet::new(),
             endpoints: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            touched: Touched::default(),
             out: Compiled::default(),
             added: 0,
             stats: RegenStats::default(),
@@ -410,9 +413,11 @@ impl Regenerator {
                 egress: self.direction(&ep.pod, Direction::Egress),
             };
             self.out.endpoints.insert(ip, rules);
+            self.touched.endpoints.insert(ip);
             stats.endpoints += 1;
         }
         self.stats = stats;
+        self.out.record(std::mem::take(&mut self.touched));
         &self.out
     }
 
@@ -691,10 +696,14 @@ impl Regenerator {
             .get(&ip)
             .and_then(|s| s.iter().next())
             .map(|k| (k.clone(), &self.pods[k]));
-        match owner.as_ref().and_then(|(_, e)| e.id) {
+        let id = owner.as_ref().and_then(|(_, e)| e.id);
+        let before = match id {
             Some(id) => self.out.ip_identity.insert(ip, id),
             None => self.out.ip_identity.remove(&ip),
         };
+        if before != id {
+            self.touched.addresses.insert(ip);
+        }
         let new_ep = owner
             .filter(|(k, _)| self.local.get(k) == Some(&ip))
             .map(|(k, e)| Endpoint {
@@ -710,6 +719,7 @@ impl Regenerator {
             if let Some(old) = self.endpoints.remove(&ip) {
                 self.unselect(ip, &old.pod);
                 self.out.endpoints.remove(&ip);
+                self.touched.endpoints.insert(ip);
                 self.dirty.remove(&ip);
             }
             if let Some(ep) = new_ep {
