@@ -30,8 +30,8 @@ use crate::compile::{
     LAST_POD_ID, PortSet, Touched, split_ports,
 };
 use crate::model::{
-    ClusterState, Direction, Labels, NAMESPACE_NAME_LABEL, Namespace, NamespaceMatch, ObjRef,
-    PeerMatch, Pod, PodRef, Policy, Protocol,
+    AddressIndex, ClusterState, Direction, Labels, NAMESPACE_NAME_LABEL, Namespace, NamespaceMatch,
+    ObjRef, PeerMatch, Pod, PodRef, Policy, Protocol,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -258,7 +258,7 @@ pub struct Regenerator {
     policies: BTreeMap<ObjRef, PolicyEntry>,
     /// This node's allocations.
     local: BTreeMap<PodRef, Ipv4Addr>,
-    by_ip: BTreeMap<Ipv4Addr, BTreeSet<PodRef>>,
+    by_ip: AddressIndex,
     /// Identity number and how many pods hold it.
     ids: HashMap<IdentityKey, (u32, usize)>,
     /// Identities whose count reached zero in this batch.
@@ -288,7 +288,7 @@ impl Regenerator {
             pods: BTreeMap::new(),
             policies: BTreeMap::new(),
             local: BTreeMap::new(),
-            by_ip: BTreeMap::new(),
+            by_ip: AddressIndex::default(),
             ids: HashMap::new(),
             unused: BTreeSet::new(),
             next_id: FIRST_POD_ID,
@@ -525,7 +525,7 @@ impl Regenerator {
         e.pod = new.clone();
         e.id = id;
         if let Some(ip) = new.ip {
-            self.by_ip.entry(ip).or_default().insert(key.clone());
+            self.by_ip.insert(ip, key.clone());
             self.touch_ip(ip);
         }
     }
@@ -551,7 +551,7 @@ impl Regenerator {
             let ip = pod.ip.expect("a local allocation has an address");
             let id = self.intern(self.identity_key(&pod), ip);
             self.pods.get_mut(key).expect("inserted").id = Some(id);
-            self.by_ip.entry(ip).or_default().insert(key.clone());
+            self.by_ip.insert(ip, key.clone());
             self.touch_ip(ip);
             return;
         };
@@ -590,7 +590,7 @@ impl Regenerator {
             self.unindex_ip(key, ip);
         }
         if let Some(ip) = new.ip {
-            self.by_ip.entry(ip).or_default().insert(key.clone());
+            self.by_ip.insert(ip, key.clone());
         }
         for ip in [old.ip, new.ip]
             .into_iter()
@@ -602,12 +602,7 @@ impl Regenerator {
     }
 
     fn unindex_ip(&mut self, key: &PodRef, ip: Ipv4Addr) {
-        if let Some(set) = self.by_ip.get_mut(&ip) {
-            set.remove(key);
-            if set.is_empty() {
-                self.by_ip.remove(&ip);
-            }
-        }
+        self.by_ip.remove(ip, key);
     }
 
     /// One more pod holds `key`.
@@ -691,11 +686,7 @@ impl Regenerator {
     fn touch_ip(&mut self, ip: Ipv4Addr) {
         // Two pods may briefly report one address; the first by namespace/name owns it, as
         // `ClusterState::pod_by_ip` decides for everyone else.
-        let owner = self
-            .by_ip
-            .get(&ip)
-            .and_then(|s| s.iter().next())
-            .map(|k| (k.clone(), &self.pods[k]));
+        let owner = self.by_ip.owner(ip).map(|k| (k.clone(), &self.pods[k]));
         let id = owner.as_ref().and_then(|(_, e)| e.id);
         let before = match id {
             Some(id) => self.out.ip_identity.insert(ip, id),
@@ -949,10 +940,9 @@ impl Regenerator {
                     .checked_shr(u32::from(cidr.prefix_len()))
                     .unwrap_or(0),
         );
-        self.by_ip.range(first..=last).filter_map(|(ip, keys)| {
-            let k = keys.iter().next()?;
-            Some((*ip, self.pods[k].pod.as_ref()))
-        })
+        self.by_ip
+            .owners(first, last)
+            .map(|(ip, k)| (ip, self.pods[k].pod.as_ref()))
     }
 }
 
