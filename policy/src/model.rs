@@ -641,6 +641,37 @@ impl ClusterState {
         self.pods.insert(key, pod);
     }
 
+    /// Adds a pod not in the state yet; `false` (and nothing changes) when one of its key is.
+    pub(crate) fn insert_new_pod(&mut self, pod: Arc<Pod>) -> bool {
+        match self.pods.entry(pod.key()) {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                self.generation += 1;
+                if let Some(ip) = pod.ip {
+                    self.by_ip.insert(ip, v.key().clone());
+                }
+                v.insert(pod);
+                true
+            }
+        }
+    }
+
+    pub(crate) fn insert_new_namespace(&mut self, ns: Arc<Namespace>) -> bool {
+        if self.namespaces.contains_key(&ns.name) {
+            return false;
+        }
+        self.upsert_namespace(ns);
+        true
+    }
+
+    pub(crate) fn insert_new_policy(&mut self, p: Arc<Policy>) -> bool {
+        if self.policies.contains_key(&p.key()) {
+            return false;
+        }
+        self.insert_policy(p);
+        true
+    }
+
     pub fn remove_pod(&mut self, key: &PodRef) -> Option<Pod> {
         self.generation += 1;
         self.unindex(key);
