@@ -337,14 +337,15 @@ proptest! {
     }
 }
 
-/// What a dataplane holding `c` enforces: the rules and address map, not the labels of the
-/// record (a mirror learns an endpoint's pod and identity from no op).
-fn enforced(
-    c: &Compiled,
-) -> (
+/// Address map, and per endpoint its two directions.
+type Enforced = (
     BTreeMap<Ipv4Addr, u32>,
     Vec<(Ipv4Addr, DirectionRules, DirectionRules)>,
-) {
+);
+
+/// What a dataplane holding `c` enforces: the rules and address map, not the labels of the
+/// record (a mirror learns an endpoint's pod and identity from no op).
+fn enforced(c: &Compiled) -> Enforced {
     (
         c.ip_identity.clone(),
         c.endpoints
