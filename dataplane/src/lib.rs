@@ -1095,11 +1095,14 @@ impl Dataplane {
 
     /// Takes the policy maps from what they hold to `new` along [`vpcnet_policy::compile::plan`],
     /// phase after phase; when anything narrowed, established connections are judged again.
+    /// When `new` is a later revision of the regenerator output applied last, only the endpoints
+    /// and addresses it changed since are compared (the same plan, at the cost of the change).
     pub fn sync_policy(&self, new: &vpcnet_policy::Compiled) -> Result<SyncStats, DataplaneError> {
         let mut guard = lock(&self.policy);
         let st = &mut *guard;
-        let plan = vpcnet_policy::compile::plan(st.tables.mirror(), new);
+        let plan = st.tables.plan(new);
         if plan.is_empty() {
+            st.tables.applied(new);
             return Ok(SyncStats::default());
         }
         let mut maps = policy::Maps {
@@ -1109,6 +1112,7 @@ impl Dataplane {
             records: &self.records,
         };
         let stats = st.tables.apply(&mut maps, &plan)?;
+        st.tables.applied(new);
         if stats.narrowed {
             self.bump_policy_epoch()?;
         }

@@ -29,7 +29,9 @@ use vpcnet_common::{
     PolicyCidrKey, PolicyKey, ip_key,
 };
 use vpcnet_policy::cidr::Cidr;
-use vpcnet_policy::compile::{Compiled, DirectionRules, EndpointRules, Op, PortSet, UpdatePlan};
+use vpcnet_policy::compile::{
+    Compiled, DirectionRules, EndpointRules, Op, PortSet, UpdatePlan, Version,
+};
 use vpcnet_policy::model::{Direction, PodRef, Protocol};
 
 /// How endpoints get their `EndpointInfo::policy` bits.
@@ -123,6 +125,11 @@ struct SetKey {
 #[derive(Debug, Default)]
 pub struct PolicyTables {
     mirror: Compiled,
+    /// The revision of the tracked compilation the mirror equals, when it is one applied in full:
+    /// the next plan then looks only at the keys changed since (see
+    /// [`Compiled::touched_since`]). `None` after a restart, a closing of every endpoint or a
+    /// failed plan: the next plan compares everything.
+    applied: Option<Version>,
     /// Port-set numbers in use: by content, with the number of prefixes pointing at them.
     sets: BTreeMap<SetKey, (u32, usize)>,
     /// The numbers of `sets`, so a new set finds a free number without scanning them all.
@@ -142,6 +149,21 @@ pub(super) struct Maps<'a> {
 impl PolicyTables {
     pub fn mirror(&self) -> &Compiled {
         &self.mirror
+    }
+
+    /// The plan from what the maps hold to `new`: over the keys `new` changed since the revision
+    /// last applied when it is a later revision of the same compilation, else over everything.
+    /// Both give the same ops (`plan_touched`'s contract), so the ordering guarantee holds alike.
+    pub fn plan(&self, new: &Compiled) -> UpdatePlan {
+        match self.applied.and_then(|v| new.touched_since(v)) {
+            Some(touched) => vpcnet_policy::compile::plan_touched(&self.mirror, new, &touched),
+            None => vpcnet_policy::compile::plan(&self.mirror, new),
+        }
+    }
+
+    /// Records that the maps now hold `new` in full (its plan was applied without error).
+    pub(super) fn applied(&mut self, new: &Compiled) {
+        self.applied = new.version();
     }
 
     /// `EndpointInfo::policy` for an endpoint being (re)installed.
@@ -241,6 +263,7 @@ impl PolicyTables {
     /// after a rule map was recreated (the records are then written closed). The next plan
     /// opens what the policy opens, after writing the rules (no window of wider access).
     pub(super) fn close_all(&mut self) {
+        self.applied = None;
         for e in self.mirror.endpoints.values_mut() {
             e.ingress.isolated = true;
             e.egress.isolated = true;
@@ -254,6 +277,9 @@ impl PolicyTables {
         plan: &UpdatePlan,
     ) -> Result<SyncStats, DataplaneError> {
         let mut stats = SyncStats::default();
+        // Set again by the caller once every op is in: a plan cut short leaves the mirror between
+        // two revisions, so the next plan compares everything.
+        self.applied = None;
         for (phase, ops) in plan.phases() {
             for op in ops {
                 self.apply_op(maps, op)

@@ -366,13 +366,142 @@ impl EndpointRules {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Compiled {
     pub generation: u64,
     pub identities: BTreeMap<u32, IdentityKey>,
     pub ip_identity: BTreeMap<Ipv4Addr, u32>,
     /// Keyed by the endpoint's address.
     pub endpoints: BTreeMap<Ipv4Addr, EndpointRules>,
+    /// Which keys each revision changed, when this value is kept up to date by a
+    /// [`crate::incremental::Regenerator`]: not part of the value (see [`Compiled::touched_since`]).
+    log: ChangeLog,
+}
+
+/// Equal rules, whatever their change logs.
+impl PartialEq for Compiled {
+    fn eq(&self, other: &Self) -> bool {
+        self.generation == other.generation
+            && self.identities == other.identities
+            && self.ip_identity == other.ip_identity
+            && self.endpoints == other.endpoints
+    }
+}
+
+impl Eq for Compiled {}
+
+/// One revision of one tracked [`Compiled`]: what a consumer records after applying it in full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    lineage: u64,
+    revision: u64,
+}
+
+/// The keys of a [`Compiled`] whose entries may differ between two of its revisions; every other
+/// key is the same in both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Addresses of endpoints added, removed or regenerated.
+    pub endpoints: BTreeSet<Ipv4Addr>,
+    /// Addresses whose `ip_identity` entry may have changed.
+    pub addresses: BTreeSet<Ipv4Addr>,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty() && self.addresses.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.endpoints.len() + self.addresses.len()
+    }
+
+    fn absorb(&mut self, other: &Touched) {
+        self.endpoints.extend(other.endpoints.iter().copied());
+        self.addresses.extend(other.addresses.iter().copied());
+    }
+}
+
+/// Keys recorded per revision, at most this many over all kept revisions: a consumer further
+/// behind plans over everything, which is always correct.
+const LOG_KEYS: usize = 1 << 16;
+
+/// Lineage numbers: one per tracked value in this process, never 0 (untracked).
+static LINEAGES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The change log of a tracked [`Compiled`].
+#[derive(Debug, Default)]
+struct ChangeLog {
+    /// 0: untracked (compiled in full, a copy, or built by hand).
+    lineage: u64,
+    revision: u64,
+    /// `entries` hold every change of the revisions after this one.
+    covered: u64,
+    entries: std::collections::VecDeque<(u64, Touched)>,
+    keys: usize,
+}
+
+/// A copy is untracked: its fields are public and may be changed without a log entry, so a
+/// consumer must never plan it by the original's log.
+impl Clone for ChangeLog {
+    fn clone(&self) -> Self {
+        ChangeLog::default()
+    }
+}
+
+impl Compiled {
+    /// The revision this value is at, when it is tracked (kept by a
+    /// [`crate::incremental::Regenerator`], not a copy).
+    pub fn version(&self) -> Option<Version> {
+        (self.log.lineage != 0).then_some(Version {
+            lineage: self.log.lineage,
+            revision: self.log.revision,
+        })
+    }
+
+    /// The keys that may differ between revision `since` of this value and now, if the log still
+    /// holds them; `None` for another lineage, an untracked value or a revision too far back.
+    /// [`plan_touched`] over them equals [`plan`] from a dataplane holding revision `since`.
+    pub fn touched_since(&self, since: Version) -> Option<Touched> {
+        let log = &self.log;
+        if log.lineage == 0
+            || since.lineage != log.lineage
+            || since.revision < log.covered
+            || since.revision > log.revision
+        {
+            return None;
+        }
+        let mut out = Touched::default();
+        for (_, t) in log.entries.iter().filter(|(r, _)| *r > since.revision) {
+            out.absorb(t);
+        }
+        Some(out)
+    }
+
+    /// Ends a revision that changed `touched` (the regenerator's output only).
+    pub(crate) fn record(&mut self, touched: Touched) {
+        let log = &mut self.log;
+        if log.lineage == 0 {
+            // Nothing before now is known: a consumer of an earlier value plans in full.
+            log.lineage = LINEAGES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            log.covered = log.revision;
+            log.entries.clear();
+            log.keys = 0;
+        }
+        log.revision += 1;
+        if touched.is_empty() {
+            return;
+        }
+        log.keys += touched.len();
+        log.entries.push_back((log.revision, touched));
+        while log.keys > LOG_KEYS {
+            let Some((r, t)) = log.entries.pop_front() else {
+                break;
+            };
+            log.keys -= t.len();
+            log.covered = r;
+        }
+    }
 }
 
 /// Where a packet comes from or goes to, as the dataplane sees it.
@@ -782,90 +911,12 @@ fn replace_ops<K: Ord + Copy>(
 /// The ordered changes that take a dataplane holding `old` to `new` (see [`UpdatePlan`]).
 pub fn plan(old: &Compiled, new: &Compiled) -> UpdatePlan {
     let mut p = UpdatePlan::default();
-    let closed = DirectionRules::closed();
     for (ip, ne) in &new.endpoints {
-        let oe = old.endpoints.get(ip);
-        for dir in [Direction::Ingress, Direction::Egress] {
-            let o = oe.map_or(&closed, |e| e.dir(dir));
-            let n = ne.dir(dir);
-            let endpoint = *ip;
-            if oe.is_none() {
-                p.prepare.push(Op::SetIsolated {
-                    endpoint,
-                    dir,
-                    isolated: true,
-                });
-            }
-            let set_id = |remote, ports| Op::SetIdentity {
-                endpoint,
-                dir,
-                remote,
-                ports,
-            };
-            let del_id = |remote| Op::DelIdentity {
-                endpoint,
-                dir,
-                remote,
-            };
-            let set_c = |prefix, ports| Op::SetCidr {
-                endpoint,
-                dir,
-                prefix,
-                ports,
-            };
-            let del_c = |prefix| Op::DelCidr {
-                endpoint,
-                dir,
-                prefix,
-            };
-            if !o.isolated {
-                replace_ops(&o.identities, &n.identities, set_id, del_id, &mut p.prepare);
-                replace_ops(&o.cidrs, &n.cidrs, set_c, del_c, &mut p.prepare);
-                if n.isolated {
-                    p.narrow.push(Op::SetIsolated {
-                        endpoint,
-                        dir,
-                        isolated: true,
-                    });
-                }
-            } else if n.isolated {
-                entry_ops(
-                    &o.identities,
-                    &n.identities,
-                    set_id,
-                    del_id,
-                    &mut p.narrow,
-                    &mut p.widen,
-                );
-                entry_ops(
-                    &o.cidrs,
-                    &n.cidrs,
-                    set_c,
-                    del_c,
-                    &mut p.narrow,
-                    &mut p.widen,
-                );
-            } else {
-                p.widen.push(Op::SetIsolated {
-                    endpoint,
-                    dir,
-                    isolated: false,
-                });
-                replace_ops(&o.identities, &n.identities, set_id, del_id, &mut p.cleanup);
-                replace_ops(&o.cidrs, &n.cidrs, set_c, del_c, &mut p.cleanup);
-            }
-        }
+        endpoint_ops(&mut p, *ip, old.endpoints.get(ip), ne);
     }
     for ip in old.endpoints.keys() {
         if !new.endpoints.contains_key(ip) {
-            for dir in [Direction::Ingress, Direction::Egress] {
-                p.narrow.push(Op::SetIsolated {
-                    endpoint: *ip,
-                    dir,
-                    isolated: true,
-                });
-            }
-            p.cleanup.push(Op::DelEndpoint { endpoint: *ip });
+            removed_endpoint_ops(&mut p, *ip);
         }
     }
     for (ip, id) in &old.ip_identity {
@@ -882,6 +933,133 @@ pub fn plan(old: &Compiled, new: &Compiled) -> UpdatePlan {
         }
     }
     p
+}
+
+/// [`plan`] restricted to the keys in `touched`: the same plan, op for op and in the same order,
+/// when `old` and `new` agree on every other key — as a dataplane that applied revision `v` of a
+/// tracked `new` does on the keys outside `new.touched_since(v)`. Work proportional to the
+/// change instead of to every endpoint and every known address.
+pub fn plan_touched(old: &Compiled, new: &Compiled, touched: &Touched) -> UpdatePlan {
+    let mut p = UpdatePlan::default();
+    for ip in &touched.endpoints {
+        if let Some(ne) = new.endpoints.get(ip) {
+            endpoint_ops(&mut p, *ip, old.endpoints.get(ip), ne);
+        }
+    }
+    for ip in &touched.endpoints {
+        if old.endpoints.contains_key(ip) && !new.endpoints.contains_key(ip) {
+            removed_endpoint_ops(&mut p, *ip);
+        }
+    }
+    for ip in &touched.addresses {
+        if let Some(id) = old.ip_identity.get(ip)
+            && new.ip_identity.get(ip) != Some(id)
+        {
+            p.narrow.push(Op::UnmapIp { ip: *ip });
+        }
+    }
+    for ip in &touched.addresses {
+        if let Some(id) = new.ip_identity.get(ip)
+            && old.ip_identity.get(ip) != Some(id)
+        {
+            p.widen.push(Op::MapIp {
+                ip: *ip,
+                identity: *id,
+            });
+        }
+    }
+    p
+}
+
+/// The ops of one endpoint present in the new state (`oe`: what the dataplane holds for it).
+fn endpoint_ops(
+    p: &mut UpdatePlan,
+    endpoint: Ipv4Addr,
+    oe: Option<&EndpointRules>,
+    ne: &EndpointRules,
+) {
+    let closed = DirectionRules::closed();
+    for dir in [Direction::Ingress, Direction::Egress] {
+        let o = oe.map_or(&closed, |e| e.dir(dir));
+        let n = ne.dir(dir);
+        if oe.is_none() {
+            p.prepare.push(Op::SetIsolated {
+                endpoint,
+                dir,
+                isolated: true,
+            });
+        }
+        let set_id = |remote, ports| Op::SetIdentity {
+            endpoint,
+            dir,
+            remote,
+            ports,
+        };
+        let del_id = |remote| Op::DelIdentity {
+            endpoint,
+            dir,
+            remote,
+        };
+        let set_c = |prefix, ports| Op::SetCidr {
+            endpoint,
+            dir,
+            prefix,
+            ports,
+        };
+        let del_c = |prefix| Op::DelCidr {
+            endpoint,
+            dir,
+            prefix,
+        };
+        if !o.isolated {
+            replace_ops(&o.identities, &n.identities, set_id, del_id, &mut p.prepare);
+            replace_ops(&o.cidrs, &n.cidrs, set_c, del_c, &mut p.prepare);
+            if n.isolated {
+                p.narrow.push(Op::SetIsolated {
+                    endpoint,
+                    dir,
+                    isolated: true,
+                });
+            }
+        } else if n.isolated {
+            entry_ops(
+                &o.identities,
+                &n.identities,
+                set_id,
+                del_id,
+                &mut p.narrow,
+                &mut p.widen,
+            );
+            entry_ops(
+                &o.cidrs,
+                &n.cidrs,
+                set_c,
+                del_c,
+                &mut p.narrow,
+                &mut p.widen,
+            );
+        } else {
+            p.widen.push(Op::SetIsolated {
+                endpoint,
+                dir,
+                isolated: false,
+            });
+            replace_ops(&o.identities, &n.identities, set_id, del_id, &mut p.cleanup);
+            replace_ops(&o.cidrs, &n.cidrs, set_c, del_c, &mut p.cleanup);
+        }
+    }
+}
+
+/// The ops of an endpoint gone from the new state.
+fn removed_endpoint_ops(p: &mut UpdatePlan, endpoint: Ipv4Addr) {
+    for dir in [Direction::Ingress, Direction::Egress] {
+        p.narrow.push(Op::SetIsolated {
+            endpoint,
+            dir,
+            isolated: true,
+        });
+    }
+    p.cleanup.push(Op::DelEndpoint { endpoint });
 }
 
 impl Compiled {

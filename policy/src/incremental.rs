@@ -27,11 +27,11 @@
 use crate::cidr::{Cidr, lpm_closure, subtract};
 use crate::compile::{
     Compiled, DirectionRules, EndpointRules, FIRST_POD_ID, ID_ANY, ID_HOST, IdentityKey,
-    LAST_POD_ID, PortSet, split_ports,
+    LAST_POD_ID, PortSet, Touched, split_ports,
 };
 use crate::model::{
-    ClusterState, Direction, Labels, NAMESPACE_NAME_LABEL, Namespace, NamespaceMatch, ObjRef,
-    PeerMatch, Pod, PodRef, Policy, Protocol,
+    AddressIndex, ClusterState, Direction, Labels, NAMESPACE_NAME_LABEL, Namespace, NamespaceMatch,
+    ObjRef, PeerMatch, Pod, PodRef, Policy, Protocol,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -258,7 +258,7 @@ pub struct Regenerator {
     policies: BTreeMap<ObjRef, PolicyEntry>,
     /// This node's allocations.
     local: BTreeMap<PodRef, Ipv4Addr>,
-    by_ip: BTreeMap<Ipv4Addr, BTreeSet<PodRef>>,
+    by_ip: AddressIndex,
     /// Identity number and how many pods hold it.
     ids: HashMap<IdentityKey, (u32, usize)>,
     /// Identities whose count reached zero in this batch.
@@ -270,6 +270,8 @@ pub struct Regenerator {
     endpoints: BTreeMap<Ipv4Addr, Endpoint>,
     /// Endpoints to rebuild at the next [`Regenerator::compile`].
     dirty: BTreeSet<Ipv4Addr>,
+    /// Keys of `out` changed since the last compile, for its change log.
+    touched: Touched,
     out: Compiled,
     /// Identities created since the last compile.
     added: usize,
@@ -286,7 +288,7 @@ impl Regenerator {
             pods: BTreeMap::new(),
             policies: BTreeMap::new(),
             local: BTreeMap::new(),
-            by_ip: BTreeMap::new(),
+            by_ip: AddressIndex::default(),
             ids: HashMap::new(),
             unused: BTreeSet::new(),
             next_id: FIRST_POD_ID,
@@ -294,6 +296,7 @@ impl Regenerator {
             seeds_taken: BTreeSet::new(),
             endpoints: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            touched: Touched::default(),
             out: Compiled::default(),
             added: 0,
             stats: RegenStats::default(),
@@ -410,9 +413,11 @@ impl Regenerator {
                 egress: self.direction(&ep.pod, Direction::Egress),
             };
             self.out.endpoints.insert(ip, rules);
+            self.touched.endpoints.insert(ip);
             stats.endpoints += 1;
         }
         self.stats = stats;
+        self.out.record(std::mem::take(&mut self.touched));
         &self.out
     }
 
@@ -520,7 +525,7 @@ impl Regenerator {
         e.pod = new.clone();
         e.id = id;
         if let Some(ip) = new.ip {
-            self.by_ip.entry(ip).or_default().insert(key.clone());
+            self.by_ip.insert(ip, key.clone());
             self.touch_ip(ip);
         }
     }
@@ -546,7 +551,7 @@ impl Regenerator {
             let ip = pod.ip.expect("a local allocation has an address");
             let id = self.intern(self.identity_key(&pod), ip);
             self.pods.get_mut(key).expect("inserted").id = Some(id);
-            self.by_ip.entry(ip).or_default().insert(key.clone());
+            self.by_ip.insert(ip, key.clone());
             self.touch_ip(ip);
             return;
         };
@@ -585,7 +590,7 @@ impl Regenerator {
             self.unindex_ip(key, ip);
         }
         if let Some(ip) = new.ip {
-            self.by_ip.entry(ip).or_default().insert(key.clone());
+            self.by_ip.insert(ip, key.clone());
         }
         for ip in [old.ip, new.ip]
             .into_iter()
@@ -597,12 +602,7 @@ impl Regenerator {
     }
 
     fn unindex_ip(&mut self, key: &PodRef, ip: Ipv4Addr) {
-        if let Some(set) = self.by_ip.get_mut(&ip) {
-            set.remove(key);
-            if set.is_empty() {
-                self.by_ip.remove(&ip);
-            }
-        }
+        self.by_ip.remove(ip, key);
     }
 
     /// One more pod holds `key`.
@@ -686,15 +686,15 @@ impl Regenerator {
     fn touch_ip(&mut self, ip: Ipv4Addr) {
         // Two pods may briefly report one address; the first by namespace/name owns it, as
         // `ClusterState::pod_by_ip` decides for everyone else.
-        let owner = self
-            .by_ip
-            .get(&ip)
-            .and_then(|s| s.iter().next())
-            .map(|k| (k.clone(), &self.pods[k]));
-        match owner.as_ref().and_then(|(_, e)| e.id) {
+        let owner = self.by_ip.owner(ip).map(|k| (k.clone(), &self.pods[k]));
+        let id = owner.as_ref().and_then(|(_, e)| e.id);
+        let before = match id {
             Some(id) => self.out.ip_identity.insert(ip, id),
             None => self.out.ip_identity.remove(&ip),
         };
+        if before != id {
+            self.touched.addresses.insert(ip);
+        }
         let new_ep = owner
             .filter(|(k, _)| self.local.get(k) == Some(&ip))
             .map(|(k, e)| Endpoint {
@@ -710,6 +710,7 @@ impl Regenerator {
             if let Some(old) = self.endpoints.remove(&ip) {
                 self.unselect(ip, &old.pod);
                 self.out.endpoints.remove(&ip);
+                self.touched.endpoints.insert(ip);
                 self.dirty.remove(&ip);
             }
             if let Some(ep) = new_ep {
@@ -939,10 +940,9 @@ impl Regenerator {
                     .checked_shr(u32::from(cidr.prefix_len()))
                     .unwrap_or(0),
         );
-        self.by_ip.range(first..=last).filter_map(|(ip, keys)| {
-            let k = keys.iter().next()?;
-            Some((*ip, self.pods[k].pod.as_ref()))
-        })
+        self.by_ip
+            .owners(first, last)
+            .map(|(ip, k)| (ip, self.pods[k].pod.as_ref()))
     }
 }
 

@@ -2,7 +2,10 @@
 //! allocation changes, a [`Regenerator`] holds what [`compile`] gives for the final state with the
 //! allocations laid over it, up to the choice of identity numbers.
 
-use super::compile::{Compiled, DirectionRules, FIRST_POD_ID, IdentityKey, PortSet, compile};
+use super::compile::{
+    Compiled, DirectionRules, FIRST_POD_ID, IdentityKey, PortSet, Version, compile, plan,
+    plan_touched,
+};
 use super::incremental::{Change, Regenerator, diff_state, overlay_local};
 use super::model::{ClusterState, ContainerPort, Namespace, ObjRef, Pod, PodRef, Protocol};
 use super::prop_tests::{
@@ -331,6 +334,85 @@ proptest! {
         for id in c.ip_identity.values() {
             prop_assert!(c.identities.contains_key(id));
         }
+    }
+}
+
+/// Address map, and per endpoint its two directions.
+type Enforced = (
+    BTreeMap<Ipv4Addr, u32>,
+    Vec<(Ipv4Addr, DirectionRules, DirectionRules)>,
+);
+
+/// What a dataplane holding `c` enforces: the rules and address map, not the labels of the
+/// record (a mirror learns an endpoint's pod and identity from no op).
+fn enforced(c: &Compiled) -> Enforced {
+    (
+        c.ip_identity.clone(),
+        c.endpoints
+            .iter()
+            .map(|(ip, e)| (*ip, e.ingress.clone(), e.egress.clone()))
+            .collect(),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A consumer that applied an earlier revision of the regenerator's output (one compile ago or
+    /// several) plans over the touched keys only and gets the full plan, op for op; applied, it
+    /// holds the output. A copy of the output is untracked.
+    #[test]
+    fn touched_plan_equals_full_plan(
+        (nsl, pods, pl, pols) in cluster(),
+        on_node in prop::collection::vec(any::<bool>(), 6),
+        locals in prop::collection::vec((0..SLOTS, any::<u8>()), 0..4),
+        steps in prop::collection::vec((step(), any::<bool>()), 0..16),
+    ) {
+        let mut state = initial(&nsl, &pods, &pl, &pols, &on_node);
+        let mut local = BTreeMap::new();
+        for (slot, a) in &locals {
+            let key = state
+                .pods()
+                .find(|p| p.name == pod_name(*slot))
+                .map(|p| p.key())
+                .unwrap_or_else(|| ObjRef::new(NS[0], pod_name(*slot)));
+            if !local.values().any(|v| *v == ip(*a)) {
+                local.insert(key, ip(*a));
+            }
+        }
+        let mut regen = Regenerator::new(NODE);
+        regen.set_local(local.clone());
+        regen.apply_all(diff_state(&ClusterState::new(), &state));
+        let mut held = Compiled::default();
+        let mut at: Option<Version> = None;
+        let sync = |held: &mut Compiled, at: &mut Option<Version>, c: &Compiled| {
+            let p = match at.and_then(|v| c.touched_since(v)) {
+                Some(t) => {
+                    let p = plan_touched(held, c, &t);
+                    assert_eq!(&p, &plan(held, c), "touched {:?}", t);
+                    p
+                }
+                None => plan(held, c),
+            };
+            for (_, ops) in p.phases() {
+                for op in ops {
+                    held.apply(op);
+                }
+            }
+            assert_eq!(enforced(held), enforced(c));
+            *at = c.version();
+        };
+        sync(&mut held, &mut at, regen.compile());
+        prop_assert!(at.is_some(), "the regenerator's output is tracked");
+        prop_assert!(regen.compiled().clone().version().is_none(), "a copy is untracked");
+        for (s, then_sync) in &steps {
+            play(s, &mut state, &mut local, &mut regen);
+            let c = regen.compile();
+            if *then_sync {
+                sync(&mut held, &mut at, c);
+            }
+        }
+        sync(&mut held, &mut at, regen.compile());
     }
 }
 

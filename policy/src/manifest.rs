@@ -350,30 +350,41 @@ impl<'de> serde::de::Visitor<'de> for ItemsSeed<'_> {
 pub fn assemble<'a>(
     files: impl IntoIterator<Item = &'a [Object]>,
 ) -> Result<ClusterState, PolicyError> {
+    let files: Vec<&[Object]> = files.into_iter().collect();
     let mut state = ClusterState::new();
-    let mut seen: BTreeMap<(&'static str, String), &str> = BTreeMap::new();
-    for o in files.into_iter().flatten() {
-        let (kind, name) = match &o.kind {
-            ObjectKind::Namespace(ns) => ("Namespace", ns.name.clone()),
-            ObjectKind::Pod(p) => ("Pod", p.key().to_string()),
-            ObjectKind::Policy(p) => ("NetworkPolicy", p.key().to_string()),
+    // The state is its own duplicate check: a second map of every name (with a string per
+    // object) costs as much as the state at 50,000 pods, for an error that is rare.
+    for (n, o) in files.iter().flat_map(|f| f.iter()).enumerate() {
+        let fresh = match &o.kind {
+            ObjectKind::Namespace(ns) => state.insert_new_namespace(ns.clone()),
+            ObjectKind::Pod(p) => state.insert_new_pod(p.clone()),
+            ObjectKind::Policy(p) => state.insert_new_policy(p.clone()),
         };
-        if let Some(first) = seen.get(&(kind, name.clone())) {
+        if !fresh {
+            let (kind, name) = identify(o);
+            let first = files
+                .iter()
+                .flat_map(|f| f.iter())
+                .take(n)
+                .find(|e| identify(e) == (kind, name.clone()))
+                .map_or_else(String::new, |e| e.origin.clone());
             return Err(PolicyError::Duplicate {
                 kind,
                 name,
-                first: first.to_string(),
+                first,
                 second: o.origin.clone(),
             });
         }
-        seen.insert((kind, name), &o.origin);
-        match &o.kind {
-            ObjectKind::Namespace(ns) => state.upsert_namespace(ns.clone()),
-            ObjectKind::Pod(p) => state.upsert_pod(p.clone()),
-            ObjectKind::Policy(p) => state.insert_policy(p.clone()),
-        }
     }
     Ok(state)
+}
+
+fn identify(o: &Object) -> (&'static str, String) {
+    match &o.kind {
+        ObjectKind::Namespace(ns) => ("Namespace", ns.name.clone()),
+        ObjectKind::Pod(p) => ("Pod", p.key().to_string()),
+        ObjectKind::Policy(p) => ("NetworkPolicy", p.key().to_string()),
+    }
 }
 
 fn objects(value: serde_yaml::Value, origin: &str, out: &mut Vec<Object>) -> Result<(), String> {

@@ -547,6 +547,50 @@ impl fmt::Debug for Others {
     }
 }
 
+/// Which pods report which address, in (address, pod) order: the owner of a contested address is
+/// the first pod by namespace/name. One flat set rather than a set per address: at 50,000 pods a
+/// one-element `BTreeSet` per address costs a whole B-tree node (over 500 bytes) each.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AddressIndex(BTreeSet<(Ipv4Addr, PodRef)>);
+
+impl AddressIndex {
+    pub(crate) fn insert(&mut self, ip: Ipv4Addr, key: PodRef) {
+        self.0.insert((ip, key));
+    }
+
+    pub(crate) fn remove(&mut self, ip: Ipv4Addr, key: &PodRef) {
+        // The tuple key needs an owned pod key; a removal is rare next to lookups.
+        self.0.remove(&(ip, key.clone()));
+    }
+
+    /// The owner of `ip`: the first pod by namespace/name reporting it.
+    pub(crate) fn owner(&self, ip: Ipv4Addr) -> Option<&PodRef> {
+        self.from(ip)
+            .next()
+            .filter(|(i, _)| *i == ip)
+            .map(|(_, k)| k)
+    }
+
+    /// The owner of every address in `first..=last`, in address order.
+    pub(crate) fn owners(
+        &self,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+    ) -> impl Iterator<Item = (Ipv4Addr, &PodRef)> {
+        let mut prev: Option<Ipv4Addr> = None;
+        self.from(first)
+            .take_while(move |(ip, _)| *ip <= last)
+            .filter(move |(ip, _)| prev.replace(*ip) != Some(*ip))
+    }
+
+    fn from(&self, ip: Ipv4Addr) -> impl Iterator<Item = (Ipv4Addr, &PodRef)> {
+        // The empty name sorts before every pod of the address.
+        self.0
+            .range((ip, ObjRef::new("", ""))..)
+            .map(|(ip, k)| (*ip, k))
+    }
+}
+
 /// Everything policy decisions depend on, with a generation that moves on every change.
 ///
 /// Objects are shared (`Arc`): states are rebuilt and diffed on every change, and an object
@@ -557,7 +601,7 @@ pub struct ClusterState {
     namespaces: BTreeMap<String, Arc<Namespace>>,
     pods: BTreeMap<PodRef, Arc<Pod>>,
     policies: BTreeMap<ObjRef, Arc<Policy>>,
-    by_ip: BTreeMap<Ipv4Addr, BTreeSet<PodRef>>,
+    by_ip: AddressIndex,
     others: Others,
 }
 
@@ -592,9 +636,40 @@ impl ClusterState {
         let key = pod.key();
         self.unindex(&key);
         if let Some(ip) = pod.ip {
-            self.by_ip.entry(ip).or_default().insert(key.clone());
+            self.by_ip.insert(ip, key.clone());
         }
         self.pods.insert(key, pod);
+    }
+
+    /// Adds a pod not in the state yet; `false` (and nothing changes) when one of its key is.
+    pub(crate) fn insert_new_pod(&mut self, pod: Arc<Pod>) -> bool {
+        match self.pods.entry(pod.key()) {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                self.generation += 1;
+                if let Some(ip) = pod.ip {
+                    self.by_ip.insert(ip, v.key().clone());
+                }
+                v.insert(pod);
+                true
+            }
+        }
+    }
+
+    pub(crate) fn insert_new_namespace(&mut self, ns: Arc<Namespace>) -> bool {
+        if self.namespaces.contains_key(&ns.name) {
+            return false;
+        }
+        self.upsert_namespace(ns);
+        true
+    }
+
+    pub(crate) fn insert_new_policy(&mut self, p: Arc<Policy>) -> bool {
+        if self.policies.contains_key(&p.key()) {
+            return false;
+        }
+        self.insert_policy(p);
+        true
     }
 
     pub fn remove_pod(&mut self, key: &PodRef) -> Option<Pod> {
@@ -616,13 +691,8 @@ impl ClusterState {
     }
 
     fn unindex(&mut self, key: &PodRef) {
-        if let Some(ip) = self.pods.get(key).and_then(|p| p.ip)
-            && let Some(set) = self.by_ip.get_mut(&ip)
-        {
-            set.remove(key);
-            if set.is_empty() {
-                self.by_ip.remove(&ip);
-            }
+        if let Some(ip) = self.pods.get(key).and_then(|p| p.ip) {
+            self.by_ip.remove(ip, key);
         }
     }
 
@@ -735,8 +805,7 @@ impl ClusterState {
     /// the first by namespace/name wins so that every consumer makes the same choice.
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
         self.by_ip
-            .get(&ip)
-            .and_then(|s| s.iter().next())
+            .owner(ip)
             .and_then(|k| self.pods.get(k))
             .map(|p| p.as_ref())
     }

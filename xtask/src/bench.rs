@@ -28,6 +28,9 @@ pub enum Bench {
     Policy(crate::bench_policy::Options),
     /// CPU seconds per idle minute of vpcnetd without and with `manifests_dir`.
     Idle(crate::bench_idle::Options),
+    /// vpcnetd holding a 50,000-pod / 1,000-node / 1,000-policy state: RSS, a remote pod's label
+    /// change to enforcement, idle CPU; against a 1,000-pod reference.
+    Scale(crate::bench_scale::Options),
 }
 
 /// How much traffic the throughput and request/response benchmarks send.
@@ -54,6 +57,7 @@ pub fn run(what: Bench) -> Result<()> {
         Bench::Dataplane(t) => crate::bench_dp::run(t.seconds, t.reps, t.round_trips),
         Bench::Policy(o) => crate::bench_policy::run(o),
         Bench::Idle(o) => crate::bench_idle::run(o),
+        Bench::Scale(o) => crate::bench_scale::run(o),
     }
 }
 

@@ -33,7 +33,7 @@ spec: { podSelector: {} }
 "#;
 
 /// utime + stime in seconds, and voluntary + involuntary context switches, of one process.
-fn cpu_of(pid: u32) -> Result<(f64, u64)> {
+pub(crate) fn cpu_of(pid: u32) -> Result<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces) in parentheses.
     let rest = &stat[stat.rfind(')').context("odd /proc stat")? + 2..];

@@ -52,7 +52,7 @@ const SERVERS: [(&str, usize, Ipv4Addr); 2] = [
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 5202;
 /// The change-to-enforcement probes go to one of these UDP ports (more 5-tuples before one repeats).
-const PROBE_PORTS: std::ops::RangeInclusive<u16> = 5300..=5303;
+pub(crate) const PROBE_PORTS: std::ops::RangeInclusive<u16> = 5300..=5303;
 /// New-flow request/response: every request on a 5-tuple of its own goes to one of these UDP
 /// ports, so each one is judged by the policy (a TCP connection is judged once, then conntrack).
 const NEW_FLOW_PORTS: std::ops::RangeInclusive<u16> = 5320..=5323;
@@ -61,7 +61,7 @@ const NEW_FLOW_COLLECT: u16 = 9200;
 /// so probing the markers tells which variant the dataplane enforces.
 const MARKER_BASE: u16 = 5310;
 /// Client source ports of the change-to-enforcement probes, used in turn.
-const PROBE_SRC_PORTS: std::ops::Range<u16> = 10000..65000;
+pub(crate) const PROBE_SRC_PORTS: std::ops::Range<u16> = 10000..65000;
 const POLICY_FILE: &str = "bench-policy.yaml";
 const FLIP_FILE: &str = "bench-flip.yaml";
 const PODS_FILE: &str = "bench-pods.yaml";
@@ -69,7 +69,7 @@ const PODS_FILE: &str = "bench-pods.yaml";
 /// How long a probe's answer may take before the probe counts as dropped.
 const PROBE_WAIT: Duration = Duration::from_millis(500);
 /// Where the probers collect the answers (one port per path).
-const COLLECT_BASE: u16 = 9100;
+pub(crate) const COLLECT_BASE: u16 = 9100;
 const PROBE_PERIOD: Duration = Duration::from_millis(1);
 /// A new verdict counts as established once it has held this long.
 const STABLE: Duration = Duration::from_millis(200);
@@ -374,7 +374,7 @@ fn wait_verdicts(
 }
 
 /// Where each daemon's log ends now, to read what it logs after a change.
-fn log_offsets(c: &Cluster) -> Vec<u64> {
+pub(crate) fn log_offsets(c: &Cluster) -> Vec<u64> {
     c.nodes
         .iter()
         .map(|n| {
@@ -387,7 +387,7 @@ fn log_offsets(c: &Cluster) -> Vec<u64> {
 
 /// What a daemon logged about one policy change.
 #[derive(Clone, Copy)]
-enum Event {
+pub(crate) enum Event {
     /// "cluster state loaded": the manifests were read and parsed.
     Loaded,
     /// "NetworkPolicy applied": the maps were written (map ops, milliseconds the sync took).
@@ -395,7 +395,7 @@ enum Event {
 }
 
 /// Per node: the policy events its daemon logged since `offsets`, with their log timestamps.
-fn events_since(c: &Cluster, offsets: &[u64]) -> Vec<Vec<(Option<SystemTime>, Event)>> {
+pub(crate) fn events_since(c: &Cluster, offsets: &[u64]) -> Vec<Vec<(Option<SystemTime>, Event)>> {
     c.nodes
         .iter()
         .zip(offsets)
@@ -715,13 +715,13 @@ struct Probe {
 /// Answers each probe datagram by sending it to the port its payload names at the sender's
 /// address: a new flow, so the prober needs one collecting socket, not one socket per probe kept
 /// open until its answer comes (answers may come late on a loaded machine). Stops on drop.
-struct Echo {
+pub(crate) struct Echo {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Echo {
-    fn start(ns: &Netns, addrs: impl Iterator<Item = SocketAddrV4>) -> Result<Echo> {
+    pub(crate) fn start(ns: &Netns, addrs: impl Iterator<Item = SocketAddrV4>) -> Result<Echo> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for addr in addrs {
@@ -763,14 +763,14 @@ struct ProbeLog {
 /// the next source port of [`PROBE_SRC_PORTS`] and to the next port of [`PROBE_PORTS`], so no
 /// 5-tuple repeats within a run (a conntrack entry of an earlier, allowed probe cannot answer for
 /// a later one). Answers come to one collecting port (see [`Echo`]). Stops on drop.
-struct Prober {
+pub(crate) struct Prober {
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<ProbeLog>>,
     thread: Option<JoinHandle<Result<std::io::Result<()>>>>,
 }
 
 impl Prober {
-    fn start(ns: &Netns, to: Ipv4Addr, first_src: u16, collect: u16) -> Result<Prober> {
+    pub(crate) fn start(ns: &Netns, to: Ipv4Addr, first_src: u16, collect: u16) -> Result<Prober> {
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(ProbeLog::default()));
         let (s, l) = (stop.clone(), log.clone());
@@ -874,17 +874,17 @@ fn probe_loop(
 }
 
 /// Outcome of one change on one path.
-struct Observed {
+pub(crate) struct Observed {
     /// From the rename to the first probe of the final run showing the new verdict.
-    latency: Duration,
+    pub(crate) latency: Duration,
     /// Probes that showed the old verdict after the first one showing the new.
-    flaps: usize,
+    pub(crate) flaps: usize,
 }
 
 /// Waits until the probes sent after `t0` show `answered` steadily for [`STABLE`]. A probe is
 /// judged once [`PROBE_WAIT`] has passed since it was sent: an unanswered probe then really was
 /// dropped (on a loaded machine answers can take tens of milliseconds).
-fn observe(p: &mut Prober, t0: Instant, answered: bool) -> Result<Option<Observed>> {
+pub(crate) fn observe(p: &mut Prober, t0: Instant, answered: bool) -> Result<Option<Observed>> {
     loop {
         p.check()?;
         let decided_until = Instant::now() - PROBE_WAIT;

@@ -4,6 +4,7 @@ mod bench;
 mod bench_dp;
 mod bench_idle;
 mod bench_policy;
+mod bench_scale;
 mod bpfmap;
 mod demo;
 mod setup;
