@@ -2,4 +2,5 @@
 //! allocations are laid over it ([`cluster_state`]).
 
 pub mod cluster_state;
+pub mod kube;
 pub mod source;

@@ -31,6 +31,10 @@ pub enum StateError {
     /// duplicates).
     #[error(transparent)]
     Invalid(#[from] PolicyError),
+    /// The API server's watches are failing (forbidden, a CRD missing, the server away). The
+    /// last state published stays in force meanwhile.
+    #[error("{origin}: {reason}")]
+    Watch { origin: String, reason: String },
     /// The source stopped; no state will come.
     #[error("cluster state source {origin} stopped")]
     Closed { origin: String },
