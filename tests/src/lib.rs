@@ -2,6 +2,7 @@
 //! a fake agent for the plugin's own tests, and reachability probes. Used by the e2e tests, the
 //! plugin's and the dataplane's tests, the demo and the benchmarks.
 
+pub mod apiserver;
 pub mod cluster;
 pub mod cni;
 pub mod fake_daemon;
