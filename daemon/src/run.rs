@@ -224,7 +224,11 @@ async fn sync_policy_once(agent: &Arc<Agent>) {
     }
     let s = agent.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let r = s.sync_policy();
+        let r = s.sync_policy_work();
+        // Only after work: a trim walks the whole heap, which at a large state is not free.
+        if matches!(r, Ok((_, false))) {
+            return r;
+        }
         trim_heap();
         r
     })

@@ -379,6 +379,80 @@ pub fn assemble<'a>(
     Ok(state)
 }
 
+/// Brings `state`, assembled from a set of files, to that set with the `removed` files' objects
+/// taken out and the `added` files' objects put in: a change of one file costs its objects, not
+/// the state's. A file whose content changed is in both.
+///
+/// An added object equal to one it replaces keeps the replaced allocation (it is swapped into
+/// `added` too), so consumers comparing states by pointer see only what really changed and the
+/// two copies do not both stay in memory.
+///
+/// Returns whether the content changed, or `None` when an added object collides with one
+/// already in the state (or another added one): `state` is then half-updated, and [`assemble`]
+/// over every file says which two collide.
+pub fn reassemble<'a, 'b>(
+    state: &mut ClusterState,
+    removed: impl IntoIterator<Item = &'a [Object]>,
+    added: impl IntoIterator<Item = &'b mut [Object]>,
+) -> Option<bool> {
+    let mut namespaces = BTreeMap::new();
+    let mut pods = BTreeMap::new();
+    let mut policies = BTreeMap::new();
+    for o in removed.into_iter().flatten() {
+        match &o.kind {
+            ObjectKind::Namespace(ns) => {
+                if let Some(old) = state.take_namespace(&ns.name) {
+                    namespaces.insert(ns.name.clone(), old);
+                }
+            }
+            ObjectKind::Pod(p) => {
+                let key = p.key();
+                if let Some(old) = state.take_pod(&key) {
+                    pods.insert(key, old);
+                }
+            }
+            ObjectKind::Policy(p) => {
+                let key = p.key();
+                if let Some(old) = state.take_policy(&key) {
+                    policies.insert(key, old);
+                }
+            }
+        }
+    }
+    // Anything taken out and not put back equal is a change.
+    let mut changed = false;
+    for o in added.into_iter().flatten() {
+        let fresh = match &mut o.kind {
+            ObjectKind::Namespace(ns) => {
+                match namespaces.remove(&ns.name) {
+                    Some(old) if old == *ns => *ns = old,
+                    _ => changed = true,
+                }
+                state.insert_new_namespace(ns.clone())
+            }
+            ObjectKind::Pod(p) => {
+                match pods.remove(&p.key()) {
+                    Some(old) if old == *p => *p = old,
+                    _ => changed = true,
+                }
+                state.insert_new_pod(p.clone())
+            }
+            ObjectKind::Policy(p) => {
+                match policies.remove(&p.key()) {
+                    // As `ClusterState::same_content` compares policies.
+                    Some(old) if Arc::ptr_eq(&old, p) || old.raw == p.raw => *p = old,
+                    _ => changed = true,
+                }
+                state.insert_new_policy(p.clone())
+            }
+        };
+        if !fresh {
+            return None;
+        }
+    }
+    Some(changed || !namespaces.is_empty() || !pods.is_empty() || !policies.is_empty())
+}
+
 fn identify(o: &Object) -> (&'static str, String) {
     match &o.kind {
         ObjectKind::Namespace(ns) => ("Namespace", ns.name.clone()),

@@ -672,6 +672,27 @@ impl ClusterState {
         true
     }
 
+    /// Takes objects out as shared, without the copy `remove_*` makes of one still shared with
+    /// another state.
+    pub(crate) fn take_namespace(&mut self, name: &str) -> Option<Arc<Namespace>> {
+        let ns = self.namespaces.remove(name)?;
+        self.generation += 1;
+        Some(ns)
+    }
+
+    pub(crate) fn take_pod(&mut self, key: &PodRef) -> Option<Arc<Pod>> {
+        self.unindex(key);
+        let pod = self.pods.remove(key)?;
+        self.generation += 1;
+        Some(pod)
+    }
+
+    pub(crate) fn take_policy(&mut self, key: &ObjRef) -> Option<Arc<Policy>> {
+        let p = self.policies.remove(key)?;
+        self.generation += 1;
+        Some(p)
+    }
+
     pub fn remove_pod(&mut self, key: &PodRef) -> Option<Pod> {
         self.generation += 1;
         self.unindex(key);

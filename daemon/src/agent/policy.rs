@@ -16,6 +16,8 @@ pub struct PolicySync {
     regen: Option<vpcnet_policy::incremental::Regenerator>,
     /// The cluster state `regen` was last fed, to feed it only the next state's differences.
     fed: Option<Arc<vpcnet_policy::ClusterState>>,
+    /// This node's endpoints `regen` was last given.
+    local: Option<std::collections::BTreeMap<vpcnet_policy::model::PodRef, std::net::Ipv4Addr>>,
     /// Generation of the cluster state last applied.
     pub(super) generation: Option<u64>,
     pub(super) last_error: Option<String>,
@@ -52,8 +54,15 @@ impl Agent {
     /// there. A no-op without a cluster state source.
     /// Without a readable state the maps keep what they enforce (new pods stay closed).
     pub fn sync_policy(&self) -> Result<SyncStats, AgentError> {
+        self.sync_policy_work().map(|(stats, _)| stats)
+    }
+
+    /// [`Agent::sync_policy`], saying whether it did any work: a sync that finds the state and
+    /// this node's endpoints as the last successful sync left them returns at once (the
+    /// periodic tick must cost nothing on an idle node), and so does one covered by another.
+    pub fn sync_policy_work(&self) -> Result<(SyncStats, bool), AgentError> {
         let Some(source) = &self.state else {
-            return Ok(SyncStats::default());
+            return Ok((SyncStats::default(), false));
         };
         // Group commit: concurrent ADDs each need "a sync that saw my allocation", not a sync
         // each. A sync that started after this ticket was taken read IPAM and the cluster state
@@ -63,18 +72,27 @@ impl Agent {
         let started = std::time::Instant::now();
         let mut sync = self.policy.lock();
         if sync.covered >= ticket {
-            return Ok(SyncStats::default());
+            return Ok((SyncStats::default(), false));
         }
         let covers = requests.load(SeqCst);
-        let result: Result<(SyncStats, u64), AgentError> = (|| {
+        let result: Result<(SyncStats, u64, bool), AgentError> = (|| {
             let state = source.snapshot().map_err(AgentError::NoStateToEnforce)?;
             let records = self.ipam.list()?;
+            let local = cluster_state::local_endpoints(&records);
             let sync = &mut *sync;
+            if sync.regen.is_some()
+                && sync.last_error.is_none()
+                && sync.fed.as_ref().is_some_and(|f| Arc::ptr_eq(f, &state))
+                && sync.local.as_ref() == Some(&local)
+            {
+                // The compilation and the maps' mirror are what this input gives already.
+                return Ok((SyncStats::default(), state.generation(), false));
+            }
             let regen = match &mut sync.regen {
                 Some(r) => r,
                 slot @ None => {
                     if !self.fwd.enforces_policy() {
-                        return Ok((SyncStats::default(), state.generation()));
+                        return Ok((SyncStats::default(), state.generation(), false));
                     }
                     let mut r = vpcnet_policy::incremental::Regenerator::new(&self.config.node);
                     // Keep the numbers the pinned maps use, so a restart rewrites nothing that
@@ -99,7 +117,8 @@ impl Agent {
             let changed = changes.len();
             regen.apply_all(changes);
             sync.fed = Some(state.clone());
-            regen.set_local(cluster_state::local_endpoints(&records));
+            regen.set_local(local.clone());
+            sync.local = Some(local);
             regen.set_generation(state.generation());
             regen.compile();
             let (compiled, regen_stats) = (regen.compiled(), regen.stats());
@@ -115,10 +134,16 @@ impl Agent {
                 total_ms = started.elapsed().as_secs_f64() * 1e3,
                 "policy sync stages"
             );
-            Ok((stats, state.generation()))
+            Ok((stats, state.generation(), true))
         })();
         match result {
-            Ok((stats, generation)) => {
+            Ok((stats, generation, false)) => {
+                sync.covered = covers;
+                sync.generation = Some(generation);
+                sync.last_error = None;
+                Ok((stats, false))
+            }
+            Ok((stats, generation, true)) => {
                 sync.covered = covers;
                 sync.generation = Some(generation);
                 sync.last_error = None;
@@ -136,7 +161,7 @@ impl Agent {
                         "NetworkPolicy applied"
                     );
                 }
-                Ok(stats)
+                Ok((stats, true))
             }
             Err(e) => {
                 self.metrics.policy_sync_failures.inc();

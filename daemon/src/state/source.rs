@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use vpcnet_policy::PolicyError;
-use vpcnet_policy::manifest::{Object, assemble, parse_file};
+use vpcnet_policy::manifest::{Object, assemble, parse_file, reassemble};
 use vpcnet_policy::model::{ClusterState, Namespace, ObjRef, Pod};
 
 /// Why a source has no state to give, or rejected its newest input.
@@ -156,6 +156,8 @@ struct Inner {
     /// Combined content hash of the state in force, and of the last content rejected.
     good: Option<u64>,
     rejected: Option<u64>,
+    /// Each file's objects in the state in force: what the next change is applied against.
+    in_force: BTreeMap<PathBuf, Arc<Vec<Object>>>,
 }
 
 /// What a [`ManifestDir`] has done so far: lets tests and benches see idling, and operators
@@ -316,6 +318,72 @@ fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<Object>, StateError> {
     Ok(parse_file(path, text)?)
 }
 
+/// What a poll built from the files' parsed objects.
+enum Built {
+    /// From every file (the first state, or a collision to name): compare with the previous one.
+    Whole(Result<ClusterState, StateError>),
+    /// The previous state with the changed files' objects replaced.
+    Changed(ClusterState),
+    /// The changed files hold the objects they held.
+    Same,
+}
+
+/// Every file's objects, in path order, when every file parsed.
+fn parsed_files(files: &BTreeMap<PathBuf, Cached>) -> BTreeMap<PathBuf, Arc<Vec<Object>>> {
+    files
+        .iter()
+        .filter_map(|(p, c)| Some((p.clone(), c.parsed.as_ref().ok()?.clone())))
+        .collect()
+}
+
+fn assemble_all(files: &BTreeMap<PathBuf, Cached>) -> Result<ClusterState, StateError> {
+    let parsed: Vec<&Arc<Vec<Object>>> = files
+        .values()
+        .filter_map(|c| c.parsed.as_ref().ok())
+        .collect();
+    assemble(parsed.iter().map(|o| o.as_slice())).map_err(StateError::from)
+}
+
+/// `prev`, built from the files `in_force`, brought to `files` (every one parsed): only the
+/// files whose parse is not the one in force are worked on (a content seen before keeps its
+/// parse, so the pointer says whether the file changed). The all-or-nothing rule holds: a
+/// collision gives the whole directory's error, as a read from scratch would.
+fn rebuild(
+    prev: &ClusterState,
+    in_force: &BTreeMap<PathBuf, Arc<Vec<Object>>>,
+    files: &mut BTreeMap<PathBuf, Cached>,
+) -> Built {
+    let same = |path: &PathBuf, c: &Cached| matches!((in_force.get(path), &c.parsed), (Some(a), Ok(b)) if Arc::ptr_eq(a, b));
+    let removed: Vec<&[Object]> = in_force
+        .iter()
+        .filter(|(path, _)| !files.get(*path).is_some_and(|c| same(path, c)))
+        .map(|(_, o)| o.as_slice())
+        .collect();
+    let mut added: Vec<&mut [Object]> = Vec::new();
+    for (path, c) in files.iter_mut() {
+        if same(path, c) {
+            continue;
+        }
+        if let Ok(objects) = &mut c.parsed {
+            // Unshared unless a poll before this one failed midway: then a copy of the
+            // file's list (its objects stay shared).
+            added.push(Arc::make_mut(objects).as_mut_slice());
+        }
+    }
+    if removed.is_empty() && added.is_empty() {
+        return Built::Same;
+    }
+    let mut next = prev.clone();
+    match reassemble(&mut next, removed, added) {
+        Some(true) => Built::Changed(next),
+        Some(false) => Built::Same,
+        None => {
+            drop(next);
+            Built::Whole(assemble_all(files))
+        }
+    }
+}
+
 impl ManifestDir {
     /// Reads the directory once. A failed first read leaves the source without a state
     /// ([`StateSource::snapshot`] returns the error) rather than with an empty one.
@@ -442,46 +510,50 @@ impl ManifestDir {
         {
             return Err(e);
         }
-        let state = match first_error {
-            Some(e) => Err(e),
-            None => {
-                let inner = self.lock();
-                let parsed: Vec<Arc<Vec<Object>>> = inner
-                    .files
-                    .values()
-                    .filter_map(|c| c.parsed.as_ref().ok().cloned())
-                    .collect();
-                drop(inner);
-                assemble(parsed.iter().map(|o| o.as_slice())).map_err(StateError::from)
+        if let Some(e) = first_error {
+            self.lock().rejected = Some(combined);
+            return Err(self.fail(e));
+        }
+        let prev = self.tx.borrow().clone();
+        let built = {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            match &prev {
+                Some(prev) => rebuild(prev, &inner.in_force, &mut inner.files),
+                None => Built::Whole(assemble_all(&inner.files)),
             }
         };
-        match state {
-            Ok(mut state) => {
-                let prev = self.tx.borrow().clone();
-                let mut inner = self.lock();
-                inner.good = Some(combined);
-                inner.rejected = None;
-                inner.error = None;
-                drop(inner);
-                if let Some(prev) = &prev
-                    && prev.same_content(&state)
-                {
-                    return Ok(false);
-                }
-                state.set_generation(prev.map_or(1, |p| p.generation() + 1));
-                tracing::info!(
-                    dir = %self.dir.display(),
-                    generation = state.generation(),
-                    "cluster state loaded"
-                );
-                self.tx.send_replace(Some(Arc::new(state)));
-                Ok(true)
+        let state = match built {
+            Built::Whole(Ok(state)) if prev.as_ref().is_some_and(|p| p.same_content(&state)) => {
+                None
             }
-            Err(e) => {
+            Built::Whole(Ok(state)) | Built::Changed(state) => Some(state),
+            Built::Same => None,
+            Built::Whole(Err(e)) => {
                 self.lock().rejected = Some(combined);
-                Err(self.fail(e))
+                return Err(self.fail(e));
             }
-        }
+        };
+        let mut inner = self.lock();
+        inner.good = Some(combined);
+        inner.rejected = None;
+        inner.error = None;
+        inner.in_force = parsed_files(&inner.files);
+        drop(inner);
+        let Some(mut state) = state else {
+            return Ok(false);
+        };
+        state.set_generation(prev.as_ref().map_or(1, |p| p.generation() + 1));
+        tracing::info!(
+            dir = %self.dir.display(),
+            generation = state.generation(),
+            "cluster state loaded"
+        );
+        // The previous state goes as soon as its last reader lets it go: only one copy of the
+        // maps is kept here.
+        drop(prev);
+        self.tx.send_replace(Some(Arc::new(state)));
+        Ok(true)
     }
 
     /// Brings `cache` to the listed entries (reading and parsing only what changed); returns the
@@ -809,6 +881,87 @@ metadata: { name: ignored }
         ));
         assert_eq!(src.pod("x", "nope"), Ok(None));
         assert_eq!(src.namespace("x").unwrap().unwrap().name, "x");
+    }
+
+    fn pod_doc(name: &str, label: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{ name: {name}, namespace: x, labels: {{ pod: {label} }} }}\nspec: {{ containers: [{{ name: c, image: i }}] }}\n"
+        )
+    }
+
+    #[test]
+    fn a_change_replaces_only_the_changed_files_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |f: &str, text: &str| std::fs::write(dir.path().join(f), text).unwrap();
+        write("a.yaml", GOOD);
+        write("b.yaml", &(pod_doc("c", "c") + &pod_doc("d", "d")));
+        let src = ManifestDir::new(dir.path());
+        let before = src.snapshot().unwrap();
+        let shared = |s: &ClusterState, name: &str| s.pod_shared(&PodRef::new("x", name)).cloned();
+
+        // One pod's labels change and one pod is added: the other file's objects, and the
+        // unchanged pod of the same file, stay the very same allocations.
+        write(
+            "b.yaml",
+            &(pod_doc("c", "c") + &pod_doc("d", "d2") + &pod_doc("e", "e")),
+        );
+        assert_eq!(src.poll(), Ok(true));
+        let after = src.snapshot().unwrap();
+        assert_eq!(after.generation(), before.generation() + 1);
+        for unchanged in ["a", "b", "c"] {
+            assert!(
+                Arc::ptr_eq(
+                    &shared(&before, unchanged).unwrap(),
+                    &shared(&after, unchanged).unwrap()
+                ),
+                "{unchanged}"
+            );
+        }
+        assert!(Arc::ptr_eq(
+            before.namespace_shared("x").unwrap(),
+            after.namespace_shared("x").unwrap()
+        ));
+        assert_eq!(
+            after.pod(&PodRef::new("x", "d")).unwrap().labels["pod"],
+            "d2"
+        );
+        assert!(after.pod(&PodRef::new("x", "e")).is_some());
+        assert_eq!(after.pods().count(), 5);
+
+        // A pod moving between files in one change is no change.
+        write("b.yaml", &(pod_doc("c", "c") + &pod_doc("d", "d2")));
+        write("e.yaml", &pod_doc("e", "e"));
+        assert_eq!(src.poll(), Ok(false));
+        let moved = src.snapshot().unwrap();
+        assert!(Arc::ptr_eq(&moved, &after));
+
+        // A change that collides with another file is rejected whole, naming both files; the
+        // state in force stays, and a later good change applies against it.
+        write("e.yaml", &(pod_doc("e", "e") + &pod_doc("a", "other")));
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        let e = src.poll().unwrap_err();
+        match &e {
+            StateError::Invalid(PolicyError::Duplicate { first, second, .. }) => {
+                assert!(first.contains("a.yaml") && second.contains("e.yaml"), "{e}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(Arc::ptr_eq(&src.snapshot().unwrap(), &after));
+        write("e.yaml", &pod_doc("e", "e3"));
+        assert_eq!(src.poll(), Ok(true));
+        let fixed = src.snapshot().unwrap();
+        assert_eq!(src.last_error(), None);
+        let names: Vec<_> = fixed.pods().map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["a", "b", "e"]);
+        assert_eq!(
+            fixed.pod(&PodRef::new("x", "e")).unwrap().labels["pod"],
+            "e3"
+        );
+        assert!(Arc::ptr_eq(
+            &shared(&before, "a").unwrap(),
+            &shared(&fixed, "a").unwrap()
+        ));
+        assert_eq!(fixed.generation(), after.generation() + 1);
     }
 
     /// Counts the "manifests rejected" warnings `f` logs on this thread.
