@@ -106,20 +106,26 @@ fn make_pki(dir: &Path) -> Result<()> {
 impl ControlPlane {
     /// The assets directory, or `None` after one loud line saying the test is skipped.
     pub fn assets_or_skip(test: &str) -> Option<PathBuf> {
+        // Straight to the stderr stream: the test harness captures `eprintln!` of passing tests,
+        // and a skip must be seen in every run.
+        let loud = |line: String| {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "{line}");
+        };
         let dir = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from);
         match dir {
             Some(d) if d.join("kube-apiserver").exists() && d.join("etcd").exists() => Some(d),
             Some(d) => {
-                eprintln!(
+                loud(format!(
                     "!!! SKIPPED {test}: KUBEBUILDER_ASSETS={} has no kube-apiserver and etcd — no real API server on this machine !!!",
                     d.display()
-                );
+                ));
                 None
             }
             None => {
-                eprintln!(
+                loud(format!(
                     "!!! SKIPPED {test}: no real API server (set KUBEBUILDER_ASSETS to a directory with kube-apiserver and etcd) !!!"
-                );
+                ));
                 None
             }
         }
