@@ -34,6 +34,27 @@ pub enum Update {
     IPClaim(watcher::Result<Event<IPClaim>>),
 }
 
+impl Update {
+    /// The events of a completed list of `kind` that found nothing.
+    pub fn empty_list(kind: WatchedKind) -> [Update; 2] {
+        macro_rules! both {
+            ($v:ident) => {
+                [Update::$v(Ok(Event::Init)), Update::$v(Ok(Event::InitDone))]
+            };
+        }
+        match kind {
+            WatchedKind::Namespace => both!(Namespace),
+            WatchedKind::Pod => both!(Pod),
+            WatchedKind::NetworkPolicy => both!(NetworkPolicy),
+            WatchedKind::Node => both!(Node),
+            WatchedKind::VirtualNetwork => both!(VirtualNetwork),
+            WatchedKind::Subnet => both!(Subnet),
+            WatchedKind::IPBlock => both!(IPBlock),
+            WatchedKind::IPClaim => both!(IPClaim),
+        }
+    }
+}
+
 /// Why a kind's watch is not working.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WatchError {
@@ -292,22 +313,17 @@ mod tests {
         .unwrap()
     }
 
-    /// Sends the empty first list of every kind.
-    fn list_all(tx: &mpsc::UnboundedSender<Update>) {
-        macro_rules! list {
-            ($v:ident) => {
-                tx.unbounded_send(Update::$v(Ok(Event::Init))).unwrap();
-                tx.unbounded_send(Update::$v(Ok(Event::InitDone))).unwrap();
-            };
+    /// Sends the empty first list of every kind but `except`.
+    fn list_all_but(tx: &mpsc::UnboundedSender<Update>, except: &[WatchedKind]) {
+        for kind in WatchedKind::ALL.into_iter().filter(|k| !except.contains(k)) {
+            for u in Update::empty_list(kind) {
+                tx.unbounded_send(u).unwrap();
+            }
         }
-        list!(Namespace);
-        list!(Pod);
-        list!(NetworkPolicy);
-        list!(Node);
-        list!(VirtualNetwork);
-        list!(Subnet);
-        list!(IPBlock);
-        list!(IPClaim);
+    }
+
+    fn list_all(tx: &mpsc::UnboundedSender<Update>) {
+        list_all_but(tx, &[]);
     }
 
     async fn settle() {
@@ -391,19 +407,7 @@ mod tests {
     async fn a_missing_crd_keeps_the_agent_unsynced_and_says_why() {
         let (tx, rx) = mpsc::unbounded();
         let p = spawn(rx, 30);
-        macro_rules! list {
-            ($v:ident) => {
-                tx.unbounded_send(Update::$v(Ok(Event::Init))).unwrap();
-                tx.unbounded_send(Update::$v(Ok(Event::InitDone))).unwrap();
-            };
-        }
-        list!(Namespace);
-        list!(Pod);
-        list!(NetworkPolicy);
-        list!(Node);
-        list!(VirtualNetwork);
-        list!(IPBlock);
-        list!(IPClaim);
+        list_all_but(&tx, &[WatchedKind::Subnet]);
         tx.unbounded_send(Update::Subnet(Err(watcher::Error::InitialListFailed(
             status(404),
         ))))

@@ -84,6 +84,7 @@ mod tests {
     use futures::channel::mpsc;
     use k8s_openapi::api::core::v1::Pod;
     use kube::runtime::watcher::{self, Event};
+    use vpcnet_k8s::fold::WatchedKind;
     use vpcnet_k8s::watch::{Update, spawn};
 
     fn forbidden() -> watcher::Error {
@@ -91,29 +92,6 @@ mod tests {
             serde_json::from_value(serde_json::json!({"code": 403, "message": "pods is forbidden", "reason": "Forbidden"}))
                 .unwrap(),
         )))
-    }
-
-    macro_rules! list_all_but_pods {
-        ($tx:expr) => {{
-            for u in [
-                Update::Namespace(Ok(Event::Init)),
-                Update::Namespace(Ok(Event::InitDone)),
-                Update::NetworkPolicy(Ok(Event::Init)),
-                Update::NetworkPolicy(Ok(Event::InitDone)),
-                Update::Node(Ok(Event::Init)),
-                Update::Node(Ok(Event::InitDone)),
-                Update::VirtualNetwork(Ok(Event::Init)),
-                Update::VirtualNetwork(Ok(Event::InitDone)),
-                Update::Subnet(Ok(Event::Init)),
-                Update::Subnet(Ok(Event::InitDone)),
-                Update::IPBlock(Ok(Event::Init)),
-                Update::IPBlock(Ok(Event::InitDone)),
-                Update::IPClaim(Ok(Event::Init)),
-                Update::IPClaim(Ok(Event::InitDone)),
-            ] {
-                $tx.unbounded_send(u).unwrap();
-            }
-        }};
     }
 
     async fn settle() {
@@ -126,7 +104,14 @@ mod tests {
     async fn not_synced_says_why_and_a_forbidden_watch_is_named() {
         let (tx, rx) = mpsc::unbounded();
         let source = KubeSource::new("https://10.0.0.1:6443", spawn(rx, 30));
-        list_all_but_pods!(tx);
+        for kind in WatchedKind::ALL
+            .into_iter()
+            .filter(|k| *k != WatchedKind::Pod)
+        {
+            for u in Update::empty_list(kind) {
+                tx.unbounded_send(u).unwrap();
+            }
+        }
         tx.unbounded_send(Update::Pod(Err(forbidden()))).unwrap();
         settle().await;
         assert!(!source.synced());
