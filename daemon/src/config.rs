@@ -28,6 +28,52 @@ pub enum EndpointAttach {
     Tcx,
 }
 
+/// Where the cluster state (pods, namespaces, policies) and, in Kubernetes mode, the topology come
+/// from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterMode {
+    /// The topology is this file's `ipam:` section and the cluster state a directory of
+    /// manifests (`manifests_dir`): the embedded default the demo and the tests run on.
+    #[default]
+    Standalone,
+    /// Everything from the API server: Pods, Namespaces, NetworkPolicies, Nodes and the
+    /// vpcnet.io VirtualNetwork, Subnet, IPBlock and IPClaim objects. `ipam:` holds only
+    /// node-agnostic settings (`cooldown_secs`).
+    Kubernetes,
+}
+
+/// Settings of the Kubernetes mode; all have defaults that fit a DaemonSet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; `null` uses the pod's service account (in-cluster), or
+    /// `$KUBECONFIG` outside a pod.
+    pub kubeconfig: Option<PathBuf>,
+    /// Where the daemon writes its CNI conflist once it is ready (kubelet's `--cni-conf-dir`).
+    pub cni_conf_dir: PathBuf,
+    /// File name of the conflist: sorts first among the directory's files, so it is the one the
+    /// runtime uses.
+    pub conflist_name: String,
+    /// Chain the `portmap` plugin for `hostPort`s.
+    pub portmap: bool,
+    /// A block that has held no address this long is given back to the cluster (the node keeps
+    /// at least one block per subnet it uses).
+    pub block_release_grace_secs: u64,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            kubeconfig: None,
+            cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
+            conflist_name: "10-vpcnet.conflist".into(),
+            portmap: true,
+            block_release_grace_secs: 600,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
@@ -67,6 +113,12 @@ pub struct DaemonConfig {
     /// default: the DaemonSet runs in the host network, and the endpoint has no authentication.
     #[serde(default = "default_metrics_addr")]
     pub metrics_addr: Option<String>,
+    #[serde(default)]
+    pub cluster: ClusterMode,
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+    /// Standalone: the whole topology. Kubernetes: only `cooldown_secs`.
+    #[serde(default)]
     pub ipam: IpamConfig,
 }
 
@@ -129,13 +181,25 @@ impl DaemonConfig {
                 path: p.clone(),
                 source,
             })?;
+        let invalid = |msg: &str| ConfigError::Invalid {
+            path: p.clone(),
+            msg: msg.into(),
+        };
         if config.uplink.is_empty() {
-            return Err(ConfigError::Invalid {
-                path: p,
-                msg: "`uplink` must not be empty".into(),
-            });
+            return Err(invalid("`uplink` must not be empty"));
         }
-        Ok(config)
+        match config.cluster {
+            ClusterMode::Standalone if config.ipam.networks.is_empty() => Err(invalid(
+                "no networks are configured: add at least one under `ipam.networks` (or set `cluster: kubernetes` to take them from VirtualNetwork and Subnet objects)",
+            )),
+            ClusterMode::Kubernetes if !config.ipam.networks.is_empty() => Err(invalid(
+                "`cluster: kubernetes` takes networks from VirtualNetwork and Subnet objects: remove `ipam.networks` (keep only `ipam.cooldown_secs`)",
+            )),
+            ClusterMode::Kubernetes if config.manifests_dir.is_some() => Err(invalid(
+                "`cluster: kubernetes` takes the cluster state from the API server: remove `manifests_dir`",
+            )),
+            _ => Ok(config),
+        }
     }
 
     pub fn ipam_db(&self) -> PathBuf {
@@ -177,7 +241,7 @@ ipam:
         let path = dir.path().join("c.yaml");
         std::fs::write(
             &path,
-            "node: n1\nuplink: eth0\nmetrics_addr: null\nipam: {networks: []}\n",
+            "node: n1\nuplink: eth0\nmetrics_addr: null\ncluster: kubernetes\n",
         )
         .unwrap();
         assert_eq!(DaemonConfig::load(&path).unwrap().metrics_addr, None);
@@ -205,6 +269,21 @@ ipam:
             .parse()
             .unwrap();
         assert!(addr.ip().is_loopback(), "shipped metrics_addr {addr}");
+    }
+
+    #[test]
+    fn kubernetes_mode_needs_no_topology_and_refuses_one() {
+        let parse = |text: &str| DaemonConfig::parse(Path::new("c.yaml"), text);
+        let c = parse("node: n1\nuplink: eth0\ncluster: kubernetes\n").unwrap();
+        assert_eq!(c.cluster, ClusterMode::Kubernetes);
+        assert_eq!(c.kubernetes, KubernetesConfig::default());
+        assert_eq!(c.ipam.cooldown_secs, 30);
+        let e = parse("node: n1\nuplink: eth0\ncluster: kubernetes\nipam: {networks: [{name: v, id: 1, subnets: []}]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("remove `ipam.networks`"), "{e}");
+        let e = parse("node: n1\nuplink: eth0\n").unwrap_err().to_string();
+        assert!(e.contains("cluster: kubernetes"), "{e}");
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct NetworkConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IpamConfig {
+    /// Empty in Kubernetes mode until VirtualNetwork and Subnet objects exist.
+    #[serde(default)]
     pub networks: Vec<NetworkConfig>,
     /// Network used when a request names none; defaults to the first one.
     #[serde(default)]
@@ -63,6 +65,16 @@ pub struct IpamConfig {
 
 fn default_cooldown() -> u64 {
     30
+}
+
+impl Default for IpamConfig {
+    fn default() -> Self {
+        IpamConfig {
+            networks: Vec::new(),
+            default_network: None,
+            cooldown_secs: default_cooldown(),
+        }
+    }
 }
 
 /// An address as a number in one space for both families: IPv4 addresses are placed at their
