@@ -71,7 +71,7 @@ pub fn ipam_error(e: &IpamError) -> ApiError {
         IpamError::UnknownNetwork { .. } | IpamError::UnknownSubnet { .. } => code::UNKNOWN_NETWORK,
         // An ADD racing its own DEL: the DEL finishes, and the runtime's retried ADD then
         // succeeds.
-        IpamError::InvalidTransition { .. } => code::TRY_AGAIN_LATER,
+        IpamError::InvalidTransition { .. } | IpamError::NoNetworks => code::TRY_AGAIN_LATER,
         IpamError::InvalidConfig(_) => code::INVALID_CONFIG,
         IpamError::Store(_) => code::IO,
         IpamError::StoreUnavailable(_) => code::TRY_AGAIN_LATER,

@@ -8,6 +8,12 @@ use std::net::IpAddr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
+    /// The topology is empty: a Kubernetes cluster whose VirtualNetwork and Subnet objects do
+    /// not exist yet (standalone configs without networks are refused at load).
+    #[error(
+        "no virtual network is defined yet: create a VirtualNetwork and a Subnet (see manifests/examples/network.yaml)"
+    )]
+    NoNetworks,
     /// Every address of this node's blocks is allocated, reserved or cooling down.
     #[error("{}", exhausted_msg(self))]
     Exhausted {

@@ -189,9 +189,6 @@ impl IpamConfig {
     /// one restart per mistake.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if self.networks.is_empty() {
-            p.push("no networks are configured: add at least one under `networks`".to_string());
-        }
         let names: Vec<&str> = self.networks.iter().map(|n| n.name.as_str()).collect();
         if let Some(d) = &self.default_network
             && !names.contains(&d.as_str())

@@ -428,9 +428,7 @@ impl Topology {
                             .join(", "),
                     })
             }
-            None if nets.is_empty() => Err(IpamError::InvalidConfig(
-                "no networks are configured".into(),
-            )),
+            None if nets.is_empty() => Err(IpamError::NoNetworks),
             None => Ok(0),
         }
     }
@@ -440,7 +438,7 @@ impl Topology {
         self.config
             .networks
             .get(i)
-            .ok_or_else(|| IpamError::InvalidConfig("no networks are configured".into()))
+            .ok_or(IpamError::NoNetworks)
     }
 
     fn select(

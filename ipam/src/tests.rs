@@ -746,13 +746,15 @@ fn config_validation() {
     c.networks[1].subnets.clear();
     invalid(c, "has no subnets");
 
+    // An empty topology is valid (see an_empty_topology_opens_and_the_first_network_is_used_live);
+    // a default naming a network that is not there is not.
     invalid(
         IpamConfig {
             networks: vec![],
-            default_network: None,
+            default_network: Some("vpc".into()),
             cooldown_secs: 30,
         },
-        "no networks",
+        "default_network \"vpc\"",
     );
 
     // Overlapping VPC CIDRs are fine, but not one node's blocks across them.
@@ -1074,4 +1076,18 @@ fn topology_network_attributes_and_invalid_updates() {
     assert!(matches!(e, IpamError::InvalidConfig(_)), "{e}");
     assert_eq!(ipam.config(), c);
     assert_eq!(Req::new("b").run(&ipam).unwrap().ip(), ip("10.40.0.5"));
+}
+
+/// A Kubernetes node starts before any VirtualNetwork exists: the store opens, an ADD is told
+/// what to create, and the first topology applied is used at once.
+#[test]
+fn an_empty_topology_opens_and_the_first_network_is_used_live() {
+    let f = fixture();
+    let ipam = Ipam::open(&f.path, IpamConfig::default(), "n1").unwrap();
+    let e = Req::new("a").run(&ipam).unwrap_err();
+    assert!(matches!(e, IpamError::NoNetworks), "{e}");
+    assert!(e.to_string().contains("create a VirtualNetwork"), "{e}");
+    assert!(ipam.free_counts().unwrap().is_empty());
+    ipam.apply_topology(config()).unwrap();
+    assert_eq!(Req::new("a").run(&ipam).unwrap().ip(), ip("10.40.0.4"));
 }
