@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod config;
 pub mod ebpf_glue;
+pub mod kubernetes;
 pub mod links;
 pub mod metrics;
 pub mod run;

@@ -2,7 +2,7 @@
 //! forwarding when it stops.
 
 use crate::agent::{Agent, Forwarding, KernelRoutes};
-use crate::config::{DaemonConfig, DataplaneMode};
+use crate::config::{ClusterMode, DaemonConfig, DataplaneMode};
 use crate::links::NodeNetlink;
 use crate::metrics::Metrics;
 use anyhow::{Context as _, Result};
@@ -62,22 +62,33 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
     };
     info!(dataplane = %fwd.describe(), mtu, "dataplane ready");
 
-    let policy = match &config.manifests_dir {
-        Some(dir) => {
+    let kube = match config.cluster {
+        ClusterMode::Kubernetes => Some(
+            crate::kubernetes::start(&config, ipam.clone())
+                .await
+                .context("starting the Kubernetes mode")?,
+        ),
+        ClusterMode::Standalone => None,
+    };
+    let policy = match (&kube, &config.manifests_dir) {
+        (Some(k), _) => Some(k.state.clone() as Arc<dyn crate::state::source::StateSource>),
+        (None, Some(dir)) => {
             let source = Arc::new(crate::state::source::ManifestDir::new(dir.clone()));
             if let Err(e) = source.poll() {
                 warn!(error = %e, dir = %dir.display(), "cluster manifests rejected; keeping none until they are fixed");
             }
             source.spawn_watcher(Duration::from_secs(1));
-            // The Kubernetes watchers will implement the same trait.
             Some(source as Arc<dyn crate::state::source::StateSource>)
         }
-        None => None,
+        (None, None) => None,
     };
     let metrics = Arc::new(Metrics::default());
     let mut agent = Agent::new(config.clone(), ipam, fwd, mtu).with_metrics(metrics.clone());
     if let Some(source) = policy {
         agent = agent.with_state_source(source);
+    }
+    if let Some(k) = &kube {
+        agent = agent.with_address_supply(Arc::new(crate::kubernetes::KubeSupply(k.supply.clone())));
     }
     let agent = Arc::new(agent);
 
@@ -103,17 +114,24 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
         });
     }
 
-    // The topology follows the config file live: the file may have changed since it was read.
-    let topology = crate::topology::ConfigFile::new(config_path, config.clone());
+    // The topology follows the config file (or the API objects) live: it may have changed since
+    // it was read.
+    let topology: Arc<dyn crate::topology::TopologySource> = match &kube {
+        Some(k) => k.topology.clone(),
+        None => {
+            let file = crate::topology::ConfigFile::new(config_path, config.clone());
+            file.spawn_watcher(Duration::from_secs(1));
+            file
+        }
+    };
     agent
         .metrics()
         .topology_generation
-        .set(crate::topology::TopologySource::current(&*topology).generation as i64);
-    let _topology_watch = topology.spawn_watcher(Duration::from_secs(1));
-    tokio::spawn(crate::topology::follow(
-        agent.clone(),
-        topology.clone() as Arc<dyn crate::topology::TopologySource>,
-    ));
+        .set(topology.current().generation as i64);
+    tokio::spawn(crate::topology::follow(agent.clone(), topology));
+    if let Some(k) = &kube {
+        tokio::spawn(crate::kubernetes::node_life(agent.clone(), k.client.clone()));
+    }
 
     let listener = crate::server::bind(&config.socket)
         .with_context(|| format!("binding {}", config.socket.display()))?;

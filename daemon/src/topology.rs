@@ -265,14 +265,31 @@ pub fn apply(agent: &Agent, topology: &Topology) -> Result<(), String> {
 /// applied is reported and retried with the next change; what was applied stays in force.
 pub async fn follow(agent: Arc<Agent>, source: Arc<dyn TopologySource>) {
     let mut rx = source.subscribe();
-    while rx.changed().await.is_ok() {
-        let topology = rx.borrow_and_update().clone();
+    // Published before this subscription (a watch that synced quickly): not news to `rx`.
+    let mut pending = {
+        let first = rx.borrow_and_update().clone();
+        (agent.ipam().config() != first.ipam).then_some(first)
+    };
+    loop {
+        let topology = match pending.take() {
+            Some(t) => t,
+            None => {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                rx.borrow_and_update().clone()
+            }
+        };
         let s = agent.clone();
         let applied =
             tokio::task::spawn_blocking(move || apply(&s, &topology).map(|()| topology)).await;
         match applied {
             Ok(Ok(t)) => {
                 agent.metrics().topology_generation.set(t.generation as i64);
+                // The block keeper waits for the store to hold what it published.
+                if let Some(supply) = agent.address_supply() {
+                    supply.changed();
+                }
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "topology not applied; the previous one stays in force")

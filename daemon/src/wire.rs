@@ -1,7 +1,7 @@
 //! The socket edge: the agent's and IPAM's types and errors in the wire protocol's terms.
 //! Neither knows the protocol's shapes or CNI error codes; this is the one place they meet.
 
-use crate::agent::{Agent, AgentError};
+use crate::agent::{Agent, AgentError, SupplyError};
 use vpcnet_api::{self as api, ApiError, RequestBody, ResponseBody, code};
 use vpcnet_ipam::{self as ipam, IpamError};
 
@@ -40,6 +40,9 @@ pub fn agent_error(e: &AgentError) -> ApiError {
         AgentError::Ipam(e) => return ipam_error(e),
         // Transient: the runtime retries the ADD once the state is there.
         AgentError::NotSynced(_) => code::TRY_AGAIN_LATER,
+        AgentError::Supply(SupplyError::Taken(_)) => code::ADDRESS_TAKEN,
+        AgentError::Supply(SupplyError::Exhausted(_)) => code::EXHAUSTED,
+        AgentError::Supply(SupplyError::Unavailable(_)) => code::TRY_AGAIN_LATER,
         AgentError::BadAnnotation { .. }
         | AgentError::NoClusterState
         | AgentError::ClusterState(_)

@@ -137,6 +137,7 @@ impl WatchHealth {
 }
 
 /// What the fold publishes; readers take cheap `Arc` clones.
+#[derive(Clone)]
 pub struct Published {
     pub state: watch::Receiver<Option<Arc<ClusterState>>>,
     pub topology: watch::Receiver<Option<Arc<Built>>>,

@@ -8,6 +8,7 @@ pub mod cni;
 pub mod fake_daemon;
 pub mod netns;
 pub mod probe;
+pub mod relay;
 
 pub use cluster::{Cluster, ClusterSpec, Node};
 pub use netns::Netns;

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use tracing::{info, warn};
 use vpcnet_api::{AllocateRequest, CheckRequest, EndpointReadyRequest, GcRequest};
-use vpcnet_ipam::{AllocRequest, AttachmentKey, Endpoint, Wiring};
+use vpcnet_ipam::{AllocRequest, AttachmentKey, Endpoint, IpamError, Wiring};
 
 impl Agent {
     pub fn allocate(&self, req: &AllocateRequest) -> Result<Endpoint, AgentError> {
@@ -34,24 +34,96 @@ impl Agent {
             return Err(AgentError::TooManyStaticIps(req.static_ips.len()));
         }
         let static_ip = req.static_ips.first().copied().or(annotated_ip);
+        let subnet = self.placed_subnet(req, addressing.subnet)?;
         self.consume_queued_release(&req.key)?;
+        if let (Some(supply), Some(ip)) = (&self.supply, static_ip)
+            && !req.pod.name.is_empty()
+        {
+            let net = self.ipam.network(req.network.as_deref())?;
+            let sub = subnet.clone().or_else(|| {
+                net.subnets
+                    .iter()
+                    .find(|s| s.cidr.contains(ip))
+                    .map(|s| s.name.clone())
+            });
+            // Outside every subnet: IPAM refuses it below, with the subnets it could be in.
+            if let Some(sub) = sub {
+                supply.claim_address_now(&net.name, &sub, ip, &req.pod.namespace, &req.pod.name)?;
+            }
+        }
         let (key, pod) = (wire::key(&req.key), wire::pod(&req.pod));
-        let record = self
-            .ipam
-            .allocate(&AllocRequest {
+        let alloc = || {
+            self.ipam.allocate(&AllocRequest {
                 key: &key,
                 pod: &pod,
                 network: req.network.as_deref(),
-                subnet: addressing.subnet.as_deref(),
+                subnet: subnet.as_deref(),
                 static_ip,
                 host_veth: &req.host_veth,
             })
-            .inspect_err(|_| {
-                self.metrics.alloc_failures.inc();
-            })?;
+        };
+        let record = match (alloc(), &self.supply) {
+            // The node's blocks are full (or cooling down): claim one more and allocate from it.
+            (
+                Err(
+                    IpamError::Exhausted {
+                        network, subnet, ..
+                    }
+                    | IpamError::NoBlocks {
+                        network, subnet, ..
+                    },
+                ),
+                Some(supply),
+            ) if static_ip.is_none() => {
+                info!(%network, %subnet, "no room in this node's blocks; claiming a block");
+                supply
+                    .claim_block_now(&network, &subnet)
+                    .inspect_err(|_| {
+                        self.metrics.alloc_failures.inc();
+                    })?;
+                alloc()
+            }
+            (r, _) => r,
+        }
+        .inspect_err(|_| {
+            self.metrics.alloc_failures.inc();
+        })?;
+        if let Some(supply) = &self.supply {
+            supply.changed();
+        }
         self.metrics.allocations.inc();
         info!(ip = %record.ip(), subnet = %record.subnet(), "allocated");
         Ok(record)
+    }
+
+    /// The subnet the pod's annotations name, else (on Kubernetes) the one a Subnet's namespace
+    /// selector gives its namespace, else `None` (the network's default subnet).
+    fn placed_subnet(
+        &self,
+        req: &AllocateRequest,
+        annotated: Option<String>,
+    ) -> Result<Option<String>, AgentError> {
+        let (Some(supply), Some(source), None) = (&self.supply, &self.state, &annotated) else {
+            return Ok(annotated);
+        };
+        let Some(ns) = source
+            .namespace(&req.pod.namespace)
+            .map_err(AgentError::NotSynced)?
+        else {
+            return Ok(None);
+        };
+        let Some((network, subnet)) = supply.subnet_for_namespace(&ns.labels) else {
+            return Ok(None);
+        };
+        // A selector places pods only within the network the request is for.
+        let wanted = match &req.network {
+            Some(n) => n.clone(),
+            None => match self.ipam.network(None) {
+                Ok(n) => n.name,
+                Err(_) => return Ok(None),
+            },
+        };
+        Ok((wanted == network).then_some(subnet))
     }
 
     /// Records the endpoint's wiring, brings the policy up to it and installs it in the
@@ -126,6 +198,9 @@ impl Agent {
         if let Some(r) = &released {
             self.metrics.releases.inc();
             info!(ip = %r.ip(), "released");
+            if let Some(supply) = &self.supply {
+                supply.changed();
+            }
             // Its rules and identity go with the next sync; the endpoint entry is gone already.
             self.policy.dirty.notify_one();
         }
@@ -201,6 +276,19 @@ fn addressing_from(
     let pod = source
         .pod(&req.pod.namespace, &req.pod.name)
         .map_err(AgentError::NotSynced)?;
+    if pod.is_none() && source.has_every_pod() {
+        let origin = source.origin();
+        return Err(AgentError::NotSynced(StateError::NotSynced {
+            origin: origin.clone(),
+            cause: Some(Box::new(StateError::Watch {
+                origin,
+                reason: format!(
+                    "pod {}/{} is not in the watched state yet",
+                    req.pod.namespace, req.pod.name
+                ),
+            })),
+        }));
+    }
     let ns = source
         .namespace(&req.pod.namespace)
         .map_err(AgentError::NotSynced)?;

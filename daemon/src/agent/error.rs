@@ -13,6 +13,9 @@ pub enum AgentError {
     Ipam(#[from] IpamError),
     /// An ADD came before the cluster state did: placing the pod now would ignore its
     /// annotations and policies. Transient: the runtime retries.
+    /// A cluster-wide claim (block or fixed address) failed.
+    #[error(transparent)]
+    Supply(#[from] super::SupplyError),
     #[error(
         "{0}; vpcnetd places pods only once it has the cluster state (pod annotations, NetworkPolicy) — the runtime retries the ADD; if this persists, check `vpcnetctl status` and the source"
     )]

@@ -14,12 +14,14 @@ mod policy;
 mod readiness;
 mod reconcile;
 mod release_queue;
+mod supply;
 #[cfg(test)]
 mod tests;
 
 pub use error::{AgentError, DataplaneOp};
 pub use forwarding::{DataplaneEndpoint, Forwarding, ForwardingError, KernelRoutes};
 pub use readiness::Readiness;
+pub use supply::{AddressSupply, SupplyError};
 
 use crate::config::DaemonConfig;
 use crate::metrics::Metrics;
@@ -34,6 +36,8 @@ pub struct Agent {
     /// directory).
     state: Option<Arc<dyn StateSource>>,
     fwd: Box<dyn Forwarding>,
+    /// Kubernetes: blocks and fixed addresses claimed through the API server.
+    supply: Option<Arc<dyn AddressSupply>>,
     config: DaemonConfig,
     metrics: Arc<Metrics>,
     mtu: u32,
@@ -52,6 +56,7 @@ impl Agent {
             ipam,
             state: None,
             fwd,
+            supply: None,
             config,
             metrics: Default::default(),
             mtu,
@@ -64,6 +69,16 @@ impl Agent {
     pub fn with_state_source(mut self, source: Arc<dyn StateSource>) -> Agent {
         self.state = Some(source);
         self
+    }
+
+    /// Claims blocks and fixed addresses from `supply` when the store has none.
+    pub fn with_address_supply(mut self, supply: Arc<dyn AddressSupply>) -> Agent {
+        self.supply = Some(supply);
+        self
+    }
+
+    pub fn address_supply(&self) -> Option<&Arc<dyn AddressSupply>> {
+        self.supply.as_ref()
     }
 
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Agent {

@@ -67,6 +67,10 @@ impl Agent {
                 }
             }
         }
+        if let Some(supply) = &self.supply {
+            problems.extend(supply.problems());
+            warnings.extend(supply.warnings());
+        }
         // Without a state the sync fails for the reason already given. A sync holds this lock
         // for its whole run (a large policy takes a while); STATUS does not wait for it, that
         // sync's outcome is the next verdict.

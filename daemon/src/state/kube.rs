@@ -76,6 +76,10 @@ impl StateSource for KubeSource {
     fn synced(&self) -> bool {
         self.published.state.borrow().is_some()
     }
+
+    fn has_every_pod(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -80,6 +80,14 @@ pub trait StateSource: Send + Sync {
     fn namespace(&self, name: &str) -> Result<Option<Arc<Namespace>>, StateError> {
         Ok(self.snapshot()?.namespace_shared(name).cloned())
     }
+
+    /// Whether every pod an ADD is for must be in the state first. The API server's state holds
+    /// every pod before kubelet creates its sandbox, so a missing one is a watch that has not
+    /// caught up: placing it now would ignore its annotations. A manifest directory names only
+    /// the pods it places or isolates.
+    fn has_every_pod(&self) -> bool {
+        false
+    }
 }
 
 /// Waits until `source` has published its first complete state, and returns it.
