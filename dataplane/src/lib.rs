@@ -81,8 +81,9 @@
 //! [`Dataplane::start_restoring`] / [`Dataplane::restore_endpoints`] make `ENDPOINTS` exactly
 //! that list and attach this build's programs on every listed host veth. A pin whose layout
 //! differs from this build's (an upgrade that changed a record) is recreated empty and refilled
-//! from the list before any program is swapped to it — see [`Dataplane::start_restoring`] for
-//! why that order loses no packet.
+//! from the list before any program is swapped to it (in enforce mode, the policy bits of
+//! recreated records by the first policy sync) — see [`Dataplane::start_restoring`] for why that
+//! order loses no packet.
 //!
 //! # Locks
 //! [`Dataplane`] is `Sync` and used through `&self`. Endpoint work (ADD/DEL/restore: links and
@@ -118,6 +119,7 @@ use ipnetwork::Ipv4Network;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vpcnet_common::{
@@ -401,6 +403,17 @@ struct Stats {
 struct Links {
     bpf: Ebpf,
     timings: Timings,
+    /// The program swap [`Dataplane::start_restoring`] held back until the first policy sync.
+    held: Option<HeldSwap>,
+}
+
+/// A program swap waiting for the policy bits of a recreated `ENDPOINTS` map: see
+/// [`Dataplane::start_restoring`].
+struct HeldSwap {
+    endpoints: Vec<Endpoint>,
+    uplink_ifindex: u32,
+    /// Records written at start (for the report and the clean-up of an unreadable record's mode).
+    written: BTreeSet<Ipv4Addr>,
 }
 
 /// The policy lock: the rule maps and the mirror of what they hold.
@@ -422,7 +435,12 @@ struct TopologyState {
 pub struct Dataplane {
     pin_dir: PathBuf,
     uplink: String,
-    uplink_mode: AttachMode,
+    /// How the uplink program is attached: set when it is attached or swapped (TCX may fall
+    /// back to classic), read without the endpoint lock.
+    uplink_classic: AtomicBool,
+    /// Whether [`Links::held`] holds a swap, so a policy sync need not take the endpoint lock to
+    /// find out.
+    swap_held: AtomicBool,
     endpoint_mode: AttachMode,
     policy_mode: PolicyMode,
     nr_cpus: usize,
@@ -447,7 +465,7 @@ impl std::fmt::Debug for Dataplane {
         f.debug_struct("Dataplane")
             .field("pin_dir", &self.pin_dir)
             .field("uplink", &self.uplink)
-            .field("uplink_mode", &self.uplink_mode)
+            .field("uplink_mode", &self.attach_mode())
             .field("endpoint_mode", &self.endpoint_mode)
             .finish_non_exhaustive()
     }
@@ -530,6 +548,15 @@ impl Dataplane {
     ///    priority/handle: atomic per hook). A packet runs either the old program with the old
     ///    maps or the new one with the new, filled maps. When the last hook is swapped nothing
     ///    references the old map any more and the kernel frees it.
+    ///
+    /// In [`PolicyMode::Enforce`], a recreated `ENDPOINTS` map (with the rule maps kept) cannot
+    /// be filled in full here: its records' policy bits are the policy's, which the old records'
+    /// layout does not tell. Step 4 then waits for the caller's first [`Dataplane::sync_policy`]
+    /// (the previous programs forward and enforce meanwhile, with the previous maps), so no
+    /// program ever runs with a record whose bits are not yet written — swapping at once closed
+    /// every pod for the milliseconds until that sync, and a ping or two at 100 pps was lost.
+    /// An [`Dataplane::add_endpoint`] or [`Dataplane::restore_endpoints`] before that sync swaps
+    /// first.
     ///
     /// Recreated policy maps cannot be refilled here (their content is the compiled policy, which
     /// the caller syncs next with [`Dataplane::sync_policy`]): in enforce mode every endpoint's
@@ -646,7 +673,8 @@ impl Dataplane {
         let dp = Dataplane {
             pin_dir: cfg.pin_dir.clone(),
             uplink: cfg.uplink.clone(),
-            uplink_mode,
+            uplink_classic: AtomicBool::new(uplink_mode == AttachMode::Classic),
+            swap_held: AtomicBool::new(false),
             endpoint_mode: opts.endpoint_attach,
             policy_mode: opts.policy,
             nr_cpus,
@@ -657,6 +685,7 @@ impl Dataplane {
                     verify,
                     ..Timings::default()
                 },
+                held: None,
             }),
             records: Mutex::new(records),
             stats: Mutex::new(stats),
@@ -674,49 +703,40 @@ impl Dataplane {
             ..Default::default()
         };
         let checked = dp.write_records(endpoints, &mut report)?;
-
-        let t = Instant::now();
-        // The observer first: flows the kernel carries from now on are recorded before the
-        // forwarding program can look for them.
-        let egress_wanted = if cfg.pin_dir.join(CLASSIC_MARKER_EGRESS).exists() {
-            AttachMode::Classic
+        // A recreated ENDPOINTS map cannot say which directions the policy opens (the old
+        // records' layout is not this build's): its records are closed until the first policy
+        // sync. Swapping now would make the new programs deny every pod's traffic for the
+        // moment between this return and that sync, while the previous programs, still
+        // attached, enforce the previous bits with the previous map. So they keep forwarding
+        // until the sync has written the bits; the swap follows it ([`Self::sync_policy`]).
+        // A recreated rule map is different: its rules are gone for old and new programs
+        // alike, so nothing is gained by waiting and everything stays closed until the sync.
+        let hold = opts.policy == PolicyMode::Enforce
+            && !policy_recreated
+            && report
+                .recreated_maps
+                .contains(&maps::Endpoints::LAYOUT.name);
+        if hold {
+            tracing::info!(
+                "ENDPOINTS recreated: the previous programs keep forwarding until the first policy sync has written the new records' policy bits"
+            );
+            links.held = Some(HeldSwap {
+                endpoints: endpoints.to_vec(),
+                uplink_ifindex,
+                written: report.written.iter().copied().collect(),
+            });
+            dp.swap_held.store(true, Ordering::Release);
         } else {
-            uplink_mode
-        };
-        let egress = dp.attach(
-            &mut links,
-            LinkTarget::Uplink(Dir::Out),
-            uplink_ifindex,
-            egress_wanted,
-        )?;
-        if egress == AttachMode::Classic && egress_wanted != AttachMode::Classic {
-            std::fs::write(dp.pin_dir.join(CLASSIC_MARKER_EGRESS), b"")
-                .map_err(io_err("writing the classic-mode marker"))?;
+            dp.swap_uplink(&mut links, uplink_ifindex)?;
+            dp.attach_restored(&mut links, checked, &mut report)?;
         }
-        let mode = dp.attach(
-            &mut links,
-            LinkTarget::Uplink(Dir::In),
-            uplink_ifindex,
-            uplink_mode,
-        )?;
-        let mut dp_uplink_mode = uplink_mode;
-        if mode != uplink_mode {
-            std::fs::write(dp.pin_dir.join(CLASSIC_MARKER), b"")
-                .map_err(io_err("writing the classic-mode marker"))?;
-            dp_uplink_mode = mode;
-        }
-        links.timings.uplink_attach = t.elapsed();
-        dp.attach_restored(&mut links, checked, &mut report)?;
         let timings = links.timings;
         drop(links);
-        let dp = Dataplane {
-            uplink_mode: dp_uplink_mode,
-            ..dp
-        };
         tracing::info!(
             pin_dir = %dp.pin_dir.display(),
             uplink = %dp.uplink,
-            uplink_mode = ?dp.uplink_mode,
+            uplink_mode = ?dp.attach_mode(),
+            swap_held = hold,
             load_ms = timings.load.as_secs_f64() * 1e3,
             verify_ms = timings.verify.as_secs_f64() * 1e3,
             uplink_attach_ms = timings.uplink_attach.as_secs_f64() * 1e3,
@@ -726,6 +746,96 @@ impl Dataplane {
             "dataplane started"
         );
         Ok((dp, report))
+    }
+
+    /// Attaches, or swaps in place, the uplink programs: the observer first, so flows the kernel
+    /// carries from now on are recorded before the forwarding program can look for them.
+    fn swap_uplink(&self, links: &mut Links, uplink_ifindex: u32) -> Result<(), DataplaneError> {
+        let t = Instant::now();
+        let uplink_mode = self.attach_mode();
+        let egress_wanted = if self.pin_dir.join(CLASSIC_MARKER_EGRESS).exists() {
+            AttachMode::Classic
+        } else {
+            uplink_mode
+        };
+        let egress = self.attach(
+            links,
+            LinkTarget::Uplink(Dir::Out),
+            uplink_ifindex,
+            egress_wanted,
+        )?;
+        if egress == AttachMode::Classic && egress_wanted != AttachMode::Classic {
+            std::fs::write(self.pin_dir.join(CLASSIC_MARKER_EGRESS), b"")
+                .map_err(io_err("writing the classic-mode marker"))?;
+        }
+        let mode = self.attach(
+            links,
+            LinkTarget::Uplink(Dir::In),
+            uplink_ifindex,
+            uplink_mode,
+        )?;
+        if mode != uplink_mode {
+            std::fs::write(self.pin_dir.join(CLASSIC_MARKER), b"")
+                .map_err(io_err("writing the classic-mode marker"))?;
+            self.uplink_classic
+                .store(mode == AttachMode::Classic, Ordering::Release);
+        }
+        links.timings.uplink_attach = t.elapsed();
+        Ok(())
+    }
+
+    /// Runs the program swap [`Dataplane::start_restoring`] held back, if any: the uplink, then
+    /// the endpoints of its list that still have their record (a release since start removed
+    /// the others), with the records as the policy sync left them. Kept for the next call when
+    /// it fails.
+    fn release_held_swap(&self, links: &mut Links) -> Result<(), DataplaneError> {
+        let Some(held) = links.held.take() else {
+            return Ok(());
+        };
+        let result = self.run_held_swap(links, &held);
+        match &result {
+            Ok(report) => {
+                self.swap_held.store(false, Ordering::Release);
+                tracing::info!(
+                    written = report.written.len(),
+                    kept = report.kept.len(),
+                    skipped = ?report.skipped,
+                    "policy bits written: programs swapped to the recreated ENDPOINTS map"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "swapping the programs after the policy sync failed; retried on the next");
+                links.held = Some(held);
+            }
+        }
+        result.map(|_| ())
+    }
+
+    fn run_held_swap(
+        &self,
+        links: &mut Links,
+        held: &HeldSwap,
+    ) -> Result<RestoreReport, DataplaneError> {
+        let still: Vec<Endpoint> = {
+            let records = lock(&self.records);
+            held.endpoints
+                .iter()
+                .filter(|e| {
+                    records
+                        .get(e.ip)
+                        .is_some_and(|r| r.ifindex == e.host_ifindex)
+                })
+                .cloned()
+                .collect()
+        };
+        let mut report = RestoreReport::default();
+        let mut checked = self.write_records(&still, &mut report)?;
+        for c in &mut checked {
+            c.written |= held.written.contains(&c.ep.ip);
+        }
+        self.swap_uplink(links, held.uplink_ifindex)?;
+        self.attach_restored(links, checked, &mut report)?;
+        Ok(report)
     }
 
     /// Makes `ENDPOINTS` exactly `endpoints`: writes missing records and records that differ
@@ -739,6 +849,7 @@ impl Dataplane {
         endpoints: &[Endpoint],
     ) -> Result<RestoreReport, DataplaneError> {
         let mut links = lock(&self.links);
+        self.release_held_swap(&mut links)?;
         let mut report = RestoreReport::default();
         let checked = self.write_records(endpoints, &mut report)?;
         self.attach_restored(&mut links, checked, &mut report)?;
@@ -905,7 +1016,11 @@ impl Dataplane {
 
     /// How the uplink program is attached.
     pub fn attach_mode(&self) -> AttachMode {
-        self.uplink_mode
+        if self.uplink_classic.load(Ordering::Acquire) {
+            AttachMode::Classic
+        } else {
+            AttachMode::Tcx
+        }
     }
 
     pub fn policy_mode(&self) -> PolicyMode {
@@ -923,7 +1038,7 @@ impl Dataplane {
     /// the next vpcnetd would start from empty maps and pods would lose forwarding and policy.
     pub fn health(&self) -> Option<String> {
         let mut pins = vec![maps::Endpoints::LAYOUT.name];
-        if self.uplink_mode == AttachMode::Tcx {
+        if self.attach_mode() == AttachMode::Tcx {
             pins.push(LINK_UPLINK);
         }
         let missing: Vec<String> = pins
@@ -984,6 +1099,8 @@ impl Dataplane {
         let ifname =
             sys::ifname(ep.host_ifindex).ok_or(DataplaneError::NoSuchIfindex(ep.host_ifindex))?;
         let mut links = lock(&self.links);
+        // A pod added before the first policy sync needs the new uplink program to be reached.
+        self.release_held_swap(&mut links)?;
         // Keep the counters of a re-added endpoint (idempotent ADD, restart reconcile).
         self.ensure_stats(ep.ip)?;
         let (existed, info) = {
@@ -1097,7 +1214,18 @@ impl Dataplane {
     /// phase after phase; when anything narrowed, established connections are judged again.
     /// When `new` is a later revision of the regenerator output applied last, only the endpoints
     /// and addresses it changed since are compared (the same plan, at the cost of the change).
+    ///
+    /// The first sync after a start that recreated `ENDPOINTS` also swaps the programs (see
+    /// [`Dataplane::start_restoring`]), after the policy lock is released.
     pub fn sync_policy(&self, new: &vpcnet_policy::Compiled) -> Result<SyncStats, DataplaneError> {
+        let stats = self.apply_policy(new)?;
+        if self.swap_held.load(Ordering::Acquire) {
+            self.release_held_swap(&mut lock(&self.links))?;
+        }
+        Ok(stats)
+    }
+
+    fn apply_policy(&self, new: &vpcnet_policy::Compiled) -> Result<SyncStats, DataplaneError> {
         let mut guard = lock(&self.policy);
         let st = &mut *guard;
         let plan = st.tables.plan(new);

@@ -137,6 +137,102 @@ fn upgrade_with_a_changed_endpoint_layout_loses_nothing() {
     drop((dp1, dp2));
 }
 
+/// The same upgrade on a node that enforces NetworkPolicy: a recreated record's policy bits are
+/// the policy's, which the old record's layout does not tell, so they are written by the first
+/// policy sync, and the programs are swapped only after it. Until then the previous programs
+/// forward with the previous maps; swapping at start denied every pod (`policy-ingress` /
+/// `policy-egress`) until that sync, a ping or two at 100 pps across a daemon upgrade.
+#[test]
+fn an_enforcing_upgrade_with_a_changed_endpoint_layout_swaps_after_the_policy_sync() {
+    require_root();
+    let _serial = serial();
+    let Started {
+        topo,
+        eps,
+        dp1,
+        dp2,
+    } = Started::new();
+    let n1 = topo.ns("n1");
+    let pin_dir = topo.pin_dir("node1");
+    let pin = pin_dir.join("ENDPOINTS");
+    let listed = vec![eps["p1"].clone(), eps["p2"].clone(), eps["p4"].clone()];
+    let enforce = StartOptions {
+        endpoint_attach: AttachMode::Tcx,
+        policy: PolicyMode::Enforce,
+    };
+    let start = |listed: &[Endpoint]| {
+        let cfg = topo.config("node1");
+        let listed = listed.to_vec();
+        in_ns(&n1, move || {
+            Dataplane::start_restoring(cfg, enforce, &listed).expect("start enforcing")
+        })
+    };
+
+    // node1 enforcing, with the records' bits as no policy sets them (open): what it enforces.
+    drop(dp1);
+    let (dp1, report) = start(&listed);
+    assert!(report.recreated_maps.is_empty(), "{report:?}");
+    let enforced = dp1.applied_policy().clone();
+    assert_eq!(enforced.endpoints.len(), listed.len());
+    assert!(
+        enforced
+            .endpoints
+            .values()
+            .all(|e| !e.ingress.isolated && !e.egress.isolated),
+        "{enforced:?}"
+    );
+    topo.pings(&[("p1", P2, true), ("vpc", P1, true)]);
+
+    drop(dp1);
+    pin_endpoints_of_another_layout(&pin, &listed);
+    let a = flood(&topo, "p1", P2, 300);
+    let b = flood(&topo, "vpc", P1, 300);
+    std::thread::sleep(Duration::from_millis(700));
+    let (dp1, report) = start(&listed);
+    assert_eq!(report.recreated_maps, vec!["ENDPOINTS"]);
+    // Before the policy sync: the records are closed, and traffic still flows.
+    assert!(
+        policy_bits(&pin).values().all(|b| *b == 0),
+        "closed until the sync"
+    );
+    topo.pings(&[("p1", P2, true), ("vpc", P1, true)]);
+    std::thread::sleep(Duration::from_millis(300));
+    in_ns(&n1, || dp1.sync_policy(&enforced)).expect("the first policy sync");
+    assert_no_loss("p1 -> p2", a, 300);
+    assert_no_loss("vpc -> p1", b, 300);
+    assert!(
+        policy_bits(&pin)
+            .values()
+            .all(|b| *b == vpcnet_common::POLICY_OPEN),
+        "the sync wrote the bits"
+    );
+
+    // The programs read the new map now: a record deleted from it stops p2's traffic.
+    {
+        let mut map = Map::HashMap(MapData::from_pin(&pin).unwrap());
+        let mut m: HashMap<_, u32, vpcnet_common::EndpointInfo> =
+            HashMap::try_from(&mut map).unwrap();
+        m.remove(&u32::from_ne_bytes(P2.octets())).unwrap();
+    }
+    topo.pings(&[("p1", P2, false), ("vpc", P1, true)]);
+    let report = in_ns(&n1, || dp1.restore_endpoints(&listed).unwrap());
+    assert_eq!(report.written, vec![P2], "{report:?}");
+    topo.pings(&[("p1", P2, true)]);
+    drop((dp1, dp2));
+}
+
+/// The policy bits of every record the pinned `ENDPOINTS` map holds.
+fn policy_bits(pin: &Path) -> std::collections::BTreeMap<Ipv4Addr, u32> {
+    let map = Map::HashMap(MapData::from_pin(pin).expect("ENDPOINTS pin"));
+    let eps: HashMap<_, u32, vpcnet_common::EndpointInfo> = HashMap::try_from(&map).unwrap();
+    eps.iter()
+        .map(|r| {
+            let (k, v) = r.unwrap();
+            (Ipv4Addr::from(k.to_ne_bytes()), v.policy)
+        })
+        .collect()
+}
+
 /// A topology change applied live: peering two networks, a new subnet with a block of this node,
 /// and a routable CIDR removed take effect at once, while pods keep forwarding without loss.
 #[test]
