@@ -244,6 +244,8 @@ pub fn build(
             networks: vec![NetworkConfig {
                 subnets: vec![subnet.clone()],
                 peers: Vec::new(),
+                // The network's default may be another subnet, not part of this check.
+                default_subnet: None,
                 ..net.clone()
             }],
             default_network: None,
@@ -408,6 +410,23 @@ mod tests {
                 node: node.into(),
             },
         )
+    }
+
+    /// Found on a real API server: the per-subnet check carried the network's default subnet
+    /// along, so every subnet after the default one was refused.
+    #[test]
+    fn a_second_subnet_next_to_the_default_one_is_in_force() {
+        let mut main = subnet("main", "vpc", "10.20.0.0/17", 0);
+        main.spec.default = true;
+        let built = build(
+            &[vnet("vpc", 1, 0)],
+            &[main, subnet("team-b", "vpc", "10.20.128.0/20", 1)],
+            &[],
+            30,
+        );
+        assert!(built.problems.is_empty(), "{:?}", built.problems);
+        assert_eq!(built.ipam.networks[0].subnets.len(), 2);
+        assert_eq!(built.ipam.networks[0].default_subnet.as_deref(), Some("main"));
     }
 
     #[test]

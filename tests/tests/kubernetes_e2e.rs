@@ -155,8 +155,9 @@ fn run(cp: &ControlPlane) -> Result<()> {
     let status = c.node_mut(0).wait_answering(Duration::from_secs(30))?;
     assert!(!status.ready, "ready without any VirtualNetwork: {status:?}");
     std::thread::sleep(Duration::from_secs(2));
-    let st = c.node(0).ctl(&["status"]).unwrap_or_else(|e| e.to_string());
-    assert!(st.contains("VirtualNetwork"), "STATUS names what is missing: {st}");
+    let st = c.node_mut(0).wait_answering(Duration::from_secs(5))?;
+    assert!(!st.ready);
+    assert!(st.message.contains("VirtualNetwork"), "STATUS names what is missing: {st:?}");
     assert!(!conflist(c.node(0)).exists(), "conflist before ready");
 
     // The network and its subnet, as an operator applies them.
@@ -165,10 +166,10 @@ fn run(cp: &ControlPlane) -> Result<()> {
         "spec": {"id": 1, "default": true, "routableCidrs": [VPC_CIDR, PHYS_CIDR]}}))?;
     api.apply(json!({"apiVersion": "vpcnet.io/v1alpha1", "kind": "Subnet",
         "metadata": {"name": "main"},
-        "spec": {"network": "vpc-a", "cidr": VPC_CIDR, "gateway": ROUTER_VPC_IP.to_string(),
+        "spec": {"network": "vpc-a", "cidr": "10.20.0.0/17", "gateway": ROUTER_VPC_IP.to_string(),
             "reserved": [{"start": "10.20.0.1", "end": "10.20.0.255"}],
             "blockSize": 26, "default": true}}))?;
-    // A second subnet that serves namespace b by selector.
+    // A second subnet of the same VPC that serves namespace b by selector.
     api.apply(json!({"apiVersion": "vpcnet.io/v1alpha1", "kind": "Subnet",
         "metadata": {"name": "team-b"},
         "spec": {"network": "vpc-a", "cidr": "10.20.128.0/20", "blockSize": 27,
@@ -248,7 +249,12 @@ fn run(cp: &ControlPlane) -> Result<()> {
     let server = add(&c, 1, "a", "server")?;
     let web = add(&c, 1, "b", "web")?;
     let team_b: ipnetwork::Ipv4Network = "10.20.128.0/20".parse().unwrap();
-    assert!(team_b.contains(web.ip), "b/web placed by the namespace selector: {}", web.ip);
+    assert!(
+        team_b.contains(web.ip),
+        "b/web placed by the namespace selector: {}; subnets: {}",
+        web.ip,
+        cp.kubectl(&["get", "subnets", "-o", "yaml"], None).unwrap_or_default()
+    );
     assert!(!team_b.contains(client.ip), "{}", client.ip);
 
     let port = 8080;
