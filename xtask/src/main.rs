@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup|test|demo|clean|bench`.
+//! Developer tasks: `cargo xtask setup|test|demo|clean|bench|image`.
 
 mod bench;
 mod bench_dp;
@@ -7,6 +7,7 @@ mod bench_policy;
 mod bench_scale;
 mod bpfmap;
 mod demo;
+mod image;
 mod setup;
 
 use anyhow::{Context as _, Result, bail};
@@ -52,6 +53,13 @@ enum Cmd {
         no_setup: bool,
         #[command(subcommand)]
         what: bench::Bench,
+    },
+    /// Build the node image offline (static binaries, nft and tc, portmap) as an archive for
+    /// `podman load` and `ctr images import` (target/image/vpcnet-image.tar).
+    Image {
+        /// Then load it into podman and run vpcnetd, nft and tc in it (network none).
+        #[arg(long)]
+        verify: bool,
     },
 }
 
@@ -105,6 +113,7 @@ fn real_main() -> Result<()> {
             remove_empty_pin_root();
             r
         }
+        Cmd::Image { verify } => image::run(verify),
     }
 }
 
