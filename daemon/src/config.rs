@@ -202,6 +202,12 @@ impl DaemonConfig {
         }
     }
 
+    /// Whether a cluster state (and with it NetworkPolicy) is configured: the API server, or a
+    /// manifest directory.
+    pub fn has_cluster_state(&self) -> bool {
+        self.cluster == ClusterMode::Kubernetes || self.manifests_dir.is_some()
+    }
+
     pub fn ipam_db(&self) -> PathBuf {
         self.state_dir.join("ipam.redb")
     }

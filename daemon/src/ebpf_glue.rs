@@ -160,7 +160,7 @@ pub fn forwarding(config: &DaemonConfig, ipam: &Ipam) -> anyhow::Result<Box<dyn 
     };
     // Without a cluster state nothing can select a pod; with one, pods are closed until the
     // policy layer has described them.
-    let policy = if config.manifests_dir.is_some() {
+    let policy = if config.has_cluster_state() {
         PolicyMode::Enforce
     } else {
         PolicyMode::Open

@@ -277,7 +277,8 @@ fn run(cp: &ControlPlane) -> Result<()> {
     let vpc_host = c.vpc_host.handle();
     wait_for("policy enforced (VPC host refused)", Duration::from_secs(10), || {
         probe::tcp(&vpc_host, web_addr).is_err().then_some(())
-    })?;
+    })
+    .with_context(|| c.node(1).log_tail())?;
     let enforced = t.elapsed();
     assert!(tcp_ok(&client, web_addr), "the admitted client still reaches web");
     assert!(!tcp_ok(&server, web_addr), "a/server is not admitted");
