@@ -507,11 +507,9 @@ pub fn reassemble_changes(
         .flat_map(|f| f.iter())
         .chain(added.iter().flat_map(|f| f.iter()))
     {
-        let key = key_of(o);
-        if !before.contains_key(&key) {
-            let now = shared(state, &key);
-            before.insert(key, now);
-        }
+        before
+            .entry(key_of(o))
+            .or_insert_with_key(|key| shared(state, key));
     }
     reassemble(
         state,
