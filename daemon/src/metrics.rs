@@ -1,6 +1,8 @@
 //! Prometheus metrics and the /healthz endpoint.
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -26,7 +28,13 @@ pub struct Metrics {
     pub topology_generation: Gauge,
     pub conntrack_created: Gauge,
     pub conntrack_insert_failed: Gauge,
+    /// Brings the dataplane gauges up to date; run on each scrape, not on a timer: the conntrack
+    /// walk costs ~0.1 s at a full map, which a tick would spend every interval on an idle node.
+    on_scrape: std::sync::OnceLock<ScrapeHook>,
 }
+
+/// See [`Metrics::refresh_on_scrape`].
+pub type ScrapeHook = Box<dyn Fn() + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -48,7 +56,47 @@ impl Default for Metrics {
             topology_generation: Gauge::default(),
             conntrack_created: Gauge::default(),
             conntrack_insert_failed: Gauge::default(),
+            on_scrape: std::sync::OnceLock::new(),
         }
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// The gauges read from the dataplane: refreshed, then encoded, on every scrape.
+#[derive(Debug)]
+struct DataplaneGauges(Arc<Metrics>);
+
+impl Collector for DataplaneGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.0;
+        if let Some(refresh) = m.on_scrape.get() {
+            refresh();
+        }
+        for (name, help, gauge) in [
+            (
+                "conntrack_entries",
+                "Live connection-tracking entries of policy-selected pods",
+                &m.conntrack_live,
+            ),
+            (
+                "conntrack_created",
+                "Connection-tracking entries created (dataplane counter)",
+                &m.conntrack_created,
+            ),
+            (
+                "conntrack_insert_failures",
+                "Connection-tracking inserts the kernel refused (dataplane counter)",
+                &m.conntrack_insert_failed,
+            ),
+        ] {
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 
@@ -116,22 +164,14 @@ impl Metrics {
             "Generation of the topology (networks, subnets, this node's blocks) in force",
             self.topology_generation.clone(),
         );
-        r.register(
-            "conntrack_entries",
-            "Live connection-tracking entries of policy-selected pods",
-            self.conntrack_live.clone(),
-        );
-        r.register(
-            "conntrack_created",
-            "Connection-tracking entries created (dataplane counter)",
-            self.conntrack_created.clone(),
-        );
-        r.register(
-            "conntrack_insert_failures",
-            "Connection-tracking inserts the kernel refused (dataplane counter)",
-            self.conntrack_insert_failed.clone(),
-        );
+        r.register_collector(Box::new(DataplaneGauges(self.clone())));
         r
+    }
+
+    /// Sets what brings the dataplane gauges up to date before each scrape encodes them (once;
+    /// a second hook is ignored). It may block: scrapes are encoded on the blocking pool.
+    pub fn refresh_on_scrape(&self, hook: ScrapeHook) {
+        let _ = self.on_scrape.set(hook);
     }
 }
 
@@ -177,13 +217,20 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, h
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
-                "/metrics" => {
+                // The dataplane gauges are read from the kernel while encoding.
+                "/metrics" => match tokio::task::spawn_blocking(move || {
                     let mut text = String::new();
-                    match encode(&mut text, &registry) {
-                        Ok(()) => ("200 OK", text),
-                        Err(e) => ("500 Internal Server Error", e.to_string()),
-                    }
-                }
+                    encode(&mut text, &registry).map(|()| text)
+                })
+                .await
+                {
+                    Ok(Ok(text)) => ("200 OK", text),
+                    Ok(Err(e)) => ("500 Internal Server Error", e.to_string()),
+                    Err(e) => (
+                        "500 Internal Server Error",
+                        format!("encoding the metrics failed: {e}\n"),
+                    ),
+                },
                 // Store and dataplane checks block; they run on the blocking pool.
                 "/healthz" => match tokio::task::spawn_blocking(move || health()).await {
                     Ok(r) if r.ready => ("200 OK", format!("ok\n{}", r.text())),
@@ -232,5 +279,55 @@ impl AcceptErrors {
         tracing::warn!(listener = what, error = %e, suppressed = self.suppressed, "accept failed; retrying");
         self.last_logged = Some(now);
         self.suppressed = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        text
+    }
+
+    #[tokio::test]
+    async fn each_scrape_refreshes_the_dataplane_gauges_first() {
+        let metrics = Arc::new(Metrics::default());
+        let reads = Arc::new(AtomicI64::new(0));
+        {
+            let (m, reads) = (Arc::downgrade(&metrics), reads.clone());
+            metrics.refresh_on_scrape(Box::new(move || {
+                let n = reads.fetch_add(1, Ordering::SeqCst) + 1;
+                if let Some(m) = m.upgrade() {
+                    m.conntrack_live.set(100 * n);
+                }
+            }));
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health: Health = Arc::new(|| -> crate::agent::Readiness {
+            unreachable!("/healthz is not asked for here")
+        });
+        tokio::spawn(serve(listener, Arc::new(metrics.registry()), health));
+        // Nothing reads the dataplane until someone asks.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(reads.load(Ordering::SeqCst), 0);
+        for n in 1..=2 {
+            let text = get(addr, "/metrics").await;
+            assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+            assert!(
+                text.contains(&format!("vpcnet_conntrack_entries {}", 100 * n)),
+                "{text}"
+            );
+            assert!(text.contains("vpcnet_ipam_allocations_total 0"), "{text}");
+        }
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
     }
 }

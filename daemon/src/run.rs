@@ -91,6 +91,7 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
         agent = agent.with_address_supply(Arc::new(crate::kubernetes::KubeSupply(k.supply.clone())));
     }
     let agent = Arc::new(agent);
+    agent.refresh_metrics_on_scrape();
 
     // Before serving: queued releases first (their addresses were freed by pods that are gone), then
     // the leak check, so the first ADD sees the true state.
@@ -274,7 +275,6 @@ async fn reconcile_once(agent: &Arc<Agent>, netlink: &NodeNetlink) {
         if let Ok(list) = a.ipam().list() {
             a.metrics().live_allocations.set(list.len() as i64);
         }
-        a.refresh_dataplane_metrics();
         r
     })
     .await

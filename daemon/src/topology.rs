@@ -175,9 +175,20 @@ impl ConfigFile {
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
-        crate::watch::spawn_dir_watcher(self, &dir, interval, "config file", |me: &Self| {
-            let _ = me.poll();
-        })
+        // The file itself, or a ConfigMap's `..data` swap; not the log or store beside it.
+        let name = self.path.file_name().map(|n| n.to_os_string());
+        crate::watch::spawn_dir_watcher(
+            self,
+            &dir,
+            interval,
+            "config file",
+            move |p: &Path| {
+                p.file_name() == name.as_deref() || crate::watch::is_projection_entry(p)
+            },
+            |me: &Self, _: crate::watch::Changed| {
+                let _ = me.poll();
+            },
+        )
     }
 }
 

@@ -48,6 +48,56 @@ pub enum Change {
     DeletePolicy(ObjRef),
 }
 
+/// The object changes of a state's last generations (see [`ClusterState::track_changes`]):
+/// bounded, so a consumer that fell further behind compares or recompiles instead.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeLog {
+    pub(crate) tracked: bool,
+    /// (generation before, generation after, changes), oldest first, each starting where the
+    /// one before ended.
+    entries: std::collections::VecDeque<(u64, u64, Arc<Vec<Change>>)>,
+    /// Changes in `entries`.
+    total: usize,
+}
+
+/// At most this many generations are kept, and about this many changes (the newest generation
+/// is kept whatever its size).
+const LOG_GENERATIONS: usize = 64;
+const LOG_CHANGES: usize = 100_000;
+
+impl ChangeLog {
+    pub(crate) fn push(&mut self, from: u64, to: u64, changes: Vec<Change>) {
+        if self.entries.back().is_some_and(|e| e.1 != from) {
+            // Not a continuation of what is recorded: what is recorded no longer leads here.
+            self.entries.clear();
+            self.total = 0;
+        }
+        self.total += changes.len();
+        self.entries.push_back((from, to, Arc::new(changes)));
+        while self.entries.len() > LOG_GENERATIONS
+            || (self.total > LOG_CHANGES && self.entries.len() > 1)
+        {
+            if let Some((_, _, c)) = self.entries.pop_front() {
+                self.total -= c.len();
+            }
+        }
+    }
+
+    /// The changes from `from` to `to`, when the recorded ones span exactly that.
+    pub(crate) fn since(&self, from: u64, to: u64) -> Option<Vec<Change>> {
+        if self.entries.back()?.1 != to {
+            return None;
+        }
+        let first = self.entries.iter().position(|e| e.0 == from)?;
+        Some(
+            self.entries
+                .range(first..)
+                .flat_map(|(_, _, c)| c.iter().cloned())
+                .collect(),
+        )
+    }
+}
+
 /// The object changes that take `old` to `new`, for a source that publishes whole states. One
 /// ordered walk per kind; an object shared by both states (the same `Arc`) costs a pointer
 /// comparison, so this is cheap next to compiling even when most of a large state is unchanged.

@@ -2,11 +2,12 @@
 //! [`crate::model`]. Pure: the agent's directory watcher reads the files and calls this.
 
 use crate::PolicyError;
-use crate::model::{ClusterState, Namespace, Pod};
+use crate::incremental::Change;
+use crate::model::{ClusterState, Namespace, ObjRef, Pod, Policy};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -388,17 +389,23 @@ pub fn assemble<'a>(
 /// two copies do not both stay in memory.
 ///
 /// Returns whether the content changed, or `None` when an added object collides with one
-/// already in the state (or another added one): `state` is then half-updated, and [`assemble`]
-/// over every file says which two collide.
+/// already in the state (or another added one): `state` is then untouched (checked before
+/// anything is taken out, so a source may update the state it publishes in place), and
+/// [`assemble`] over every file says which two collide.
 pub fn reassemble<'a, 'b>(
     state: &mut ClusterState,
     removed: impl IntoIterator<Item = &'a [Object]>,
     added: impl IntoIterator<Item = &'b mut [Object]>,
 ) -> Option<bool> {
+    let removed: Vec<&[Object]> = removed.into_iter().collect();
+    let mut added: Vec<&mut [Object]> = added.into_iter().collect();
+    if collides(state, &removed, &added) {
+        return None;
+    }
     let mut namespaces = BTreeMap::new();
     let mut pods = BTreeMap::new();
     let mut policies = BTreeMap::new();
-    for o in removed.into_iter().flatten() {
+    for o in removed.iter().flat_map(|f| f.iter()) {
         match &o.kind {
             ObjectKind::Namespace(ns) => {
                 if let Some(old) = state.take_namespace(&ns.name) {
@@ -421,7 +428,7 @@ pub fn reassemble<'a, 'b>(
     }
     // Anything taken out and not put back equal is a change.
     let mut changed = false;
-    for o in added.into_iter().flatten() {
+    for o in added.iter_mut().flat_map(|f| f.iter_mut()) {
         let fresh = match &mut o.kind {
             ObjectKind::Namespace(ns) => {
                 match namespaces.remove(&ns.name) {
@@ -446,11 +453,122 @@ pub fn reassemble<'a, 'b>(
                 state.insert_new_policy(p.clone())
             }
         };
-        if !fresh {
-            return None;
-        }
+        // Ruled out by `collides` before anything was taken out.
+        debug_assert!(fresh, "a collision reassemble did not foresee");
     }
     Some(changed || !namespaces.is_empty() || !pods.is_empty() || !policies.is_empty())
+}
+
+/// Whether putting `added` in place of `removed` would give two objects one key: one added
+/// object's key is in `state` and not taken out with `removed`, or two added objects share one.
+fn collides(state: &ClusterState, removed: &[&[Object]], added: &[&mut [Object]]) -> bool {
+    let mut gone: BTreeSet<(u8, ObjRef)> = BTreeSet::new();
+    for o in removed.iter().flat_map(|f| f.iter()) {
+        gone.insert(key_of(o));
+    }
+    let mut seen: BTreeSet<(u8, ObjRef)> = BTreeSet::new();
+    for o in added.iter().flat_map(|f| f.iter()) {
+        let key = key_of(o);
+        let present = match &o.kind {
+            ObjectKind::Namespace(ns) => state.namespace_shared(&ns.name).is_some(),
+            ObjectKind::Pod(_) => state.pod_shared(&key.1).is_some(),
+            ObjectKind::Policy(_) => state.policy_map().contains_key(&key.1),
+        };
+        if present && !gone.contains(&key) {
+            return true;
+        }
+        if !seen.insert(key) {
+            return true;
+        }
+    }
+    false
+}
+
+/// An object's kind (in [`crate::incremental::diff_state`]'s order) and key.
+fn key_of(o: &Object) -> (u8, ObjRef) {
+    match &o.kind {
+        ObjectKind::Namespace(ns) => (0, ObjRef::new("", ns.name.as_str())),
+        ObjectKind::Pod(p) => (1, p.key()),
+        ObjectKind::Policy(p) => (2, p.key()),
+    }
+}
+
+/// [`reassemble`], also giving the object changes it made, as [`crate::incremental::diff_state`] of the state before
+/// and after would give them: found among the objects of the files worked on, not by walking
+/// the state. `None` (and `state` untouched) on a collision.
+pub fn reassemble_changes(
+    state: &mut ClusterState,
+    removed: &[&[Object]],
+    added: &mut [&mut [Object]],
+) -> Option<Vec<Change>> {
+    let mut before: BTreeMap<(u8, ObjRef), Option<Shared>> = BTreeMap::new();
+    for o in removed
+        .iter()
+        .flat_map(|f| f.iter())
+        .chain(added.iter().flat_map(|f| f.iter()))
+    {
+        before
+            .entry(key_of(o))
+            .or_insert_with_key(|key| shared(state, key));
+    }
+    reassemble(
+        state,
+        removed.iter().copied(),
+        added.iter_mut().map(|f| &mut **f),
+    )?;
+    let mut changes = Vec::new();
+    for (key, old) in before {
+        let new = shared(state, &key);
+        let same = match (&old, &new) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.same(b),
+            _ => false,
+        };
+        if same {
+            continue;
+        }
+        let (kind, key) = key;
+        changes.push(match (new, kind) {
+            (Some(Shared::Namespace(n)), _) => Change::UpsertNamespace(n),
+            (Some(Shared::Pod(p)), _) => Change::UpsertPod(p),
+            (Some(Shared::Policy(p)), _) => Change::UpsertPolicy(p),
+            (None, 0) => Change::DeleteNamespace(key.name),
+            (None, 1) => Change::DeletePod(key),
+            (None, _) => Change::DeletePolicy(key),
+        });
+    }
+    Some(changes)
+}
+
+enum Shared {
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Policy(Arc<Policy>),
+}
+
+impl Shared {
+    /// As [`crate::incremental::diff_state`] compares: the same allocation, or equal.
+    fn same(&self, other: &Shared) -> bool {
+        match (self, other) {
+            (Shared::Namespace(a), Shared::Namespace(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Shared::Pod(a), Shared::Pod(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Shared::Policy(a), Shared::Policy(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        }
+    }
+}
+
+fn shared(state: &ClusterState, key: &(u8, ObjRef)) -> Option<Shared> {
+    match key.0 {
+        0 => state
+            .namespace_shared(&key.1.name)
+            .map(|n| Shared::Namespace(n.clone())),
+        1 => state.pod_shared(&key.1).map(|p| Shared::Pod(p.clone())),
+        _ => state
+            .policy_map()
+            .get(&key.1)
+            .map(|p| Shared::Policy(p.clone())),
+    }
 }
 
 fn identify(o: &Object) -> (&'static str, String) {
@@ -528,4 +646,147 @@ fn objects(value: serde_yaml::Value, origin: &str, out: &mut Vec<Object>) -> Res
         _ => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::incremental::diff_state;
+
+    const A: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: x, labels: { team: a } }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: a, namespace: x, labels: { app: a } }
+status: { podIP: 10.0.0.1 }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: b, namespace: x, labels: { app: b } }
+status: { podIP: 10.0.0.2 }
+"#;
+
+    const B: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: { name: c, namespace: x, labels: { app: c } }
+status: { podIP: 10.0.0.3 }
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: { name: p, namespace: x }
+spec: { podSelector: { matchLabels: { app: a } } }
+"#;
+
+    /// A with pod a relabelled, pod b gone, pod d new and the namespace as it was.
+    const A2: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: x, labels: { team: a } }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: a, namespace: x, labels: { app: z } }
+status: { podIP: 10.0.0.1 }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: d, namespace: x, labels: { app: d } }
+status: { podIP: 10.0.0.4 }
+"#;
+
+    fn parse(name: &str, text: &str) -> Vec<Object> {
+        parse_file(Path::new(name), text).unwrap()
+    }
+
+    fn debug(changes: &[Change]) -> Vec<String> {
+        changes.iter().map(|c| format!("{c:?}")).collect()
+    }
+
+    #[test]
+    fn reassemble_changes_are_the_states_diff() {
+        let (a, b) = (parse("a.yaml", A), parse("b.yaml", B));
+        let mut state = assemble([a.as_slice(), b.as_slice()]).unwrap();
+        let before = state.clone();
+        let mut a2 = parse("a.yaml", A2);
+        let changes =
+            reassemble_changes(&mut state, &[a.as_slice()], &mut [a2.as_mut_slice()]).unwrap();
+        let diff = diff_state(&before, &state);
+        assert_eq!(debug(&changes), debug(&diff));
+        // Pod a changed, b went, d came; the namespace kept its allocation.
+        assert_eq!(changes.len(), 3, "{:?}", debug(&changes));
+        assert!(
+            matches!(&changes[1], Change::DeletePod(k) if k.name == "b"),
+            "{:?}",
+            debug(&changes)
+        );
+        let fresh = assemble([a2.as_slice(), b.as_slice()]).unwrap();
+        assert!(state.same_content(&fresh));
+        // The same files again: nothing changes.
+        let mut again = parse("a.yaml", A2);
+        let none =
+            reassemble_changes(&mut state, &[a2.as_slice()], &mut [again.as_mut_slice()]).unwrap();
+        assert!(none.is_empty(), "{:?}", debug(&none));
+    }
+
+    #[test]
+    fn a_collision_leaves_the_state_untouched() {
+        let (a, b) = (parse("a.yaml", A), parse("b.yaml", B));
+        let mut state = assemble([a.as_slice(), b.as_slice()]).unwrap();
+        let before = state.clone();
+        // A now also declares pod c, which B still holds.
+        let mut a2 = parse("a.yaml", &format!("{A2}---\n{B}"));
+        assert!(
+            reassemble_changes(&mut state, &[a.as_slice()], &mut [a2.as_mut_slice()]).is_none()
+        );
+        assert!(state.same_content(&before));
+        assert_eq!(state.generation(), before.generation());
+        assert!(state.pod(&ObjRef::new("x", "b")).is_some());
+        // Two added files naming one object collide too.
+        let (mut c1, mut c2) = (parse("c1.yaml", A2), parse("c2.yaml", A2));
+        assert!(
+            reassemble_changes(
+                &mut state,
+                &[a.as_slice()],
+                &mut [c1.as_mut_slice(), c2.as_mut_slice()]
+            )
+            .is_none()
+        );
+        assert!(state.same_content(&before));
+    }
+
+    #[test]
+    fn the_change_log_spans_the_generations_recorded() {
+        let (a, b) = (parse("a.yaml", A), parse("b.yaml", B));
+        let mut state = assemble([a.as_slice(), b.as_slice()]).unwrap();
+        state.set_generation(1);
+        assert!(state.changes_since(1).is_none(), "not tracked");
+        state.track_changes();
+        assert_eq!(state.changes_since(1).map(|c| c.len()), Some(0));
+        let mut a2 = parse("a.yaml", A2);
+        let c = reassemble_changes(&mut state, &[a.as_slice()], &mut [a2.as_mut_slice()]).unwrap();
+        state.set_generation(2);
+        state.record_changes(1, c);
+        let mut a3 = parse("a.yaml", A);
+        let c = reassemble_changes(&mut state, &[a2.as_slice()], &mut [a3.as_mut_slice()]).unwrap();
+        state.set_generation(3);
+        state.record_changes(2, c);
+        assert_eq!(state.changes_since(2).map(|c| c.len()), Some(3));
+        assert_eq!(state.changes_since(1).map(|c| c.len()), Some(6));
+        assert!(
+            state.changes_since(0).is_none(),
+            "before the first recorded"
+        );
+        // A generation the log does not lead to (changed without recording) answers nothing.
+        state.set_generation(4);
+        assert!(state.changes_since(2).is_none());
+        // A record not following the last one drops what it does not follow.
+        state.set_generation(8);
+        state.record_changes(7, Vec::new());
+        assert!(state.changes_since(2).is_none());
+        assert_eq!(state.changes_since(7).map(|c| c.len()), Some(0));
+    }
 }

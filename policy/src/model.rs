@@ -603,6 +603,9 @@ pub struct ClusterState {
     policies: BTreeMap<ObjRef, Arc<Policy>>,
     by_ip: AddressIndex,
     others: Others,
+    /// The object changes of the last generations, for a source that updates its published
+    /// state in place (see [`ClusterState::track_changes`]).
+    log: crate::incremental::ChangeLog,
 }
 
 impl ClusterState {
@@ -617,6 +620,35 @@ impl ClusterState {
     /// For a source that rebuilds the state from scratch and must keep counting upwards.
     pub fn set_generation(&mut self, generation: u64) {
         self.generation = generation;
+    }
+
+    /// Marks this state as one whose source records every change it makes
+    /// ([`ClusterState::record_changes`]): a consumer then follows it through
+    /// [`ClusterState::changes_since`] and need not keep an earlier state to compare with.
+    pub fn track_changes(&mut self) {
+        self.log.tracked = true;
+    }
+
+    pub fn tracks_changes(&self) -> bool {
+        self.log.tracked
+    }
+
+    /// Records that `changes` took the state from generation `from` to the current one.
+    pub fn record_changes(&mut self, from: u64, changes: Vec<crate::incremental::Change>) {
+        self.log.push(from, self.generation, changes);
+    }
+
+    /// The object changes from generation `generation` to the current one, oldest first, when
+    /// the recorded ones reach back that far (`Some(empty)` at the current generation); `None`
+    /// for a state that does not track its changes.
+    pub fn changes_since(&self, generation: u64) -> Option<Vec<crate::incremental::Change>> {
+        if !self.log.tracked {
+            return None;
+        }
+        if generation == self.generation {
+            return Some(Vec::new());
+        }
+        self.log.since(generation, self.generation)
     }
 
     pub fn upsert_namespace(&mut self, ns: impl Into<Arc<Namespace>>) {

@@ -406,7 +406,16 @@ fn measure(label: &str, g: &Gen, o: &Options) -> Result<Figures> {
     Ok(f)
 }
 
+/// The machine's load averages: the latencies measured here are only comparable between runs
+/// on a similarly loaded machine.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 pub fn run(o: Options) -> Result<()> {
+    println!("load average at the start: {}", load_average());
     println!(
         "\n== vpcnetd at scale: one node in namespaces, the cluster state generated into its manifests \
          directory; {} label changes of one remote pod per state, UDP probe every ms from its address ==",
@@ -474,5 +483,6 @@ pub fn run(o: Options) -> Result<()> {
          are the daemon's clock against this one's)",
         o.flips
     );
+    println!("load average at the end: {}", load_average());
     Ok(())
 }

@@ -131,6 +131,17 @@ impl Agent {
         Ok(c)
     }
 
+    /// Makes every /metrics scrape refresh the dataplane gauges first: fresh when read, and
+    /// nothing spent on them while nobody reads them.
+    pub fn refresh_metrics_on_scrape(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        self.metrics.refresh_on_scrape(Box::new(move || {
+            if let Some(a) = me.upgrade() {
+                a.refresh_dataplane_metrics();
+            }
+        }));
+    }
+
     /// Copies the dataplane's conntrack figures into the Prometheus gauges.
     pub fn refresh_dataplane_metrics(&self) {
         let Ok(c) = self.counters() else {

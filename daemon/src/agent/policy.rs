@@ -14,8 +14,13 @@ pub struct PolicySync {
     /// This node's compilation, kept up to date per object change; `None` until seeded from
     /// what the pinned maps hold.
     regen: Option<vpcnet_policy::incremental::Regenerator>,
-    /// The cluster state `regen` was last fed, to feed it only the next state's differences.
+    /// The cluster state `regen` was last fed, to feed it only the next state's differences;
+    /// kept only for a source whose states do not record their changes (a kept state would make
+    /// a recording source copy the whole state for its next change instead of updating it).
     fed: Option<Arc<vpcnet_policy::ClusterState>>,
+    /// Generation of the state `regen` was last fed: what the next state's change log is asked
+    /// for.
+    fed_generation: Option<u64>,
     /// This node's endpoints `regen` was last given.
     local: Option<std::collections::BTreeMap<vpcnet_policy::model::PodRef, std::net::Ipv4Addr>>,
     /// Generation of the cluster state last applied.
@@ -80,14 +85,31 @@ impl Agent {
             let records = self.ipam.list()?;
             let local = cluster_state::local_endpoints(&records);
             let sync = &mut *sync;
+            // A recording source changes its state in place, the generation moving on each
+            // change; any other source publishes a new allocation per change.
+            let same_state = sync.fed_generation == Some(state.generation())
+                && (state.tracks_changes()
+                    || sync.fed.as_ref().is_some_and(|f| Arc::ptr_eq(f, &state)));
             if sync.regen.is_some()
                 && sync.last_error.is_none()
-                && sync.fed.as_ref().is_some_and(|f| Arc::ptr_eq(f, &state))
+                && same_state
                 && sync.local.as_ref() == Some(&local)
             {
                 // The compilation and the maps' mirror are what this input gives already.
                 return Ok((SyncStats::default(), state.generation(), false));
             }
+            // What changed since the state last fed: from the state's own change log (a change
+            // costs its objects), else by comparing with the state kept.
+            let logged = match sync.fed_generation {
+                Some(g) if !same_state => state.changes_since(g),
+                _ => None,
+            };
+            if logged.is_none() && !same_state && sync.fed.is_none() {
+                // Nothing to take the compilation from its input to this one: start afresh
+                // (as after a restart, seeded with the numbers the maps use).
+                sync.regen = None;
+            }
+            let fresh = sync.regen.is_none();
             let regen = match &mut sync.regen {
                 Some(r) => r,
                 slot @ None => {
@@ -101,6 +123,7 @@ impl Agent {
                         r.seed(applied.ip_identity.iter().map(|(ip, id)| (*ip, *id)));
                     }
                     sync.fed = None;
+                    sync.fed_generation = None;
                     slot.insert(r)
                 }
             };
@@ -109,14 +132,23 @@ impl Agent {
             // any dataplane lock: ADDs keep installing endpoints meanwhile (the plan is computed
             // against the maps' mirror under the dataplane's policy lock).
             let t_compile = std::time::Instant::now();
-            let changes = match &sync.fed {
-                Some(fed) if Arc::ptr_eq(fed, &state) => Vec::new(),
-                Some(fed) => vpcnet_policy::incremental::diff_state(fed, &state),
-                None => vpcnet_policy::incremental::diff_state(&Default::default(), &state),
+            let changes = match (logged, &sync.fed) {
+                _ if fresh => vpcnet_policy::incremental::diff_state(&Default::default(), &state),
+                _ if same_state => Vec::new(),
+                (Some(changes), _) => changes,
+                (None, Some(fed)) => vpcnet_policy::incremental::diff_state(fed, &state),
+                (None, None) => unreachable!("a regenerator without a way to follow is reset"),
             };
             let changed = changes.len();
             regen.apply_all(changes);
-            sync.fed = Some(state.clone());
+            // The state replaced is freed after the maps are written, not before: at a large
+            // state that is thousands of frees on the way to enforcing the change.
+            let replaced = if state.tracks_changes() {
+                sync.fed.take()
+            } else {
+                sync.fed.replace(state.clone())
+            };
+            sync.fed_generation = Some(state.generation());
             regen.set_local(local.clone());
             sync.local = Some(local);
             regen.set_generation(state.generation());
@@ -127,6 +159,7 @@ impl Agent {
                 .fwd
                 .sync_policy(compiled)
                 .map_err(AgentError::dataplane(DataplaneOp::SyncPolicy))?;
+            drop(replaced);
             tracing::debug!(
                 objects_changed = changed,
                 endpoints_regenerated = regen_stats.endpoints,

@@ -587,3 +587,71 @@ fn a_failed_sync_is_reported_by_readiness_and_cleared_by_the_next() {
     );
     assert_eq!(rec.syncs.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn a_recording_source_is_followed_through_its_change_log_and_not_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("a.yaml"),
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: x }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: a, namespace: x, labels: { app: a } }
+spec: { containers: [{ name: c, image: i }] }
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: { name: from-b, namespace: x }
+spec:
+  podSelector: { matchLabels: { app: a } }
+  ingress: [{ from: [{ podSelector: { matchLabels: { app: b } } }] }]
+"#,
+    )
+    .unwrap();
+    let peer = |app: &str| {
+        std::fs::write(
+            manifests.join("b.yaml"),
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{ name: b, namespace: x, labels: {{ app: {app} }} }}\nspec: {{ nodeName: n2, containers: [{{ name: c, image: i }}] }}\nstatus: {{ podIP: 10.20.9.9 }}\n"
+            ),
+        )
+        .unwrap()
+    };
+    peer("b");
+    let src = Arc::new(crate::state::source::ManifestDir::new(&manifests));
+    let rec = Arc::new(Recorder {
+        enforce: true,
+        ..Default::default()
+    });
+    let a = recorded(dir.path(), &rec).with_state_source(src.clone());
+    let ip = v4(wired(&a, "c1", 17));
+    a.sync_policy().unwrap();
+    let peer_ip: Ipv4Addr = "10.20.9.9".parse().unwrap();
+    let applied = || rec.last_policy.lock().unwrap().clone().unwrap();
+    let identity = || applied().ip_identity.get(&peer_ip).copied();
+    assert!(applied().endpoints.contains_key(&ip));
+    let mut seen = vec![identity().expect("the peer has an identity")];
+    let syncs = rec.syncs.load(Ordering::SeqCst);
+    let at = Arc::as_ptr(&src.snapshot().unwrap());
+    for app in ["z", "y", "x"] {
+        peer(app);
+        assert_eq!(src.poll(), Ok(true));
+        // Nobody kept the state: the change was made in it, not in a copy.
+        assert_eq!(Arc::as_ptr(&src.snapshot().unwrap()), at, "{app}");
+        a.sync_policy().unwrap();
+        // The sync took the relabelling from the state's log: a new label set, a new number.
+        let now = identity().expect("the peer has an identity");
+        assert!(
+            !seen.contains(&now),
+            "peer labelled {app}: {now} seen before {seen:?}"
+        );
+        seen.push(now);
+    }
+    assert_eq!(rec.syncs.load(Ordering::SeqCst), syncs + 3);
+}

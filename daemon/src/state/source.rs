@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use vpcnet_policy::PolicyError;
-use vpcnet_policy::manifest::{Object, assemble, parse_file, reassemble};
+use vpcnet_policy::manifest::{Object, assemble, parse_file, reassemble_changes};
 use vpcnet_policy::model::{ClusterState, Namespace, ObjRef, Pod};
 
 /// Why a source has no state to give, or rejected its newest input.
@@ -330,8 +330,8 @@ fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<Object>, StateError> {
 enum Built {
     /// From every file (the first state, or a collision to name): compare with the previous one.
     Whole(Result<ClusterState, StateError>),
-    /// The previous state with the changed files' objects replaced.
-    Changed(ClusterState),
+    /// The state in force, brought to the changed files and published as this generation.
+    Published(u64),
     /// The changed files hold the objects they held.
     Same,
 }
@@ -352,47 +352,99 @@ fn assemble_all(files: &BTreeMap<PathBuf, Cached>) -> Result<ClusterState, State
     assemble(parsed.iter().map(|o| o.as_slice())).map_err(StateError::from)
 }
 
-/// `prev`, built from the files `in_force`, brought to `files` (every one parsed): only the
-/// files whose parse is not the one in force are worked on (a content seen before keeps its
-/// parse, so the pointer says whether the file changed). The all-or-nothing rule holds: a
-/// collision gives the whole directory's error, as a read from scratch would.
-fn rebuild(
-    prev: &ClusterState,
-    in_force: &BTreeMap<PathBuf, Arc<Vec<Object>>>,
-    files: &mut BTreeMap<PathBuf, Cached>,
-) -> Built {
-    let same = |path: &PathBuf, c: &Cached| matches!((in_force.get(path), &c.parsed), (Some(a), Ok(b)) if Arc::ptr_eq(a, b));
-    let removed: Vec<&[Object]> = in_force
-        .iter()
-        .filter(|(path, _)| !files.get(*path).is_some_and(|c| same(path, c)))
-        .map(|(_, o)| o.as_slice())
-        .collect();
-    let mut added: Vec<&mut [Object]> = Vec::new();
-    for (path, c) in files.iter_mut() {
-        if same(path, c) {
-            continue;
-        }
-        if let Ok(objects) = &mut c.parsed {
-            // Unshared unless a poll before this one failed midway: then a copy of the
-            // file's list (its objects stay shared).
-            added.push(Arc::make_mut(objects).as_mut_slice());
-        }
+/// Takes `state` from the `removed` files' objects to the `added` ones, recording the object
+/// changes in its log under the next generation. `None` on a collision (`state` untouched),
+/// `Some(false)` when the objects are the ones it held.
+fn apply_files(
+    state: &mut ClusterState,
+    removed: &[&[Object]],
+    added: &mut [&mut [Object]],
+) -> Option<bool> {
+    let from = state.generation();
+    let changes = reassemble_changes(state, removed, added)?;
+    if changes.is_empty() {
+        // Objects taken out and put back count generations; the content is the one published.
+        state.set_generation(from);
+        return Some(false);
     }
-    if removed.is_empty() && added.is_empty() {
-        return Built::Same;
-    }
-    let mut next = prev.clone();
-    match reassemble(&mut next, removed, added) {
-        Some(true) => Built::Changed(next),
-        Some(false) => Built::Same,
-        None => {
-            drop(next);
-            Built::Whole(assemble_all(files))
-        }
-    }
+    state.set_generation(from + 1);
+    state.record_changes(from, changes);
+    Some(true)
 }
 
 impl ManifestDir {
+    /// The published state brought to `files` (every one parsed), from the files `in_force` it
+    /// was built from: only the files whose parse is not the one in force are worked on (a
+    /// content seen before keeps its parse, so the pointer says whether the file changed). The
+    /// state is updated where it is when no reader holds it (the policy sync lets go of it
+    /// once synced), so a change costs its objects, not a copy of the state; else a copy is
+    /// changed and published. The all-or-nothing rule holds: a collision gives the whole
+    /// directory's error, as a read from scratch would, and leaves the published state as it was.
+    fn rebuild(
+        &self,
+        in_force: &BTreeMap<PathBuf, Arc<Vec<Object>>>,
+        files: &mut BTreeMap<PathBuf, Cached>,
+    ) -> Built {
+        let same = |path: &PathBuf, c: &Cached| matches!((in_force.get(path), &c.parsed), (Some(a), Ok(b)) if Arc::ptr_eq(a, b));
+        let removed: Vec<&[Object]> = in_force
+            .iter()
+            .filter(|(path, _)| !files.get(*path).is_some_and(|c| same(path, c)))
+            .map(|(_, o)| o.as_slice())
+            .collect();
+        let mut added: Vec<&mut [Object]> = Vec::new();
+        for (path, c) in files.iter_mut() {
+            if same(path, c) {
+                continue;
+            }
+            if let Ok(objects) = &mut c.parsed {
+                // Unshared unless a poll before this one failed midway: then a copy of the
+                // file's list (its objects stay shared).
+                added.push(Arc::make_mut(objects).as_mut_slice());
+            }
+        }
+        if removed.is_empty() && added.is_empty() {
+            return Built::Same;
+        }
+        // Under the channel's lock, readers wait for the objects of the change only.
+        let mut outcome = None;
+        self.tx.send_if_modified(|slot| {
+            let Some(state) = slot.as_mut().and_then(Arc::get_mut) else {
+                return false;
+            };
+            outcome = Some(apply_files(state, &removed, &mut added));
+            outcome == Some(Some(true))
+        });
+        let outcome = match outcome {
+            Some(o) => o,
+            None => {
+                let Some(prev) = self.tx.borrow().clone() else {
+                    drop((removed, added));
+                    return Built::Whole(assemble_all(files));
+                };
+                let mut next = ClusterState::clone(&prev);
+                // The copy is published; the previous state goes with its last reader.
+                drop(prev);
+                let o = apply_files(&mut next, &removed, &mut added);
+                if o == Some(true) {
+                    self.tx.send_replace(Some(Arc::new(next)));
+                }
+                o
+            }
+        };
+        match outcome {
+            Some(true) => Built::Published(self.generation()),
+            Some(false) => Built::Same,
+            None => {
+                drop((removed, added));
+                Built::Whole(assemble_all(files))
+            }
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.tx.borrow().as_ref().map_or(0, |s| s.generation())
+    }
+
     /// Reads the directory once. A failed first read leaves the source without a state
     /// ([`StateSource::snapshot`] returns the error) rather than with an empty one.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -436,10 +488,7 @@ impl ManifestDir {
         for e in std::fs::read_dir(&self.dir).map_err(io)? {
             let e = e.map_err(io)?;
             let path = e.path();
-            if !matches!(
-                path.extension().and_then(|x| x.to_str()),
-                Some("yaml" | "yml" | "json")
-            ) {
+            if !is_manifest(&path) {
                 continue;
             }
             let problem = match std::fs::metadata(&path) {
@@ -491,7 +540,83 @@ impl ManifestDir {
     pub fn poll(&self) -> Result<bool, StateError> {
         let _one = self.polling.lock().unwrap_or_else(|p| p.into_inner());
         self.counters.polls.fetch_add(1, Ordering::Relaxed);
-        let entries = match self.list() {
+        let entries = self.list();
+        self.poll_entries(entries)
+    }
+
+    /// [`ManifestDir::poll`] when only the entries `paths` (of this directory) are known to
+    /// have changed: only they are looked at, the others keep the stamps their last look found,
+    /// so a change of one file costs that file and not a `stat` of every other. Looks at
+    /// everything instead when the state in force is not the newest input's (a rejection to
+    /// re-check), or one of `paths` is anything but a readable manifest or a deletion.
+    pub fn poll_paths(&self, paths: &[PathBuf]) -> Result<bool, StateError> {
+        let _one = self.polling.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = {
+            let inner = self.lock();
+            if inner.error.is_some() || inner.good.is_none() {
+                None
+            } else {
+                self.entries_with(&inner.files, paths)
+            }
+        };
+        self.counters.polls.fetch_add(1, Ordering::Relaxed);
+        match entries {
+            Some(entries) => self.poll_entries(Ok(entries)),
+            None => {
+                let entries = self.list();
+                self.poll_entries(entries)
+            }
+        }
+    }
+
+    /// The listing [`ManifestDir::list`] would give if only `paths` changed since `files` were
+    /// read, or `None` when that cannot be told without a full listing.
+    fn entries_with(
+        &self,
+        files: &BTreeMap<PathBuf, Cached>,
+        paths: &[PathBuf],
+    ) -> Option<Vec<Entry>> {
+        let mut stamps: BTreeMap<PathBuf, FileStamp> =
+            files.iter().map(|(p, c)| (p.clone(), c.stamp)).collect();
+        for path in paths {
+            // Spelled as the listing spells it: the cache is keyed by that.
+            let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                return None;
+            };
+            if parent != self.dir.as_path() {
+                return None;
+            }
+            let path = &self.dir.join(name);
+            if !is_manifest(path) {
+                continue;
+            }
+            match std::fs::metadata(path) {
+                Ok(md) if md.is_file() && md.len() <= MAX_FILE_BYTES => {
+                    stamps.insert(path.clone(), FileStamp::of(&md));
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && unreadable(path, &e).is_none() =>
+                {
+                    stamps.remove(path);
+                }
+                // Broken or odd: the listing names it (and the first such in path order).
+                _ => return None,
+            }
+        }
+        if stamps.values().map(|s| s.len).sum::<u64>() > MAX_TOTAL_BYTES {
+            return None;
+        }
+        Some(
+            stamps
+                .into_iter()
+                .map(|(path, stamp)| Entry { path, stamp })
+                .collect(),
+        )
+    }
+
+    fn poll_entries(&self, entries: Result<Vec<Entry>, StateError>) -> Result<bool, StateError> {
+        let entries = match entries {
             Ok(e) => e,
             Err(e) => return Err(self.fail(e)),
         };
@@ -522,21 +647,30 @@ impl ManifestDir {
             self.lock().rejected = Some(combined);
             return Err(self.fail(e));
         }
-        let prev = self.tx.borrow().clone();
+        // No reference to the state in force is held here: one would make the change copy it.
+        let has_state = self.tx.borrow().is_some();
         let built = {
             let mut inner = self.lock();
             let inner = &mut *inner;
-            match &prev {
-                Some(prev) => rebuild(prev, &inner.in_force, &mut inner.files),
-                None => Built::Whole(assemble_all(&inner.files)),
+            if has_state {
+                self.rebuild(&inner.in_force, &mut inner.files)
+            } else {
+                Built::Whole(assemble_all(&inner.files))
             }
         };
-        let state = match built {
-            Built::Whole(Ok(state)) if prev.as_ref().is_some_and(|p| p.same_content(&state)) => {
-                None
+        let (whole, published) = match built {
+            Built::Whole(Ok(state))
+                if self
+                    .tx
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|p| p.same_content(&state)) =>
+            {
+                (None, None)
             }
-            Built::Whole(Ok(state)) | Built::Changed(state) => Some(state),
-            Built::Same => None,
+            Built::Whole(Ok(state)) => (Some(state), None),
+            Built::Published(g) => (None, Some(g)),
+            Built::Same => (None, None),
             Built::Whole(Err(e)) => {
                 self.lock().rejected = Some(combined);
                 return Err(self.fail(e));
@@ -548,19 +682,23 @@ impl ManifestDir {
         inner.error = None;
         inner.in_force = parsed_files(&inner.files);
         drop(inner);
-        let Some(mut state) = state else {
-            return Ok(false);
+        let generation = match (published, whole) {
+            (_, Some(mut state)) => {
+                state.set_generation(self.generation() + 1);
+                state.track_changes();
+                let g = state.generation();
+                // The previous state goes as soon as its last reader lets it go.
+                self.tx.send_replace(Some(Arc::new(state)));
+                g
+            }
+            (Some(g), None) => g,
+            (None, None) => return Ok(false),
         };
-        state.set_generation(prev.as_ref().map_or(1, |p| p.generation() + 1));
         tracing::info!(
             dir = %self.dir.display(),
-            generation = state.generation(),
+            generation,
             "cluster state loaded"
         );
-        // The previous state goes as soon as its last reader lets it go: only one copy of the
-        // maps is kept here.
-        drop(prev);
-        self.tx.send_replace(Some(Arc::new(state)));
         Ok(true)
     }
 
@@ -646,10 +784,33 @@ impl ManifestDir {
     /// Watches the directory until the `ManifestDir` is dropped; a change is read within
     /// milliseconds, and an idle directory costs nothing (see [`crate::watch`]).
     pub fn spawn_watcher(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        crate::watch::spawn_dir_watcher(self, &self.dir, interval, "manifests", |me: &Self| {
-            let _ = me.poll();
-        })
+        // A writer's temporary file (`.x.yaml.tmp`, renamed over `x.yaml`) wakes nothing: only
+        // the rename does.
+        crate::watch::spawn_dir_watcher(
+            self,
+            &self.dir,
+            interval,
+            "manifests",
+            |p: &Path| is_manifest(p) || crate::watch::is_projection_entry(p),
+            |me: &Self, changed: crate::watch::Changed| {
+                // A projection swap changes what every symlinked entry points at.
+                let _ = match changed {
+                    Some(paths) if !paths.iter().any(|p| crate::watch::is_projection_entry(p)) => {
+                        me.poll_paths(&paths)
+                    }
+                    _ => me.poll(),
+                };
+            },
+        )
     }
+}
+
+/// The entries read as manifests.
+fn is_manifest(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|x| x.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
 }
 
 fn error_path(e: &StateError) -> &Path {
@@ -694,6 +855,7 @@ impl StateSource for ManifestDir {
 mod tests {
     use super::*;
     use vpcnet_policy::engine::{Peer, allowed};
+    use vpcnet_policy::incremental::Change;
     use vpcnet_policy::model::{PodRef, Protocol};
 
     const GOOD: &str = r#"
@@ -970,6 +1132,99 @@ metadata: { name: ignored }
             &shared(&fixed, "a").unwrap()
         ));
         assert_eq!(fixed.generation(), after.generation() + 1);
+    }
+
+    #[test]
+    fn an_unshared_state_changes_in_place_with_its_changes_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |f: &str, text: &str| std::fs::write(dir.path().join(f), text).unwrap();
+        write("a.yaml", GOOD);
+        write("b.yaml", &pod_doc("c", "c"));
+        let src = ManifestDir::new(dir.path());
+        let mut rx = src.subscribe();
+        rx.mark_unchanged();
+        let g0 = src.snapshot().unwrap().generation();
+        let at = Arc::as_ptr(&src.snapshot().unwrap());
+        let label = |s: &ClusterState| s.pod(&PodRef::new("x", "c")).unwrap().labels["pod"].clone();
+
+        // Nobody holds the state: it is changed where it is, and says what changed.
+        write("b.yaml", &pod_doc("c", "c2"));
+        assert_eq!(src.poll(), Ok(true));
+        assert!(rx.has_changed().unwrap(), "subscribers are told");
+        let now = src.snapshot().unwrap();
+        assert_eq!(Arc::as_ptr(&now), at, "not copied");
+        assert_eq!(now.generation(), g0 + 1);
+        assert_eq!(label(&now), "c2");
+        let changes = now.changes_since(g0).unwrap();
+        assert!(
+            matches!(changes.as_slice(), [Change::UpsertPod(p)] if p.name == "c"),
+            "{changes:?}"
+        );
+
+        // A reader holds it: a copy is changed and published, the reader's stays as it was.
+        write("b.yaml", &pod_doc("c", "c3"));
+        assert_eq!(src.poll(), Ok(true));
+        let next = src.snapshot().unwrap();
+        assert!(!Arc::ptr_eq(&now, &next));
+        assert_eq!((label(&now), label(&next)), ("c2".into(), "c3".into()));
+        assert_eq!(next.changes_since(g0).map(|c| c.len()), Some(2));
+        assert_eq!(next.changes_since(g0 + 1).map(|c| c.len()), Some(1));
+    }
+
+    #[test]
+    fn a_poll_of_named_entries_sees_what_a_full_poll_sees() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |f: &str| dir.path().join(f);
+        let write = |f: &str, text: &[u8]| std::fs::write(path(f), text).unwrap();
+        write("a.yaml", GOOD.as_bytes());
+        write(
+            "b.yaml",
+            (pod_doc("c", "c") + &pod_doc("d", "d")).as_bytes(),
+        );
+        write("e.yaml", pod_doc("e", "e").as_bytes());
+        let src = ManifestDir::new(dir.path());
+        let names = |src: &ManifestDir| -> Vec<String> {
+            src.snapshot()
+                .unwrap()
+                .pods()
+                .map(|p| p.name.clone())
+                .collect()
+        };
+
+        // Changed, removed, added, and a writer's temporary file the poll does not read.
+        write(
+            "b.yaml",
+            (pod_doc("c", "c") + &pod_doc("d", "d2")).as_bytes(),
+        );
+        std::fs::remove_file(path("e.yaml")).unwrap();
+        write("f.yaml", pod_doc("f", "f").as_bytes());
+        write(".g.yaml.tmp", b"not: [yaml");
+        let named = [
+            path("b.yaml"),
+            path("e.yaml"),
+            path("f.yaml"),
+            path(".g.yaml.tmp"),
+        ];
+        assert_eq!(src.poll_paths(&named), Ok(true));
+        assert_eq!(names(&src), ["a", "b", "c", "d", "f"]);
+        let d = src.snapshot().unwrap();
+        assert_eq!(d.pod(&PodRef::new("x", "d")).unwrap().labels["pod"], "d2");
+        assert_eq!(src.poll(), Ok(false), "a full poll finds nothing more");
+
+        // A named entry that cannot be read is judged as a full poll judges it.
+        write("g.yaml", b"kind: \xff\n");
+        assert!(src.poll_paths(&[path("g.yaml")]).is_err());
+        assert!(src.last_error().is_some());
+        std::fs::remove_file(path("g.yaml")).unwrap();
+        assert_eq!(src.poll_paths(&[path("g.yaml")]), Ok(false));
+        assert_eq!(src.last_error(), None);
+        // A path outside the directory makes it look at everything.
+        write("e.yaml", pod_doc("e", "e").as_bytes());
+        assert_eq!(
+            src.poll_paths(&[PathBuf::from("/elsewhere/e.yaml")]),
+            Ok(true)
+        );
+        assert_eq!(names(&src), ["a", "b", "c", "d", "e", "f"]);
     }
 
     /// Counts the "manifests rejected" warnings `f` logs on this thread.
