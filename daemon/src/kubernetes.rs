@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
-use vpcnet_ipam::{IpamConfig, Ipam};
+use vpcnet_ipam::{Ipam, IpamConfig};
 use vpcnet_k8s::supply::{self as k8s_supply, Supply};
 use vpcnet_policy::model::Labels;
 
@@ -140,7 +140,9 @@ impl AddressSupply for KubeSupply {
     }
 
     fn claim_block_now(&self, network: &str, subnet: &str) -> Result<(), SupplyError> {
-        self.0.claim_block_now(network, subnet).map_err(supply_error)
+        self.0
+            .claim_block_now(network, subnet)
+            .map_err(supply_error)
     }
 
     fn claim_address_now(
@@ -215,7 +217,9 @@ pub async fn node_life(agent: Arc<Agent>, client: kube::Client) {
                         info!(conflist = %path.display(), "ready: CNI conflist installed, NetworkUnavailable=False");
                         condition_set = true;
                     }
-                    Err(e) => warn!(error = %e, "cannot set the Node's NetworkUnavailable condition"),
+                    Err(e) => {
+                        warn!(error = %e, "cannot set the Node's NetworkUnavailable condition")
+                    }
                 }
             }
         }

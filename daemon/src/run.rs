@@ -88,7 +88,8 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
         agent = agent.with_state_source(source);
     }
     if let Some(k) = &kube {
-        agent = agent.with_address_supply(Arc::new(crate::kubernetes::KubeSupply(k.supply.clone())));
+        agent =
+            agent.with_address_supply(Arc::new(crate::kubernetes::KubeSupply(k.supply.clone())));
     }
     let agent = Arc::new(agent);
     agent.refresh_metrics_on_scrape();
@@ -131,7 +132,10 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
         .set(topology.current().generation as i64);
     tokio::spawn(crate::topology::follow(agent.clone(), topology));
     if let Some(k) = &kube {
-        tokio::spawn(crate::kubernetes::node_life(agent.clone(), k.client.clone()));
+        tokio::spawn(crate::kubernetes::node_life(
+            agent.clone(),
+            k.client.clone(),
+        ));
     }
 
     let listener = crate::server::bind(&config.socket)

@@ -435,10 +435,7 @@ impl Topology {
 
     fn network(&self, name: Option<&str>) -> Result<&NetworkConfig, IpamError> {
         let i = self.network_index(name)?;
-        self.config
-            .networks
-            .get(i)
-            .ok_or(IpamError::NoNetworks)
+        self.config.networks.get(i).ok_or(IpamError::NoNetworks)
     }
 
     fn select(

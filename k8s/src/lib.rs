@@ -6,10 +6,10 @@ pub mod claims;
 pub mod crd;
 pub mod fold;
 pub mod node;
-pub mod topology;
-pub mod watch;
 pub mod status;
 pub mod supply;
+pub mod topology;
+pub mod watch;
 
 /// A client for the API server: from `kubeconfig` when given, else the pod's service account
 /// (in-cluster), else `$KUBECONFIG` / `~/.kube/config`.

@@ -41,7 +41,9 @@ pub fn subnet_status(
             .count() as u32;
         let size: u128 = match s.cidr {
             IpNetwork::V4(n) => 1u128 << (32 - u32::from(n.prefix())),
-            IpNetwork::V6(n) => 1u128.checked_shl(128 - u32::from(n.prefix())).unwrap_or(u128::MAX),
+            IpNetwork::V6(n) => 1u128
+                .checked_shl(128 - u32::from(n.prefix()))
+                .unwrap_or(u128::MAX),
         };
         let reserved: u128 = s
             .reserved
@@ -49,8 +51,11 @@ pub fn subnet_status(
             .map(|r| range_len(r.start, r.end))
             .sum::<u128>()
             + u128::from(s.gateway.is_some());
-        free = u64::try_from(size.saturating_sub(reserved).saturating_sub(u128::from(used)))
-            .unwrap_or(u64::MAX);
+        free = u64::try_from(
+            size.saturating_sub(reserved)
+                .saturating_sub(u128::from(used)),
+        )
+        .unwrap_or(u64::MAX);
     }
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let cond = |type_: &str, ok: bool, reason: &str, message: String| Condition {
@@ -108,7 +113,14 @@ fn same(a: &SubnetStatus, b: &SubnetStatus) -> bool {
             s.blocks,
             s.conditions
                 .iter()
-                .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone(), c.message.clone()))
+                .map(|c| {
+                    (
+                        c.type_.clone(),
+                        c.status.clone(),
+                        c.reason.clone(),
+                        c.message.clone(),
+                    )
+                })
                 .collect::<Vec<_>>(),
         )
     };
@@ -135,7 +147,13 @@ pub async fn run(client: kube::Client, published: Published) {
             let blocks: Vec<(String, String, IpNetwork)> = f
                 .blocks
                 .values()
-                .filter_map(|b| Some((b.spec.network.clone(), b.spec.subnet.clone(), b.spec.cidr.0.parse().ok()?)))
+                .filter_map(|b| {
+                    Some((
+                        b.spec.network.clone(),
+                        b.spec.subnet.clone(),
+                        b.spec.cidr.0.parse().ok()?,
+                    ))
+                })
                 .collect();
             let ips: Vec<std::net::IpAddr> = f
                 .state()
@@ -153,14 +171,22 @@ pub async fn run(client: kube::Client, published: Published) {
             let mut want = want;
             if let Some(have) = &s.status {
                 for c in &mut want.conditions {
-                    if let Some(old) = have.conditions.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
+                    if let Some(old) = have
+                        .conditions
+                        .iter()
+                        .find(|o| o.type_ == c.type_ && o.status == c.status)
+                    {
                         c.last_transition_time = old.last_transition_time.clone();
                     }
                 }
             }
             let patch = serde_json::json!({"status": want});
             if let Err(e) = api
-                .patch_status(&s.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .patch_status(
+                    &s.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
                 .await
             {
                 tracing::debug!(subnet = %s.name_any(), error = %e, "Subnet status not written");

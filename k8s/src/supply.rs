@@ -181,7 +181,9 @@ impl Supply {
         self.local()
             .failures
             .iter()
-            .map(|((n, s), why)| format!("claiming a block of subnet {s:?} (network {n:?}) fails: {why}"))
+            .map(|((n, s), why)| {
+                format!("claiming a block of subnet {s:?} (network {n:?}) fails: {why}")
+            })
             .collect()
     }
 
@@ -191,13 +193,16 @@ impl Supply {
             return;
         };
         let claims: Vec<IPClaim> = {
-            let f = self.published.fold.lock().unwrap_or_else(|p| p.into_inner());
+            let f = self
+                .published
+                .fold
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             f.claims.values().cloned().collect()
         };
         let mut l = self.local();
         let node = self.node.as_str();
-        l.pending
-            .retain(|(n, s, b)| !holds(&built, node, n, s, *b));
+        l.pending.retain(|(n, s, b)| !holds(&built, node, n, s, *b));
         l.claimed_here.retain(|(n, ip)| {
             claims
                 .iter()
@@ -317,7 +322,9 @@ impl Supply {
         let _one = self.claiming.lock().await;
         let key = (network.to_string(), subnet.to_string());
         let Some(built) = self.effective.borrow().clone() else {
-            return Err(SupplyError::Unavailable("the topology is not synced yet".into()));
+            return Err(SupplyError::Unavailable(
+                "the topology is not synced yet".into(),
+            ));
         };
         let Some(sub) = built
             .ipam
@@ -331,7 +338,11 @@ impl Supply {
         };
         let size = built.block_sizes.get(&key).copied().unwrap_or(26);
         let (node, claimed) = {
-            let f = self.published.fold.lock().unwrap_or_else(|p| p.into_inner());
+            let f = self
+                .published
+                .fold
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let node: Option<NodeInfo> = f.nodes.get(&self.node).cloned();
             let claimed: BTreeSet<IpNetwork> = f
                 .blocks
@@ -350,15 +361,13 @@ impl Supply {
         let mut claimed = claimed;
         claimed.extend(self.local().pending.iter().map(|(_, _, b)| *b));
         let started = Instant::now();
-        let result = claims::claim_next_block(&self.blocks, &node, network, &sub, size, &claimed).await;
+        let result =
+            claims::claim_next_block(&self.blocks, &node, network, &sub, size, &claimed).await;
         match result {
             Ok(obj) => {
-                let block: IpNetwork = obj
-                    .spec
-                    .cidr
-                    .0
-                    .parse()
-                    .map_err(|_| SupplyError::Unavailable("the API server returned a bad block".into()))?;
+                let block: IpNetwork = obj.spec.cidr.0.parse().map_err(|_| {
+                    SupplyError::Unavailable("the API server returned a bad block".into())
+                })?;
                 {
                     let mut l = self.local();
                     l.pending.push((network.into(), subnet.into(), block));
@@ -427,7 +436,10 @@ impl Supply {
         let Ok(live) = self.ipam.list() else {
             return;
         };
-        let live: Vec<IpAddr> = live.iter().flat_map(|e| e.ips().collect::<Vec<_>>()).collect();
+        let live: Vec<IpAddr> = live
+            .iter()
+            .flat_map(|e| e.ips().collect::<Vec<_>>())
+            .collect();
         let free = free_by_subnet(&self.ipam);
         let now = Instant::now();
         let mine: Vec<(String, String, IpNetwork)> = built_blocks(&built, &self.node)
@@ -450,7 +462,11 @@ impl Supply {
                     continue;
                 }
                 let in_subnet = mine.iter().filter(|(mn, ms, _)| mn == n && ms == s).count();
-                let size = built.block_sizes.get(&(n.clone(), s.clone())).copied().unwrap_or(26);
+                let size = built
+                    .block_sizes
+                    .get(&(n.clone(), s.clone()))
+                    .copied()
+                    .unwrap_or(26);
                 let cap = block_capacity(&built, n, s, size);
                 let have = u128::from(free.get(&(n.clone(), s.clone())).copied().unwrap_or(0));
                 if in_subnet > 1 && have.saturating_sub(cap) * 2 >= cap {
@@ -599,7 +615,11 @@ impl Supply {
         // Another pod of the cluster may already hold it without a claim (a pod of another node
         // that took it dynamically): refuse rather than duplicate an address.
         if let IpAddr::V4(v4) = ip {
-            let f = self.published.fold.lock().unwrap_or_else(|p| p.into_inner());
+            let f = self
+                .published
+                .fold
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if let Some(p) = f.state().pod_by_ip(v4)
                 && (p.namespace != namespace || p.name != name)
             {

@@ -426,7 +426,10 @@ mod tests {
         );
         assert!(built.problems.is_empty(), "{:?}", built.problems);
         assert_eq!(built.ipam.networks[0].subnets.len(), 2);
-        assert_eq!(built.ipam.networks[0].default_subnet.as_deref(), Some("main"));
+        assert_eq!(
+            built.ipam.networks[0].default_subnet.as_deref(),
+            Some("main")
+        );
     }
 
     #[test]

@@ -73,7 +73,8 @@ struct Api<'a>(&'a ControlPlane);
 
 impl Api<'_> {
     fn apply(&self, doc: Value) -> Result<String> {
-        self.0.kubectl(&["apply", "-f", "-"], Some(&doc.to_string()))
+        self.0
+            .kubectl(&["apply", "-f", "-"], Some(&doc.to_string()))
     }
     fn get(&self, args: &[&str]) -> Result<Value> {
         let mut a = vec!["get"];
@@ -82,7 +83,14 @@ impl Api<'_> {
         Ok(serde_json::from_str(&self.0.kubectl(&a, None)?)?)
     }
     /// A Pod object as the scheduler leaves it: bound to `node`.
-    fn pod(&self, ns: &str, name: &str, node: &str, labels: Value, annotations: Value) -> Result<()> {
+    fn pod(
+        &self,
+        ns: &str,
+        name: &str,
+        node: &str,
+        labels: Value,
+        annotations: Value,
+    ) -> Result<()> {
         self.apply(json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"namespace": ns, "name": name, "labels": labels, "annotations": annotations},
@@ -95,8 +103,17 @@ impl Api<'_> {
         let patch = json!({"status": {"phase": "Running", "podIP": pod.ip.to_string(),
             "podIPs": [{"ip": pod.ip.to_string()}]}});
         self.0.kubectl(
-            &["patch", "pod", "-n", &pod.namespace, &pod.name, "--subresource=status",
-              "--type=merge", "-p", &patch.to_string()],
+            &[
+                "patch",
+                "pod",
+                "-n",
+                &pod.namespace,
+                &pod.name,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch.to_string(),
+            ],
             None,
         )?;
         Ok(())
@@ -120,7 +137,13 @@ fn run(cp: &ControlPlane) -> Result<()> {
     let crds = manifests().join("crds.yaml");
     cp.kubectl(&["apply", "-f", &crds.to_string_lossy()], None)?;
     cp.kubectl(
-        &["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"],
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ],
         None,
     )?;
     for n in ["node1", "node2"] {
@@ -153,17 +176,25 @@ fn run(cp: &ControlPlane) -> Result<()> {
     // node gets no conflist (kubelet keeps it NotReady).
     c.node_mut(0).spawn_daemon()?;
     let status = c.node_mut(0).wait_answering(Duration::from_secs(30))?;
-    assert!(!status.ready, "ready without any VirtualNetwork: {status:?}");
+    assert!(
+        !status.ready,
+        "ready without any VirtualNetwork: {status:?}"
+    );
     std::thread::sleep(Duration::from_secs(2));
     let st = c.node_mut(0).wait_answering(Duration::from_secs(5))?;
     assert!(!st.ready);
-    assert!(st.message.contains("VirtualNetwork"), "STATUS names what is missing: {st:?}");
+    assert!(
+        st.message.contains("VirtualNetwork"),
+        "STATUS names what is missing: {st:?}"
+    );
     assert!(!conflist(c.node(0)).exists(), "conflist before ready");
 
     // The network and its subnet, as an operator applies them.
-    api.apply(json!({"apiVersion": "vpcnet.io/v1alpha1", "kind": "VirtualNetwork",
+    api.apply(
+        json!({"apiVersion": "vpcnet.io/v1alpha1", "kind": "VirtualNetwork",
         "metadata": {"name": "vpc-a"},
-        "spec": {"id": 1, "default": true, "routableCidrs": [VPC_CIDR, PHYS_CIDR]}}))?;
+        "spec": {"id": 1, "default": true, "routableCidrs": [VPC_CIDR, PHYS_CIDR]}}),
+    )?;
     api.apply(json!({"apiVersion": "vpcnet.io/v1alpha1", "kind": "Subnet",
         "metadata": {"name": "main"},
         "spec": {"network": "vpc-a", "cidr": "10.20.0.0/17", "gateway": ROUTER_VPC_IP.to_string(),
@@ -183,9 +214,11 @@ fn run(cp: &ControlPlane) -> Result<()> {
     c.node_mut(1).spawn_daemon()?;
     for i in 0..2 {
         let node = c.node(i);
-        wait_for("conflist written once ready", Duration::from_secs(60), || {
-            conflist(node).exists().then_some(())
-        })
+        wait_for(
+            "conflist written once ready",
+            Duration::from_secs(60),
+            || conflist(node).exists().then_some(()),
+        )
         .with_context(|| c.node(i).log_tail())?;
     }
     let ready_after = t0.elapsed();
@@ -226,9 +259,14 @@ fn run(cp: &ControlPlane) -> Result<()> {
         }
     }
     for n in ["node1", "node2"] {
-        assert!(cidrs.iter().any(|(node, _)| node == n), "{n} has no block: {cidrs:?}");
+        assert!(
+            cidrs.iter().any(|(node, _)| node == n),
+            "{n} has no block: {cidrs:?}"
+        );
     }
-    eprintln!("kubernetes_e2e: both nodes ready {ready_after:?} after the network was defined; blocks {cidrs:?}");
+    eprintln!(
+        "kubernetes_e2e: both nodes ready {ready_after:?} after the network was defined; blocks {cidrs:?}"
+    );
 
     // Pods: a/client on node1, a/server on node2, b/web on node2 (subnet team-b by selector).
     api.pod("a", "client", "node1", json!({"app": "client"}), json!({}))?;
@@ -238,9 +276,13 @@ fn run(cp: &ControlPlane) -> Result<()> {
     let mut add = |c: &Cluster, node: usize, ns: &str, name: &str| -> Result<Pod> {
         // The pod's object must have reached the node's watch before its ADD.
         let t = Instant::now();
+        let mut last = String::new();
         let pod = wait_for(&format!("ADD {ns}/{name}"), Duration::from_secs(20), || {
-            c.add_pod(node, ns, name).ok()
-        })?;
+            c.add_pod(node, ns, name)
+                .map_err(|e| last = e.to_string())
+                .ok()
+        })
+        .with_context(|| format!("last error: {last}"))?;
         add_ms.push(t.elapsed().as_secs_f64() * 1e3);
         api.pod_running(&pod)?;
         Ok(pod)
@@ -253,7 +295,8 @@ fn run(cp: &ControlPlane) -> Result<()> {
         team_b.contains(web.ip),
         "b/web placed by the namespace selector: {}; subnets: {}",
         web.ip,
-        cp.kubectl(&["get", "subnets", "-o", "yaml"], None).unwrap_or_default()
+        cp.kubectl(&["get", "subnets", "-o", "yaml"], None)
+            .unwrap_or_default()
     );
     assert!(!team_b.contains(client.ip), "{}", client.ip);
 
@@ -261,31 +304,60 @@ fn run(cp: &ControlPlane) -> Result<()> {
     let _s1 = WhoAmI::start(&server.ns, SocketAddrV4::new(server.ip, port))?;
     let _s2 = WhoAmI::start(&web.ns, SocketAddrV4::new(web.ip, port))?;
     // Across nodes, the VPC host and the physical host, no NAT.
-    assert_eq!(probe::tcp(&client.ns, SocketAddrV4::new(server.ip, port))?, client.ip);
-    assert_eq!(probe::tcp(&client.ns, SocketAddrV4::new(web.ip, port))?, client.ip);
-    assert_eq!(probe::tcp(&c.vpc_host, SocketAddrV4::new(server.ip, port))?, VPC_HOST_IP);
-    assert_eq!(probe::tcp(&c.phys_host, SocketAddrV4::new(web.ip, port))?, PHYS_HOST_IP);
+    assert_eq!(
+        probe::tcp(&client.ns, SocketAddrV4::new(server.ip, port))?,
+        client.ip
+    );
+    assert_eq!(
+        probe::tcp(&client.ns, SocketAddrV4::new(web.ip, port))?,
+        client.ip
+    );
+    assert_eq!(
+        probe::tcp(&c.vpc_host, SocketAddrV4::new(server.ip, port))?,
+        VPC_HOST_IP
+    );
+    assert_eq!(
+        probe::tcp(&c.phys_host, SocketAddrV4::new(web.ip, port))?,
+        PHYS_HOST_IP
+    );
 
     // NetworkPolicy from the API: b/web admits only namespace a's app=client.
     let t = Instant::now();
-    api.apply(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    api.apply(
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"namespace": "b", "name": "web-from-client"},
         "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
             "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}},
-                                    "podSelector": {"matchLabels": {"app": "client"}}}]}]}}))?;
+                                    "podSelector": {"matchLabels": {"app": "client"}}}]}]}}),
+    )?;
     let web_addr = SocketAddrV4::new(web.ip, port);
     let vpc_host = c.vpc_host.handle();
-    wait_for("policy enforced (VPC host refused)", Duration::from_secs(10), || {
-        probe::tcp(&vpc_host, web_addr).is_err().then_some(())
-    })
+    wait_for(
+        "policy enforced (VPC host refused)",
+        Duration::from_secs(10),
+        || {
+            // A short probe: a dropped SYN shows as a timeout, so its length is the resolution.
+            let p = probe::Probe {
+                proto: probe::Proto::Tcp,
+                to: web_addr,
+            };
+            let refused = vpc_host
+                .run(move || probe::probe_once(p, Duration::from_millis(50)).is_err())
+                .unwrap_or(false);
+            refused.then_some(())
+        },
+    )
     .with_context(|| c.node(1).log_tail())?;
     let enforced = t.elapsed();
-    assert!(tcp_ok(&client, web_addr), "the admitted client still reaches web");
+    assert!(
+        tcp_ok(&client, web_addr),
+        "the admitted client still reaches web"
+    );
     assert!(!tcp_ok(&server, web_addr), "a/server is not admitted");
     eprintln!("kubernetes_e2e: NetworkPolicy API write -> enforced on node2 in {enforced:?}");
 
     // A fixed address: claimed cluster-wide, refused to a second pod, follows its pod.
-    let fixed = Ipv4Addr::new(10, 20, 200, 7);
+    let fixed = Ipv4Addr::new(10, 20, 100, 7);
     let ann = json!({"vpcnet.io/ip": fixed.to_string()});
     api.pod("a", "db", "node1", json!({"app": "db"}), ann.clone())?;
     api.pod("a", "thief", "node2", json!({"app": "thief"}), ann.clone())?;
@@ -299,27 +371,54 @@ fn run(cp: &ControlPlane) -> Result<()> {
         Ok(_) => bail!("a second pod got the fixed address {fixed}"),
         Err(e) => e.to_string(),
     };
-    assert!(e.contains("claimed by pod a/db") || e.contains("in use by pod a/db"), "{e}");
+    assert!(
+        e.contains("claimed by pod a/db") || e.contains("in use by pod a/db"),
+        "{e}"
+    );
     // db is rescheduled to node2 (a StatefulSet pod recreated with the same name).
     let out = c.del_pod(db)?;
     assert!(out.success, "DEL: {}", out.stderr);
-    cp.kubectl(&["delete", "pod", "-n", "a", "db", "--wait=false"], None)?;
-    cp.kubectl(&["delete", "pod", "-n", "a", "thief", "--wait=false"], None)?;
+    // No kubelet confirms the deletion here: force it, as a kubelet's final delete would.
+    for p in ["db", "thief"] {
+        cp.kubectl(
+            &[
+                "delete",
+                "pod",
+                "-n",
+                "a",
+                p,
+                "--grace-period=0",
+                "--force",
+                "--wait=true",
+            ],
+            None,
+        )?;
+    }
     api.pod("a", "db", "node2", json!({"app": "db"}), ann)?;
     let db2 = add(&c, 1, "a", "db")?;
     assert_eq!(db2.ip, fixed, "the fixed address follows its pod to node2");
     let _s3 = WhoAmI::start(&db2.ns, SocketAddrV4::new(db2.ip, port))?;
-    assert_eq!(probe::tcp(&client.ns, SocketAddrV4::new(fixed, port))?, client.ip);
+    assert_eq!(
+        probe::tcp(&client.ns, SocketAddrV4::new(fixed, port))?,
+        client.ip
+    );
 
     // The bad subnet says what is wrong in its status.
-    let st = wait_for("Subnet overlap reports its problem", Duration::from_secs(10), || {
-        let s = api.get(&["subnet", "overlap"]).ok()?;
-        let text = s["status"].to_string();
-        text.contains("overlaps").then_some(text)
-    });
-    if let Err(e) = &st {
-        eprintln!("kubernetes_e2e: {e}");
-    }
+    wait_for(
+        "Subnet overlap reports its problem",
+        Duration::from_secs(15),
+        || {
+            let s = api.get(&["subnet", "overlap"]).ok()?;
+            let text = s["status"].to_string();
+            (text.contains("overlaps") && text.contains("\"False\"")).then_some(())
+        },
+    )?;
+    let main = api.get(&["subnet", "main"])?;
+    assert!(
+        main["status"]["used"].as_u64() >= Some(3),
+        "{}",
+        main["status"]
+    );
 
     add_ms.sort_by(f64::total_cmp);
     eprintln!(

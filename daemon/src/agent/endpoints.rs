@@ -76,11 +76,9 @@ impl Agent {
                 Some(supply),
             ) if static_ip.is_none() => {
                 info!(%network, %subnet, "no room in this node's blocks; claiming a block");
-                supply
-                    .claim_block_now(&network, &subnet)
-                    .inspect_err(|_| {
-                        self.metrics.alloc_failures.inc();
-                    })?;
+                supply.claim_block_now(&network, &subnet).inspect_err(|_| {
+                    self.metrics.alloc_failures.inc();
+                })?;
                 alloc()
             }
             (r, _) => r,
