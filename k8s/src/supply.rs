@@ -308,10 +308,10 @@ impl Supply {
                 continue;
             };
             let have = free.get(&(n.clone(), s.clone())).copied().unwrap_or(0);
-            if u128::from(have) * 2 < block_capacity(&built, &n, &s, *size) {
-                if let Err(e) = self.claim_block(&n, &s).await {
-                    tracing::warn!(network = %n, subnet = %s, error = %e, "keeping a spare block failed");
-                }
+            if u128::from(have) * 2 < block_capacity(&built, &n, &s, *size)
+                && let Err(e) = self.claim_block(&n, &s).await
+            {
+                tracing::warn!(network = %n, subnet = %s, error = %e, "keeping a spare block failed");
             }
         }
     }
