@@ -403,26 +403,6 @@ fn repo_file(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The conflist embedded in the ConfigMap (`10-vpcnet.conflist: |` and its indented block).
-fn configmap_conflists(yaml: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let lines: Vec<&str> = yaml.lines().collect();
-    for (i, line) in lines.iter().enumerate() {
-        if line.trim_start().starts_with("10-vpcnet.conflist: |")
-            || (line.contains(".conflist:") && line.trim_end().ends_with('|'))
-        {
-            let key_indent = line.len() - line.trim_start().len();
-            let block: Vec<&str> = lines[i + 1..]
-                .iter()
-                .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > key_indent)
-                .copied()
-                .collect();
-            out.push(block.join("\n"));
-        }
-    }
-    out
-}
-
 /// Every ```json block of the README that is a conflist (has "plugins").
 fn readme_conflists(md: &str) -> Vec<String> {
     md.split("```json")
@@ -440,8 +420,11 @@ fn version_tuple(v: &str) -> (u32, u32, u32) {
 
 #[test]
 fn shipped_conflists_use_a_version_todays_runtimes_accept() {
-    let mut lists = configmap_conflists(&repo_file("manifests/configmap.yaml"));
-    assert_eq!(lists.len(), 1, "the ConfigMap's conflist was not found");
+    // What the daemon writes on a Kubernetes node, with and without portmap.
+    let mut lists = vec![
+        vpcnet_k8s::node::conflist("vpcnet", true),
+        vpcnet_k8s::node::conflist("vpcnet", false),
+    ];
     let readme = readme_conflists(&repo_file("README.md"));
     assert!(!readme.is_empty(), "the README's conflist was not found");
     lists.extend(readme);
