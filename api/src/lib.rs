@@ -481,6 +481,28 @@ impl Pending {
     }
 }
 
+/// The host-side veth of an attachment: "vpc" + 11 hex digits of FNV-1a over (container ID,
+/// ifname). Deterministic, so DEL, GC and a retried ADD find the link without any stored state,
+/// 14 bytes fit IFNAMSIZ, and the daemon can tell which attachment a live veth belongs to when
+/// its store has lost the record (the plugin names the veth, the daemon matches it).
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in container_id.bytes().chain([0u8]).chain(ifname.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("vpc{:011x}", h >> 20)
+}
+
+/// Whether `name` has the shape of [`host_veth_name`]'s names.
+pub fn is_host_veth_name(name: &str) -> bool {
+    name.len() == 14
+        && name.starts_with("vpc")
+        && name[3..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,16 +122,7 @@ fn sniff_version(input: &[u8]) -> Option<String> {
         .then(|| version.to_string())
 }
 
-/// Host-side veth name: "vpc" + 11 hex digits of FNV-1a over (container ID, ifname). Deterministic,
-/// so DEL, GC and a retried ADD find the link without any stored state, and 14 bytes fit IFNAMSIZ.
-pub fn veth_name(container_id: &str, ifname: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in container_id.bytes().chain([0u8]).chain(ifname.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("vpc{:011x}", h >> 20)
-}
+pub use vpcnet_api::host_veth_name as veth_name;
 
 fn nl_err(e: NlError) -> CniError {
     CniError::io(e.to_string())
@@ -892,6 +883,9 @@ mod tests {
         assert_eq!(a.len(), 14);
         assert!(a.starts_with("vpc"));
         assert!(a[3..].chars().all(|c| c.is_ascii_hexdigit()));
+        assert!(vpcnet_api::is_host_veth_name(&a));
+        assert!(!vpcnet_api::is_host_veth_name("vpc0"));
+        assert!(!vpcnet_api::is_host_veth_name("eth0xxxxxxxxxx"));
         assert_ne!(a, veth_name("0123456789abcdef", "eth1"));
         assert_ne!(a, veth_name("0123456789abcdeg", "eth0"));
         // The separator keeps ("ab","c") and ("a","bc") apart.

@@ -1,6 +1,6 @@
 //! Connects the agent to the eBPF dataplane module.
 
-use crate::agent::{DataplaneEndpoint, Forwarding, ForwardingError};
+use crate::agent::{DataplaneEndpoint, Forwarding, ForwardingError, Orphan};
 use crate::config::{DaemonConfig, EndpointAttach};
 use anyhow::Context as _;
 use std::collections::BTreeMap;
@@ -146,14 +146,32 @@ fn durable_endpoints(config: &DaemonConfig, ipam: &Ipam) -> anyhow::Result<Vec<E
     Ok(out)
 }
 
-fn ifindex(name: &str) -> Option<u32> {
+pub(crate) fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: a NUL-terminated string that outlives the call.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (i != 0).then_some(i)
 }
 
-pub fn forwarding(config: &DaemonConfig, ipam: &Ipam) -> anyhow::Result<Box<dyn Forwarding>> {
+/// What the pinned endpoint map says about each address: (host ifindex, pod MAC, network id).
+/// Empty when there is no map (a fresh node) or it cannot be read.
+pub fn pinned_wiring(config: &DaemonConfig) -> BTreeMap<Ipv4Addr, (u32, [u8; 6], u16)> {
+    match vpcnet_dataplane::pinned_endpoints(&config.bpf_dir) {
+        Ok(eps) => eps
+            .into_iter()
+            .map(|e| (e.ip, (e.host_ifindex, e.pod_mac, e.network_id)))
+            .collect(),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+/// `orphans`: live pods' addresses the store lost (see `crate::agent::Orphan`); their entries
+/// are kept (those with a known MAC restored) until the agent has adopted them.
+pub fn forwarding(
+    config: &DaemonConfig,
+    ipam: &Ipam,
+    orphans: &[Orphan],
+) -> anyhow::Result<Box<dyn Forwarding>> {
     let endpoint_attach = match config.endpoint_attach {
         EndpointAttach::Classic => AttachMode::Classic,
         EndpointAttach::Tcx => AttachMode::Tcx,
@@ -165,12 +183,22 @@ pub fn forwarding(config: &DaemonConfig, ipam: &Ipam) -> anyhow::Result<Box<dyn 
     } else {
         PolicyMode::Open
     };
-    let endpoints = durable_endpoints(config, ipam)?;
+    let mut endpoints = durable_endpoints(config, ipam)?;
+    endpoints.extend(orphans.iter().filter_map(|o| {
+        let w = o.wiring?;
+        Some(Endpoint {
+            ip: o.ip,
+            host_ifindex: w.host_ifindex,
+            pod_mac: w.pod_mac,
+            network_id: o.network_id?,
+        })
+    }));
     let live = ipam
         .list()
         .context("listing allocations")?
         .iter()
         .flat_map(|ep| ep.ips().collect::<Vec<_>>())
+        .chain(orphans.iter().map(|o| std::net::IpAddr::V4(o.ip)))
         .collect();
     let (dp, report) = Dataplane::start_restoring(
         dataplane_config(config, live),

@@ -49,6 +49,7 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
             })?,
     };
 
+    let orphans = find_orphans(&config, &ipam, &netlink).await;
     let fwd: Box<dyn Forwarding> = match config.dataplane {
         DataplaneMode::Kernel => {
             // Without the eBPF ARP responder the fabric must still find pods on this node: proxy
@@ -57,7 +58,7 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
             std::fs::write(&knob, "1").with_context(|| format!("enabling {knob}"))?;
             Box::new(KernelRoutes)
         }
-        DataplaneMode::Ebpf => crate::ebpf_glue::forwarding(&config, &ipam)
+        DataplaneMode::Ebpf => crate::ebpf_glue::forwarding(&config, &ipam, &orphans)
             .context("starting the eBPF dataplane (set `dataplane: kernel` to run without it)")?,
     };
     info!(dataplane = %fwd.describe(), mtu, "dataplane ready");
@@ -84,6 +85,7 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
     };
     let metrics = Arc::new(Metrics::default());
     let mut agent = Agent::new(config.clone(), ipam, fwd, mtu).with_metrics(metrics.clone());
+    agent = agent.with_orphans(orphans);
     if let Some(source) = policy {
         agent = agent.with_state_source(source);
     }
@@ -98,6 +100,10 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
     // the leak check, so the first ADD sees the true state.
     let a = agent.clone();
     tokio::task::spawn_blocking(move || a.replay_release_queue()).await?;
+    // With the topology of the config file (standalone) the orphans are placed now; a
+    // Kubernetes node places them when the first topology from the API arrives.
+    let a = agent.clone();
+    tokio::task::spawn_blocking(move || a.adopt_orphans()).await?;
     reconcile_once(&agent, &netlink).await;
     // The pinned maps kept enforcing the previous policy; bring them to the current state before
     // the first ADD, then follow every change.
@@ -263,6 +269,34 @@ async fn sync_policy_once(agent: &Arc<Agent>) {
         }
         Err(e) => warn!(error = %e, "NetworkPolicy sync task failed"),
     }
+}
+
+/// Live pods' addresses the store has no record of (see `crate::agent::Orphan`). Best effort:
+/// without the node's routes nothing can be adopted, and the daemon starts as before.
+async fn find_orphans(
+    config: &DaemonConfig,
+    ipam: &Ipam,
+    netlink: &NodeNetlink,
+) -> Vec<crate::agent::Orphan> {
+    let routes = match netlink.host_routes_v4().await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "listing the node's routes failed; live pods the store lost are not re-adopted");
+            return Vec::new();
+        }
+    };
+    let held = match ipam.list() {
+        Ok(l) => l.iter().flat_map(|e| e.ips().collect::<Vec<_>>()).collect(),
+        Err(e) => {
+            warn!(error = %e, "listing allocations failed; live pods the store lost are not re-adopted");
+            return Vec::new();
+        }
+    };
+    let pinned = match config.dataplane {
+        DataplaneMode::Ebpf => crate::ebpf_glue::pinned_wiring(config),
+        DataplaneMode::Kernel => Default::default(),
+    };
+    crate::agent::orphans(&routes, &held, &pinned, crate::ebpf_glue::ifindex)
 }
 
 async fn reconcile_once(agent: &Arc<Agent>, netlink: &NodeNetlink) {

@@ -238,6 +238,12 @@ fn live_ips(agent: &Agent) -> Result<Vec<std::net::IpAddr>, String> {
         .map_err(|e| format!("IPAM: {e}"))?
         .iter()
         .flat_map(|ep| ep.ips().collect::<Vec<_>>())
+        .chain(
+            agent
+                .pending_orphan_ips()
+                .into_iter()
+                .map(std::net::IpAddr::V4),
+        )
         .collect())
 }
 
@@ -262,6 +268,8 @@ pub fn apply(agent: &Agent, topology: &Topology) -> Result<(), String> {
         .ipam()
         .apply_topology(topology.ipam.clone())
         .map_err(|e| format!("IPAM: {e}"))?;
+    // Live pods' addresses the store lost wait for a topology that places them.
+    agent.adopt_orphans();
     // Read again: an ADD may have allocated from a removed block just before the switch.
     let keep = local_pod_cidrs(&topology.ipam, node, live_ips(agent)?);
     agent

@@ -39,7 +39,7 @@ pub fn agent_error(e: &AgentError) -> ApiError {
     let code = match e {
         AgentError::Ipam(e) => return ipam_error(e),
         // Transient: the runtime retries the ADD once the state is there.
-        AgentError::NotSynced(_) => code::TRY_AGAIN_LATER,
+        AgentError::NotSynced(_) | AgentError::Adopting(_) => code::TRY_AGAIN_LATER,
         AgentError::Supply(SupplyError::Taken(_)) => code::ADDRESS_TAKEN,
         AgentError::Supply(SupplyError::Exhausted(_)) => code::EXHAUSTED,
         AgentError::Supply(SupplyError::Unavailable(_)) => code::TRY_AGAIN_LATER,

@@ -15,6 +15,28 @@ pub struct AttachmentKey {
     pub ifname: String,
 }
 
+/// Marks the key of an endpoint re-adopted from the node (see [`AttachmentKey::adopted`]). A
+/// CNI container ID never contains ':' (the spec allows letters, digits, '_', '.', '-'), so no
+/// runtime's key can collide with one.
+const ADOPTED: &str = "adopted:";
+
+impl AttachmentKey {
+    /// The key of an endpoint the node still had (its host veth routes a live pod's address)
+    /// when the store had no record of it. The runtime's (container ID, ifname) is unknown then;
+    /// the host veth's name is derived from it, so the first runtime call whose attachment
+    /// names that veth takes the endpoint over ([`crate::Ipam::rekey`]).
+    pub fn adopted(host_veth: &str) -> AttachmentKey {
+        AttachmentKey {
+            container_id: format!("{ADOPTED}{host_veth}"),
+            ifname: String::new(),
+        }
+    }
+
+    pub fn is_adopted(&self) -> bool {
+        self.container_id.starts_with(ADOPTED)
+    }
+}
+
 /// The pod an attachment belongs to, as far as the runtime told the daemon.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodInfo {

@@ -916,6 +916,64 @@ impl Ipam {
         })
     }
 
+    /// Records an endpoint the node already serves but the store does not know (a store lost
+    /// or replaced while pods ran): the addresses a live pod holds must never be handed out
+    /// again. `false`, and nothing written, when the key or any of its addresses is already
+    /// held. The addresses leave cooldown; they are in use. Unlike [`Ipam::allocate`] the
+    /// addresses are not checked against this node's blocks: the pod has them already.
+    pub fn adopt(&self, ep: &Endpoint) -> Result<bool, IpamError> {
+        if ep.addresses.is_empty() {
+            return Err(IpamError::InvalidConfig(format!(
+                "adopting {} without an address",
+                describe_key(&ep.key)
+            )));
+        }
+        self.write("adopt", |txn, _| {
+            let mut t = Tables::open(txn)?;
+            if t.allocs.get(key_cols(&ep.key))?.is_some() {
+                return Ok((false, false));
+            }
+            let keys: Vec<Vec<u8>> = ep.ips().map(ip_key).collect();
+            for k in &keys {
+                if t.by_ip.get(k.as_slice())?.is_some() {
+                    return Ok((false, false));
+                }
+            }
+            save(&mut t.allocs, ep)?;
+            for k in &keys {
+                t.by_ip.insert(k.as_slice(), key_cols(&ep.key))?;
+                t.cooldown.remove(k.as_slice())?;
+            }
+            Ok((true, true))
+        })
+    }
+
+    /// Moves the endpoint of `from` to the key `to` (an adopted endpoint taken over by the
+    /// runtime's attachment). `None`, and nothing changed, when `from` holds nothing or `to`
+    /// already holds an endpoint.
+    pub fn rekey(
+        &self,
+        from: &AttachmentKey,
+        to: &AttachmentKey,
+    ) -> Result<Option<Endpoint>, IpamError> {
+        self.write("take over an adopted endpoint", |txn, _| {
+            let mut t = Tables::open(txn)?;
+            if t.allocs.get(key_cols(to))?.is_some() {
+                return Ok((None, false));
+            }
+            let Some(mut ep) = load(&t.allocs, from)? else {
+                return Ok((None, false));
+            };
+            t.allocs.remove(key_cols(from))?;
+            ep.key = to.clone();
+            save(&mut t.allocs, &ep)?;
+            for k in ep.ips().map(ip_key) {
+                t.by_ip.insert(k.as_slice(), key_cols(to))?;
+            }
+            Ok((Some(ep), true))
+        })
+    }
+
     /// Releases the key's addresses into cooldown; `None` (and no error) if it holds none, so a
     /// repeated DEL is harmless.
     pub fn release(&self, key: &AttachmentKey) -> Result<Option<Endpoint>, IpamError> {

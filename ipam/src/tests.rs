@@ -1091,3 +1091,96 @@ fn an_empty_topology_opens_and_the_first_network_is_used_live() {
     ipam.apply_topology(config()).unwrap();
     assert_eq!(Req::new("a").run(&ipam).unwrap().ip(), ip("10.40.0.4"));
 }
+
+fn adopted(veth: &str, addr: &str) -> Endpoint {
+    Endpoint {
+        key: AttachmentKey::adopted(veth),
+        pod: pod("live"),
+        addresses: vec![Assigned {
+            ip: ip(addr),
+            prefix_len: 24,
+            network: "vpc-a".into(),
+            subnet: "pods-a".into(),
+        }],
+        host_veth: veth.into(),
+        network_id: 1,
+        wiring: None,
+        state: Lifecycle::Wired,
+        created_unix_ms: 0,
+    }
+}
+
+#[test]
+fn an_adopted_address_is_never_handed_out_and_survives_a_reopen() {
+    let f = fixture();
+    {
+        let ipam = open(&f, config());
+        // n1's usable addresses in pods-a are .4-.7: adopt .4 and .5, the scan must skip them.
+        assert!(ipam.adopt(&adopted("vpc0000000000a", "10.40.0.4")).unwrap());
+        assert!(ipam.adopt(&adopted("vpc0000000000b", "10.40.0.5")).unwrap());
+        assert!(AttachmentKey::adopted("vpc0000000000a").is_adopted());
+        assert!(!key("a").is_adopted());
+    }
+    let ipam = open(&f, config());
+    let got: Vec<IpAddr> = ["x", "y"]
+        .iter()
+        .map(|id| Req::new(id).run(&ipam).unwrap().ip())
+        .collect();
+    assert_eq!(got, [ip("10.40.0.6"), ip("10.40.0.7")]);
+    assert!(matches!(
+        Req::new("z").run(&ipam),
+        Err(IpamError::Exhausted { .. })
+    ));
+    // A static request for an adopted address names the holder instead of taking it.
+    assert!(Req::new("w").ip("10.40.0.4").run(&ipam).is_err());
+}
+
+#[test]
+fn adopt_refuses_a_held_key_or_address_and_writes_nothing() {
+    let f = fixture();
+    let ipam = open(&f, config());
+    let held = Req::new("a").run(&ipam).unwrap();
+    let mut clash = adopted("vpc0000000000a", &held.ip().to_string());
+    assert!(!ipam.adopt(&clash).unwrap());
+    clash.addresses[0].ip = ip("10.40.0.6");
+    assert!(ipam.adopt(&clash).unwrap());
+    assert!(!ipam.adopt(&clash).unwrap(), "the key is held now");
+    assert_eq!(ipam.list().unwrap().len(), 2);
+    assert!(ipam.verify().unwrap().is_empty(), "indexes stay consistent");
+    let mut none = adopted("vpc0000000000c", "10.40.0.7");
+    none.addresses.clear();
+    assert!(ipam.adopt(&none).is_err());
+}
+
+#[test]
+fn rekey_moves_an_adopted_endpoint_to_the_runtimes_key_once() {
+    let f = fixture();
+    let ipam = open(&f, config());
+    let ep = adopted("vpc0000000000a", "10.40.0.6");
+    assert!(ipam.adopt(&ep).unwrap());
+    let moved = ipam.rekey(&ep.key, &key("c1")).unwrap().unwrap();
+    assert_eq!(
+        (moved.key.clone(), moved.ip()),
+        (key("c1"), ip("10.40.0.6"))
+    );
+    assert!(ipam.get(&ep.key).unwrap().is_none());
+    assert_eq!(ipam.get(&key("c1")).unwrap().unwrap().ip(), ip("10.40.0.6"));
+    assert!(
+        ipam.rekey(&ep.key, &key("c2")).unwrap().is_none(),
+        "nothing left to move"
+    );
+    assert!(ipam.verify().unwrap().is_empty());
+    // Released under its new key, the address cools down and the index is clean.
+    assert!(ipam.release(&key("c1")).unwrap().is_some());
+    assert!(ipam.list().unwrap().is_empty());
+    assert!(ipam.verify().unwrap().is_empty());
+    // A key already holding an endpoint is never overwritten.
+    let a = Req::new("a").run(&ipam).unwrap();
+    assert!(ipam.adopt(&adopted("vpc0000000000b", "10.40.0.7")).unwrap());
+    assert!(
+        ipam.rekey(&AttachmentKey::adopted("vpc0000000000b"), &a.key)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(ipam.list().unwrap().len(), 2);
+}

@@ -36,6 +36,14 @@ impl Agent {
         let static_ip = req.static_ips.first().copied().or(annotated_ip);
         let subnet = self.placed_subnet(req, addressing.subnet)?;
         self.consume_queued_release(&req.key)?;
+        let (key, pod) = (wire::key(&req.key), wire::pod(&req.pod));
+        // A retried ADD of a live pod whose endpoint was re-adopted gets it back; any other ADD
+        // waits until no live pod's address is unrecorded.
+        self.take_over_adopted(&key)?;
+        let pending = self.orphans_pending();
+        if pending > 0 && self.ipam.get(&key)?.is_none() {
+            return Err(AgentError::Adopting(pending));
+        }
         if let (Some(supply), Some(ip)) = (&self.supply, static_ip)
             && !req.pod.name.is_empty()
         {
@@ -51,7 +59,6 @@ impl Agent {
                 supply.claim_address_now(&net.name, &sub, ip, &req.pod.namespace, &req.pod.name)?;
             }
         }
-        let (key, pod) = (wire::key(&req.key), wire::pod(&req.pod));
         let alloc = || {
             self.ipam.allocate(&AllocRequest {
                 key: &key,
@@ -129,6 +136,7 @@ impl Agent {
     pub fn endpoint_ready(&self, req: &EndpointReadyRequest) -> Result<(), AgentError> {
         let _span = tracing::info_span!("endpoint_ready", container = %req.key.container_id, ifname = %req.key.ifname).entered();
         let key = wire::key(&req.key);
+        self.take_over_adopted(&key)?;
         let mut record = self
             .ipam
             .get(&key)?
@@ -182,6 +190,7 @@ impl Agent {
         let _span =
             tracing::info_span!("release", container = %key.container_id, ifname = %key.ifname)
                 .entered();
+        self.take_over_adopted(key)?;
         let Some(record) = self.ipam.get(key)? else {
             return Ok(None);
         };
@@ -207,6 +216,7 @@ impl Agent {
 
     pub fn check(&self, req: &CheckRequest) -> Result<(), AgentError> {
         let key = wire::key(&req.key);
+        self.take_over_adopted(&key)?;
         match self.ipam.get(&key)? {
             // The lifecycle is not checked: "ready" is not fsync'd (see `Ipam::mark_ready`), and
             // the plugin has already verified the interfaces themselves.
@@ -223,6 +233,10 @@ impl Agent {
     /// past failures; returns what it released.
     pub fn gc(&self, req: &GcRequest) -> Result<Vec<Endpoint>, AgentError> {
         let valid: HashSet<AttachmentKey> = req.valid.iter().map(wire::key).collect();
+        // A valid attachment whose endpoint was re-adopted keeps it, under its own key.
+        for key in &valid {
+            self.take_over_adopted(key)?;
+        }
         let doomed: Vec<Endpoint> = self
             .ipam
             .list()?

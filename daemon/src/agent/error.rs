@@ -20,6 +20,11 @@ pub enum AgentError {
         "{0}; vpcnetd places pods only once it has the cluster state (pod annotations, NetworkPolicy) — the runtime retries the ADD; if this persists, check `vpcnetctl status` and the source"
     )]
     NotSynced(StateError),
+    /// Live pods' addresses are being re-adopted: handing one out now could give it twice.
+    #[error(
+        "vpcnetd is re-adopting {0} address(es) that live pods on this node hold but its IPAM store had no record of (the store was lost or replaced); it needs the network topology to place them — the runtime retries the ADD"
+    )]
+    Adopting(usize),
     #[error(
         "pod {namespace}/{name} has annotation {ANNOTATION_IP}={value:?}, which is not an IP address"
     )]

@@ -7,6 +7,7 @@
 //! [`readiness`] (STATUS and /healthz), [`reconcile`] (leaks). Errors are the agent's own
 //! ([`AgentError`]); `crate::wire` turns them into the protocol's.
 
+mod adopt;
 mod endpoints;
 mod error;
 mod forwarding;
@@ -18,6 +19,7 @@ mod supply;
 #[cfg(test)]
 mod tests;
 
+pub use adopt::{Orphan, orphans};
 pub use error::{AgentError, DataplaneOp};
 pub use forwarding::{DataplaneEndpoint, Forwarding, ForwardingError, KernelRoutes};
 pub use readiness::Readiness;
@@ -45,6 +47,10 @@ pub struct Agent {
     /// Held while a queued release is played, so an ADD that finds its attachment's entry waits
     /// for a replay already playing it, and no replay plays it after that ADD allocated.
     release_queue: Mutex<()>,
+    /// Live pods' addresses found on the node but not in the store, until recorded.
+    orphans: Mutex<Vec<adopt::Orphan>>,
+    /// Whether the store may hold adopted endpoints (a runtime call may take one over).
+    adopted: std::sync::atomic::AtomicBool,
 }
 
 impl Agent {
@@ -62,6 +68,8 @@ impl Agent {
             mtu,
             policy: Default::default(),
             release_queue: Mutex::new(()),
+            orphans: Mutex::new(Vec::new()),
+            adopted: Default::default(),
         }
     }
 

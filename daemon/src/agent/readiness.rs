@@ -49,6 +49,12 @@ impl Agent {
         if let Some(e) = self.fwd.health() {
             problems.push(format!("dataplane: {e}"));
         }
+        let orphans = self.orphans_pending();
+        if orphans > 0 {
+            problems.push(format!(
+                "re-adopting {orphans} address(es) live pods hold that the IPAM store has no record of; ADD waits for the network topology to place them"
+            ));
+        }
         let mut have_state = true;
         if let Some(source) = &self.state {
             match source.snapshot() {

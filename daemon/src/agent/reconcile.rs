@@ -36,7 +36,11 @@ impl Agent {
             .fwd
             .endpoints()
             .map_err(AgentError::dataplane(DataplaneOp::ListEndpoints))?;
-        for ip in endpoints.into_iter().filter(|ip| !owned.contains(ip)) {
+        // A pending orphan's entry is a live pod's, kept until the orphan is adopted.
+        for ip in endpoints
+            .into_iter()
+            .filter(|ip| !owned.contains(ip) && !self.is_pending_orphan(*ip))
+        {
             warn!(%ip, "dataplane endpoint without an allocation; removing it");
             if let Err(e) = self.fwd.remove_endpoint(ip) {
                 warn!(%ip, error = %e, "removing orphan endpoint failed");

@@ -655,3 +655,129 @@ spec:
     }
     assert_eq!(rec.syncs.load(Ordering::SeqCst), syncs + 3);
 }
+
+fn orphan(container: &str, ip: &str, ifindex: u32) -> Orphan {
+    Orphan {
+        ip: ip.parse().unwrap(),
+        host_veth: vpcnet_api::host_veth_name(container, "eth0"),
+        wiring: Some(Wiring {
+            host_ifindex: ifindex,
+            pod_mac: [2, 0, 0, 0, 0, ifindex as u8],
+        }),
+        network_id: Some(1),
+    }
+}
+
+#[test]
+fn a_live_pod_the_store_lost_is_re_adopted_before_any_add_and_taken_over_by_its_attachment() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Arc::new(Recorder::default());
+    // A fresh store (the old one lost) on a node whose pod c1 still routes 10.20.1.7.
+    let a = recorded(dir.path(), &rec).with_orphans(vec![orphan("c1", "10.20.1.7", 7)]);
+    let e = wire::agent_error(&a.allocate(&add("c9", "c9")).unwrap_err());
+    assert_eq!(e.code, code::TRY_AGAIN_LATER, "{}", e.msg);
+    assert!(e.msg.contains("re-adopting 1 address"), "{}", e.msg);
+    assert!(!a.readiness().ready);
+    // Its dataplane entry is a live pod's: reconcile leaves it while it waits.
+    rec.installed
+        .lock()
+        .unwrap()
+        .insert("10.20.1.7".parse().unwrap());
+    a.reconcile(&HashSet::new()).unwrap();
+    assert!(rec.removed.lock().unwrap().is_empty());
+
+    assert_eq!(a.adopt_orphans(), 1);
+    assert_eq!(a.orphans_pending(), 0);
+    assert!(a.readiness().ready, "{:?}", a.readiness());
+    let held = a.list().unwrap();
+    assert_eq!(held.len(), 1);
+    assert!(held[0].key.is_adopted());
+    assert_eq!((held[0].subnet(), held[0].is_ready()), ("main", true));
+    let added = rec.added.lock().unwrap().clone();
+    assert_eq!(added.len(), 1);
+    assert_eq!(added[0].0, "10.20.1.7".parse::<Ipv4Addr>().unwrap());
+    assert_eq!(added[0].1.host_ifindex, 7);
+
+    // The next pod never gets the live pod's address, however many come.
+    let mut seen = HashSet::new();
+    for i in 0..20 {
+        let c = format!("n{i}");
+        let ip = a.allocate(&add(&c, &c)).unwrap().ip();
+        assert_ne!(ip, "10.20.1.7".parse::<IpAddr>().unwrap());
+        assert!(seen.insert(ip));
+    }
+    // Kept while its veth lives.
+    let links: HashSet<String> = [held[0].host_veth.clone()]
+        .into_iter()
+        .chain((0..20).map(|i| format!("vethn{i}")))
+        .collect();
+    assert_eq!(a.reconcile(&links).unwrap(), 0);
+    assert!(a.list().unwrap().iter().any(|e| e.key.is_adopted()));
+
+    // The runtime's CHECK names the attachment: it takes the endpoint over; DEL then frees it.
+    a.check(&CheckRequest {
+        key: api_key("c1"),
+        ips: vec!["10.20.1.7".parse().unwrap()],
+    })
+    .unwrap();
+    assert!(a.ipam().get(&key("c1")).unwrap().is_some());
+    assert!(!a.list().unwrap().iter().any(|e| e.key.is_adopted()));
+    let gone = a.release(&key("c1")).unwrap().unwrap();
+    assert_eq!(gone.ip(), "10.20.1.7".parse::<IpAddr>().unwrap());
+    // Another attachment's DEL never frees it.
+    assert!(a.ipam().get(&key("c1")).unwrap().is_none());
+}
+
+#[test]
+fn gc_keeps_an_adopted_endpoint_its_runtime_lists_and_frees_one_it_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = agent(dir.path(), None).with_orphans(vec![
+        orphan("c1", "10.20.1.7", 7),
+        orphan("c2", "10.20.1.8", 8),
+    ]);
+    assert_eq!(a.adopt_orphans(), 2);
+    // A DEL of an unrelated attachment frees nothing.
+    assert!(a.release(&key("c3")).unwrap().is_none());
+    assert_eq!(a.list().unwrap().len(), 2);
+    let released = a
+        .gc(&GcRequest {
+            valid: vec![api_key("c1")],
+            network: None,
+        })
+        .unwrap();
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].ip(), "10.20.1.8".parse::<IpAddr>().unwrap());
+    let left = a.list().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].key, key("c1"));
+}
+
+#[test]
+fn orphans_are_live_vpcnet_veth_routes_the_store_does_not_hold() {
+    let veth = |c: &str| vpcnet_api::host_veth_name(c, "eth0");
+    let routes = vec![
+        ("10.20.1.7".parse().unwrap(), veth("c1")),
+        ("10.20.1.7".parse().unwrap(), veth("c1")),
+        ("10.20.1.8".parse().unwrap(), veth("c2")),
+        ("10.20.1.9".parse().unwrap(), veth("c3")),
+        ("10.20.1.10".parse().unwrap(), "eth0".to_string()),
+    ];
+    let held: HashSet<IpAddr> = ["10.20.1.9".parse().unwrap()].into();
+    let pinned: std::collections::BTreeMap<Ipv4Addr, (u32, [u8; 6], u16)> = [
+        ("10.20.1.7".parse().unwrap(), (7, [2, 0, 0, 0, 0, 7], 1)),
+        // A reused ifindex: the pinned record is another interface's.
+        ("10.20.1.8".parse().unwrap(), (99, [2, 0, 0, 0, 0, 8], 1)),
+    ]
+    .into();
+    let index = |name: &str| {
+        [(veth("c1"), 7), (veth("c2"), 8)]
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, i)| *i)
+    };
+    let found = orphans(&routes, &held, &pinned, index);
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found[0], orphan("c1", "10.20.1.7", 7));
+    assert_eq!(found[1].host_veth, veth("c2"));
+    assert_eq!((found[1].wiring, found[1].network_id), (None, None));
+}
