@@ -118,9 +118,15 @@ impl ControlPlane {
     pub fn assets_or_skip(test: &str) -> Option<PathBuf> {
         // Straight to the stderr stream: the test harness captures `eprintln!` of passing tests,
         // and a skip must be seen in every run.
+        // Once per name and process: the tests of one suite skip with one line.
+        static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
         let loud = |line: String| {
             use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "{line}");
+            let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+            if !said.iter().any(|t| t == test) {
+                said.push(test.to_string());
+                let _ = writeln!(std::io::stderr(), "{line}");
+            }
         };
         let dir = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from);
         match dir {
