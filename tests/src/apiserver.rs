@@ -5,7 +5,10 @@
 //! machines cannot always provide an API server, everything else still runs.
 //!
 //! Each control plane is private to its test: its own data directory, its own throwaway PKI
-//! (made with openssl), its own free loopback ports; stopped by PID on drop.
+//! (made with openssl), its own free loopback ports. It can be stopped and started again on the
+//! same data and ports (an API server restart). On drop its processes are stopped by PID and its
+//! directory is removed, also when the test failed (the log tails are printed then); the
+//! processes die with the test thread that started them even when no drop runs.
 
 use anyhow::{Context as _, Result, bail};
 use std::path::{Path, PathBuf};
@@ -16,13 +19,20 @@ pub const ADMIN_TOKEN: &str = "vpcnet-test-admin-token";
 
 pub struct ControlPlane {
     dir: PathBuf,
-    etcd: Child,
-    apiserver: Child,
+    assets: PathBuf,
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+    /// etcd client, etcd peer, API server: kept across [`ControlPlane::stop`] and
+    /// [`ControlPlane::start_again`], so clients reconnect to the same address.
+    ports: (u16, u16, u16),
     pub url: String,
     /// An admin kubeconfig (bearer token, the test CA).
     pub kubeconfig: PathBuf,
     kubectl: PathBuf,
 }
+
+/// The directory prefix of every control plane's files under the temp dir.
+const DIR_PREFIX: &str = "vpcnet-apiserver-";
 
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -108,9 +118,15 @@ impl ControlPlane {
     pub fn assets_or_skip(test: &str) -> Option<PathBuf> {
         // Straight to the stderr stream: the test harness captures `eprintln!` of passing tests,
         // and a skip must be seen in every run.
+        // Once per name and process: the tests of one suite skip with one line.
+        static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
         let loud = |line: String| {
             use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "{line}");
+            let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+            if !said.iter().any(|t| t == test) {
+                said.push(test.to_string());
+                let _ = writeln!(std::io::stderr(), "{line}");
+            }
         };
         let dir = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from);
         match dir {
@@ -139,33 +155,77 @@ impl ControlPlane {
     }
 
     pub fn start(assets: &Path) -> Result<ControlPlane> {
+        remove_stale_dirs();
         let dir = std::env::temp_dir().join(format!(
-            "vpcnet-apiserver-{}-{}",
+            "{DIR_PREFIX}{}-{}",
             std::process::id(),
             free_port()?
         ));
         std::fs::create_dir_all(&dir)?;
-        make_pki(&dir).context("making the test PKI (openssl)")?;
-        let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
-        let log =
-            |name: &str| -> Result<Stdio> { Ok(std::fs::File::create(dir.join(name))?.into()) };
-        let etcd = Command::new(assets.join("etcd"))
-            .args([
-                "--name=test".to_string(),
-                format!("--data-dir={}", dir.join("etcd-data").display()),
-                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
-                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
-                format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
-                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
-                format!("--initial-cluster=test=http://127.0.0.1:{peer_port}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log("etcd.log")?)
-            .stderr(log("etcd.log")?)
-            .spawn()
-            .context("starting etcd")?;
+        let ports = (free_port()?, free_port()?, free_port()?);
+        let url = format!("https://127.0.0.1:{}", ports.2);
+        let kubectl = if assets.join("kubectl").exists() {
+            assets.join("kubectl")
+        } else {
+            PathBuf::from("kubectl")
+        };
+        // Owned from here on: whatever fails below, drop stops what started and removes `dir`.
+        let mut cp = ControlPlane {
+            kubeconfig: dir.join("kubeconfig"),
+            dir,
+            assets: assets.to_path_buf(),
+            etcd: None,
+            apiserver: None,
+            ports,
+            url,
+            kubectl,
+        };
+        make_pki(&cp.dir).context("making the test PKI (openssl)")?;
+        std::fs::write(
+            &cp.kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {ADMIN_TOKEN}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
+                url = cp.url,
+                ca = cp.dir.join("ca.crt").display()
+            ),
+        )?;
+        cp.start_again()?;
+        Ok(cp)
+    }
+
+    /// Starts etcd (on the data directory it had, if any) and kube-apiserver on this control
+    /// plane's ports, and waits until the API server is ready. After [`ControlPlane::stop`] this
+    /// is an API server restart: same address, same certificates, same stored objects.
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.etcd.is_some() || self.apiserver.is_some() {
+            bail!("the control plane in {} already runs", self.dir.display());
+        }
+        let dir = self.dir.clone();
+        let (etcd_port, peer_port, api_port) = self.ports;
+        let log = |name: &str| -> Result<Stdio> {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(name))?;
+            Ok(f.into())
+        };
+        let mut etcd = Command::new(self.assets.join("etcd"));
+        etcd.args([
+            "--name=test".to_string(),
+            format!("--data-dir={}", dir.join("etcd-data").display()),
+            format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+            format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-cluster=test=http://127.0.0.1:{peer_port}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(log("etcd.log")?)
+        .stderr(log("etcd.log")?);
+        self.etcd = Some(spawn_tied(&mut etcd).context("starting etcd")?);
         let p = |f: &str| dir.join(f).display().to_string();
-        let apiserver = Command::new(assets.join("kube-apiserver"))
+        let mut apiserver = Command::new(self.assets.join("kube-apiserver"));
+        apiserver
             .args([
                 format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
                 "--bind-address=127.0.0.1".into(),
@@ -187,33 +247,29 @@ impl ControlPlane {
             ])
             .stdin(Stdio::null())
             .stdout(log("kube-apiserver.log")?)
-            .stderr(log("kube-apiserver.log")?)
-            .spawn()
-            .context("starting kube-apiserver")?;
-        let url = format!("https://127.0.0.1:{api_port}");
-        let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {ADMIN_TOKEN}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
-                ca = p("ca.crt")
-            ),
-        )?;
-        let kubectl = if assets.join("kubectl").exists() {
-            assets.join("kubectl")
-        } else {
-            PathBuf::from("kubectl")
-        };
-        let mut cp = ControlPlane {
-            dir,
-            etcd,
-            apiserver,
-            url,
-            kubeconfig,
-            kubectl,
-        };
-        cp.wait_ready(Duration::from_secs(90))?;
-        Ok(cp)
+            .stderr(log("kube-apiserver.log")?);
+        self.apiserver = Some(spawn_tied(&mut apiserver).context("starting kube-apiserver")?);
+        self.wait_ready(Duration::from_secs(90))
+    }
+
+    /// Stops kube-apiserver and etcd (SIGTERM by PID, SIGKILL after 15 s) and waits until both
+    /// are gone, so that [`ControlPlane::start_again`] can bind the same ports. The data
+    /// directory stays.
+    pub fn stop(&mut self) {
+        // The API server first: it talks to etcd while stopping.
+        for child in [self.apiserver.take(), self.etcd.take()]
+            .into_iter()
+            .flatten()
+        {
+            stop_child(child);
+        }
+    }
+
+    /// Whether kube-apiserver and etcd run (not stopped, not exited).
+    pub fn running(&mut self) -> bool {
+        [&mut self.apiserver, &mut self.etcd]
+            .into_iter()
+            .all(|c| c.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))))
     }
 
     fn wait_ready(&mut self, limit: Duration) -> Result<()> {
@@ -223,10 +279,13 @@ impl ControlPlane {
                 ("etcd", &mut self.etcd),
                 ("kube-apiserver", &mut self.apiserver),
             ] {
+                let Some(child) = child.as_mut() else {
+                    bail!("{name} is not running");
+                };
                 if let Some(status) = child.try_wait()? {
                     bail!(
-                        "{name} exited ({status}) during start; its log is in {}",
-                        self.dir.display()
+                        "{name} exited ({status}) during start; its log:\n{}",
+                        log_tail(&self.dir.join(format!("{name}.log")), 30)
                     );
                 }
             }
@@ -243,8 +302,8 @@ impl ControlPlane {
             }
             if t0.elapsed() > limit {
                 bail!(
-                    "kube-apiserver not ready after {limit:?}; logs in {}",
-                    self.dir.display()
+                    "kube-apiserver not ready after {limit:?}; its log:\n{}",
+                    log_tail(&self.dir.join("kube-apiserver.log"), 30)
                 );
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -290,24 +349,84 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        // Our own children, by PID: the API server first (it talks to etcd while stopping).
-        for child in [&mut self.apiserver, &mut self.etcd] {
-            // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
-            let t0 = Instant::now();
-            while child.try_wait().ok().flatten().is_none() {
-                if t0.elapsed() > Duration::from_secs(15) {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
+        self.stop();
+        // A failing test shows why the API server misbehaved here, since its files go: a
+        // control plane's directory (PKI, etcd data, logs) is never left behind.
+        if std::thread::panicking() {
+            for log in ["kube-apiserver.log", "etcd.log"] {
+                let tail = log_tail(&self.dir.join(log), 20);
+                if !tail.is_empty() {
+                    eprintln!("--- last lines of {log} ---\n{tail}");
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
         }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Spawns `cmd` so that the kernel kills it when the thread that spawned it ends: a test
+/// process that dies without unwinding (SIGKILL, abort, a harness timeout) leaves no etcd or
+/// kube-apiserver behind. Call from the test's own thread.
+fn spawn_tied(cmd: &mut Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+fn stop_child(mut child: Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let t0 = Instant::now();
+    while child.try_wait().ok().flatten().is_none() {
+        if t0.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Removes the directories of control planes whose test process is gone (killed before its
+/// drop ran): they hold nothing anyone can use.
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(DIR_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // kill(pid, 0) fails with ESRCH when no such process exists.
+        // SAFETY: signal 0 only checks for existence.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod cluster;
 pub mod cni;
 pub mod fake_daemon;
+pub mod kube;
 pub mod netns;
 pub mod probe;
 pub mod relay;
