@@ -31,6 +31,9 @@ pub enum Bench {
     /// vpcnetd holding a 50,000-pod / 1,000-node / 1,000-policy state: RSS, a remote pod's label
     /// change to enforcement, idle CPU; against a 1,000-pod reference.
     Scale(crate::bench_scale::Options),
+    /// The Kubernetes mode against a real API server (`KUBEBUILDER_ASSETS`): ADD latency and
+    /// RSS against standalone mode, block-claim latency, API write → enforced on every node.
+    Kubernetes(crate::bench_kubernetes::Options),
 }
 
 /// How much traffic the throughput and request/response benchmarks send.
@@ -58,6 +61,7 @@ pub fn run(what: Bench) -> Result<()> {
         Bench::Policy(o) => crate::bench_policy::run(o),
         Bench::Idle(o) => crate::bench_idle::run(o),
         Bench::Scale(o) => crate::bench_scale::run(o),
+        Bench::Kubernetes(o) => crate::bench_kubernetes::run(o),
     }
 }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_dp;
 mod bench_idle;
+mod bench_kubernetes;
 mod bench_policy;
 mod bench_scale;
 mod bpfmap;
