@@ -34,6 +34,9 @@ pub async fn start(
         vpcnet_k8s::watch::watch_all(client.clone()),
         config.ipam.cooldown_secs,
     );
+    // The topology the store was opened with (the last one applied, see
+    // `crate::topology::load_last_applied`) stays in force until the watches have built one.
+    let initial = ipam.config();
     let url = api_url(config);
     let state = Arc::new(KubeSource::new(url, published.clone()));
     tokio::spawn(vpcnet_k8s::status::run(client.clone(), published.clone()));
@@ -45,7 +48,7 @@ pub async fn start(
         Duration::from_secs(config.kubernetes.block_release_grace_secs),
     );
     tokio::spawn(supply.clone().run());
-    let topology = KubeTopology::spawn(supply.topology(), config.ipam.cooldown_secs);
+    let topology = KubeTopology::spawn(supply.topology(), initial);
     Ok(KubeMode {
         client,
         state,
@@ -70,15 +73,14 @@ pub struct KubeTopology {
 impl KubeTopology {
     fn spawn(
         mut from: watch::Receiver<Option<Arc<vpcnet_k8s::topology::Built>>>,
-        cooldown_secs: u64,
+        initial: IpamConfig,
     ) -> Arc<KubeTopology> {
-        // Until the watches sync there are no networks: ADD is refused as not synced anyway.
+        // Until the watches sync: what this node applied last (nothing on a new node; ADD is
+        // refused as not synced anyway). Starting from nothing would unroute the node's blocks
+        // for the moments until the watches sync, and drop its pods' packets.
         let first = Arc::new(Topology {
             generation: 0,
-            ipam: IpamConfig {
-                cooldown_secs,
-                ..IpamConfig::default()
-            },
+            ipam: initial,
         });
         let this = Arc::new(KubeTopology {
             tx: watch::Sender::new(first),

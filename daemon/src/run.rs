@@ -22,8 +22,20 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
     let db = config.ipam_db();
     // A store written by an older release under a permissive umask.
     restrict_file(&db).with_context(|| format!("restricting {}", db.display()))?;
+    // A Kubernetes node starts from the topology it applied last (its blocks stay routed while
+    // the watches sync); the API's topology replaces it once built.
+    let start = match config.cluster {
+        ClusterMode::Kubernetes => {
+            let mut c = config.clone();
+            if let Some(t) = crate::topology::load_last_applied(&config) {
+                c.ipam = t;
+            }
+            c
+        }
+        ClusterMode::Standalone => config.clone(),
+    };
     let ipam = {
-        let (db, ipam_config, node) = (db.clone(), config.ipam.clone(), config.node.clone());
+        let (db, ipam_config, node) = (db.clone(), start.ipam.clone(), config.node.clone());
         tokio::task::spawn_blocking(move || Ipam::open(&db, ipam_config, &node)).await?
     }
     .with_context(|| format!("opening IPAM state {}", db.display()))?;
@@ -58,7 +70,7 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
             std::fs::write(&knob, "1").with_context(|| format!("enabling {knob}"))?;
             Box::new(KernelRoutes)
         }
-        DataplaneMode::Ebpf => crate::ebpf_glue::forwarding(&config, &ipam, &orphans)
+        DataplaneMode::Ebpf => crate::ebpf_glue::forwarding(&start, &ipam, &orphans)
             .context("starting the eBPF dataplane (set `dataplane: kernel` to run without it)")?,
     };
     info!(dataplane = %fwd.describe(), mtu, "dataplane ready");

@@ -8,7 +8,7 @@
 //! in force stays, because half a topology would strand pods or open routes.
 
 use crate::agent::Agent;
-use crate::config::DaemonConfig;
+use crate::config::{ClusterMode, DaemonConfig};
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash as _, Hasher as _};
 use std::io::Read as _;
@@ -280,6 +280,57 @@ pub fn apply(agent: &Agent, topology: &Topology) -> Result<(), String> {
     Ok(())
 }
 
+/// Where a Kubernetes node keeps the last topology it applied. The API objects are the truth;
+/// this copy only lets a restarted daemon start its store and dataplane where it left them
+/// instead of from an empty topology (which would unroute the node's blocks until the watches
+/// sync).
+fn last_applied_path(config: &DaemonConfig) -> std::path::PathBuf {
+    config.state_dir.join("topology.json")
+}
+
+/// The last topology applied, if this node kept one and it is readable and valid; the
+/// configured cooldown wins over the copy's.
+pub fn load_last_applied(config: &DaemonConfig) -> Option<IpamConfig> {
+    let path = last_applied_path(config);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "last applied topology unreadable; starting from none");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<IpamConfig>(&bytes) {
+        Ok(mut t) if t.validate().is_ok() => {
+            t.cooldown_secs = config.ipam.cooldown_secs;
+            Some(t)
+        }
+        _ => {
+            tracing::warn!(path = %path.display(), "last applied topology invalid; starting from none");
+            None
+        }
+    }
+}
+
+/// Writes the copy atomically (a crash leaves the old one or the new one), readable by root
+/// only like everything in the state directory.
+fn save_last_applied(config: &DaemonConfig, topology: &IpamConfig) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = last_applied_path(config);
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(topology).map_err(std::io::Error::other)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)
+}
+
 /// Applies every topology `source` publishes until the daemon stops. A topology that cannot be
 /// applied is reported and retried with the next change; what was applied stays in force.
 pub async fn follow(agent: Arc<Agent>, source: Arc<dyn TopologySource>) {
@@ -305,6 +356,11 @@ pub async fn follow(agent: Arc<Agent>, source: Arc<dyn TopologySource>) {
         match applied {
             Ok(Ok(t)) => {
                 agent.metrics().topology_generation.set(t.generation as i64);
+                if agent.config().cluster == ClusterMode::Kubernetes
+                    && let Err(e) = save_last_applied(agent.config(), &t.ipam)
+                {
+                    tracing::warn!(error = %e, "keeping a copy of the applied topology failed; a restart starts from none");
+                }
                 // The block keeper waits for the store to hold what it published.
                 if let Some(supply) = agent.address_supply() {
                     supply.changed();
@@ -356,6 +412,28 @@ mod tests {
         let running = DaemonConfig::load(&path).unwrap();
         let src = ConfigFile::new(&path, running);
         (dir, path, src)
+    }
+
+    #[test]
+    fn the_last_applied_topology_round_trips_privately_and_a_bad_copy_is_ignored() {
+        let (dir, path, _src) = source(&format!("{BASE}{}", ipam("10.1.0.0/26")));
+        let mut config = DaemonConfig::load(&path).unwrap();
+        config.state_dir = dir.path().to_path_buf();
+        assert_eq!(load_last_applied(&config), None, "a new node has none");
+        let mut applied = config.ipam.clone();
+        applied.cooldown_secs = 7;
+        save_last_applied(&config, &applied).unwrap();
+        let file = dir.path().join("topology.json");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        let back = load_last_applied(&config).unwrap();
+        assert_eq!(back.networks, applied.networks);
+        assert_eq!(
+            back.cooldown_secs, config.ipam.cooldown_secs,
+            "the config's cooldown wins"
+        );
+        std::fs::write(&file, b"{not json").unwrap();
+        assert_eq!(load_last_applied(&config), None);
     }
 
     #[test]

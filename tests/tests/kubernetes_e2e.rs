@@ -684,7 +684,6 @@ fn node_deletion(cp: &ControlPlane) -> Result<()> {
 }
 
 #[test]
-#[ignore = "product defect: in Kubernetes mode a restarting vpcnetd starts its dataplane from the config file's (empty) topology, so until the watches sync (~100-250 ms) the pinned ROUTES map drops from 5 entries to 2 (no network, no block) and a ping each way is lost; see daemon/src/ebpf_glue.rs dataplane_config"]
 fn a_daemon_restart_in_kubernetes_mode_loses_no_packet() {
     let _one = serial();
     let Some(cp) = ControlPlane::start_or_skip("kubernetes_e2e") else {
