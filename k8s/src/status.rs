@@ -5,6 +5,7 @@
 //! it differs from what the object shows, so the writes converge after the first node's and an
 //! idle cluster writes nothing. No leader is needed, and a status never depends on one node.
 
+use crate::claims;
 use crate::crd::{Subnet, SubnetStatus};
 use crate::topology::{Built, ObjectKind};
 use crate::watch::Published;
@@ -12,12 +13,14 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt as _;
 use kube::api::{Api, Patch, PatchParams};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::time::Duration;
 
 /// At most one round of status writes this often: a burst of pod changes is one round.
 const EVERY: Duration = Duration::from_secs(5);
 
-/// What a Subnet's status should say now; `None` for subnets not in the watch.
+/// What a Subnet's status should say now.
 pub fn subnet_status(
     subnet: &Subnet,
     built: &Built,
@@ -33,6 +36,8 @@ pub fn subnet_status(
     let mut used = 0u64;
     let mut free = 0u64;
     let mut claimed = 0u32;
+    // Blocks of the subnet cluster-wide, and whether one is left to claim.
+    let mut block_room = None;
     if let Some(s) = in_force {
         used = pod_ips.iter().filter(|ip| s.cidr.contains(**ip)).count() as u64;
         claimed = blocks
@@ -45,17 +50,44 @@ pub fn subnet_status(
                 .checked_shl(128 - u32::from(n.prefix()))
                 .unwrap_or(u128::MAX),
         };
+        // Never handed out: the reserved ranges, and the network address, the IPv4 broadcast and
+        // the gateway (the first host unless set) when outside them.
+        let gateway = s.gateway.unwrap_or_else(|| next_addr(s.cidr.network()));
+        let infra = [
+            Some(s.cidr.network()),
+            s.cidr.is_ipv4().then(|| s.cidr.broadcast()),
+            Some(gateway),
+        ];
         let reserved: u128 = s
             .reserved
             .iter()
             .map(|r| range_len(r.start, r.end))
             .sum::<u128>()
-            + u128::from(s.gateway.is_some());
+            + infra
+                .into_iter()
+                .flatten()
+                .filter(|ip| !s.reserved.iter().any(|r| in_range(*ip, r.start, r.end)))
+                .count() as u128;
         free = u64::try_from(
             size.saturating_sub(reserved)
                 .saturating_sub(u128::from(used)),
         )
         .unwrap_or(u64::MAX);
+        let block_size = built
+            .block_sizes
+            .get(&(subnet.spec.network.clone(), name.clone()))
+            .copied()
+            .unwrap_or(subnet.spec.block_size);
+        let taken: BTreeSet<IpNetwork> = blocks
+            .iter()
+            .filter(|(n, _, _)| *n == subnet.spec.network)
+            .map(|(_, _, b)| *b)
+            .collect();
+        let total = 1u128
+            .checked_shl(u32::from(block_size.saturating_sub(s.cidr.prefix())))
+            .unwrap_or(u128::MAX);
+        let left = claims::free_blocks(s, block_size, &taken).next().is_some();
+        block_room = Some((block_size, total, left, s.cidr));
     }
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let cond = |type_: &str, ok: bool, reason: &str, message: String| Condition {
@@ -71,20 +103,38 @@ pub fn subnet_status(
     } else {
         cond("Ready", false, "Invalid", problems.join("; "))
     }];
-    if in_force.is_some() {
-        let exhausted = free == 0;
-        conditions.push(cond(
-            "Exhausted",
-            exhausted,
-            if exhausted { "NoFreeAddress" } else { "HasFreeAddresses" },
-            if exhausted {
+    if let Some((block_size, total, left, cidr)) = block_room {
+        let network = &subnet.spec.network;
+        let what = format!("subnet {name:?} ({cidr}) of network {network:?}");
+        let remedy = "widen spec.cidr, or add a Subnet and select namespaces to it";
+        conditions.push(if free == 0 {
+            cond(
+                "Exhausted",
+                true,
+                "NoFreeAddress",
                 format!(
-                    "all addresses of {name} are in use ({used} pods): widen spec.cidr or add a Subnet and select namespaces to it"
-                )
-            } else {
-                format!("{free} addresses free")
-            },
-        ));
+                    "{what}: all addresses are in use ({used} pods, {claimed} of {total} blocks claimed): {remedy}"
+                ),
+            )
+        } else if !left {
+            // Nodes holding blocks still place pods; any other node's ADD of this subnet fails.
+            cond(
+                "Exhausted",
+                true,
+                "NoFreeBlock",
+                format!(
+                    "{what}: 0 of {total} blocks of /{block_size} free cluster-wide ({claimed} claimed by nodes, {} wholly reserved); its {free} free addresses are in blocks nodes hold, so only pods on those nodes get one: {remedy}",
+                    total.saturating_sub(u128::from(claimed))
+                ),
+            )
+        } else {
+            cond(
+                "Exhausted",
+                false,
+                "HasFreeAddresses",
+                format!("{free} addresses free, {claimed} of {total} blocks of /{block_size} claimed"),
+            )
+        });
     }
     SubnetStatus {
         observed_generation: subnet.metadata.generation,
@@ -95,12 +145,26 @@ pub fn subnet_status(
     }
 }
 
-fn range_len(a: std::net::IpAddr, b: std::net::IpAddr) -> u128 {
-    let n = |ip: std::net::IpAddr| match ip {
-        std::net::IpAddr::V4(v) => u128::from(u32::from(v)),
-        std::net::IpAddr::V6(v) => u128::from(v),
-    };
-    n(b).saturating_sub(n(a)) + 1
+fn ord(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v) => u128::from(u32::from(v)),
+        IpAddr::V6(v) => u128::from(v),
+    }
+}
+
+fn range_len(a: IpAddr, b: IpAddr) -> u128 {
+    ord(b).saturating_sub(ord(a)) + 1
+}
+
+fn in_range(ip: IpAddr, a: IpAddr, b: IpAddr) -> bool {
+    ip.is_ipv4() == a.is_ipv4() && ord(a) <= ord(ip) && ord(ip) <= ord(b)
+}
+
+fn next_addr(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v) => IpAddr::V4(u32::from(v).wrapping_add(1).into()),
+        IpAddr::V6(v) => IpAddr::V6(u128::from(v).wrapping_add(1).into()),
+    }
 }
 
 /// The same status, ignoring when each condition last changed.
@@ -193,5 +257,112 @@ pub async fn run(client: kube::Client, published: Published) {
             }
         }
         tokio::time::sleep(EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{Cidr, SubnetSpec, VirtualNetwork, VirtualNetworkSpec};
+
+    fn objects(cidr: &str) -> (VirtualNetwork, Subnet) {
+        let vn = VirtualNetwork::new(
+            "vpc",
+            VirtualNetworkSpec {
+                id: 1,
+                default: true,
+                routable_cidrs: vec![],
+                masquerade_exclude: vec![],
+                peers: vec![],
+            },
+        );
+        let sub = Subnet::new(
+            "s1",
+            SubnetSpec {
+                network: "vpc".into(),
+                cidr: Cidr(cidr.into()),
+                gateway: None,
+                reserved: vec![],
+                block_size: 26,
+                default: true,
+                namespace_selector: None,
+            },
+        );
+        (vn, sub)
+    }
+
+    fn exhausted(st: &SubnetStatus) -> &Condition {
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == "Exhausted")
+            .unwrap()
+    }
+
+    fn blocks(v: &[&str]) -> Vec<(String, String, IpNetwork)> {
+        v.iter()
+            .map(|b| ("vpc".into(), "s1".into(), b.parse().unwrap()))
+            .collect()
+    }
+
+    fn ips(n: u8) -> Vec<IpAddr> {
+        (0..n).map(|i| IpAddr::from([10, 20, 0, 2 + i])).collect()
+    }
+
+    #[test]
+    fn exhausted_when_every_block_is_claimed_and_says_what_to_do() {
+        let (vn, sub) = objects("10.20.0.0/24");
+        let built = crate::topology::build(&[vn], std::slice::from_ref(&sub), &[], 30);
+        let st = subnet_status(&sub, &built, &blocks(&["10.20.0.0/26"]), &ips(3));
+        let c = exhausted(&st);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "HasFreeAddresses")
+        );
+        assert!(
+            c.message.contains("1 of 4 blocks of /26 claimed"),
+            "{}",
+            c.message
+        );
+
+        let all = blocks(&[
+            "10.20.0.0/26",
+            "10.20.0.64/26",
+            "10.20.0.128/26",
+            "10.20.0.192/26",
+        ]);
+        let st = subnet_status(&sub, &built, &all, &ips(3));
+        let c = exhausted(&st);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "NoFreeBlock")
+        );
+        for part in [
+            "subnet \"s1\" (10.20.0.0/24) of network \"vpc\"",
+            "0 of 4 blocks of /26 free cluster-wide (4 claimed by nodes, 0 wholly reserved)",
+            "widen spec.cidr, or add a Subnet",
+        ] {
+            assert!(c.message.contains(part), "{part:?} not in {:?}", c.message);
+        }
+        assert_eq!(st.blocks, 4);
+    }
+
+    #[test]
+    fn exhausted_when_every_address_is_in_use() {
+        let (vn, mut sub) = objects("10.20.0.0/28");
+        sub.spec.block_size = 28;
+        let built = crate::topology::build(&[vn], std::slice::from_ref(&sub), &[], 30);
+        let st = subnet_status(&sub, &built, &blocks(&["10.20.0.0/28"]), &ips(13));
+        assert_eq!(st.free, 0, "{st:?}");
+        let c = exhausted(&st);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "NoFreeAddress")
+        );
+        assert!(
+            c.message
+                .contains("all addresses are in use (13 pods, 1 of 1 blocks claimed)"),
+            "{}",
+            c.message
+        );
     }
 }
