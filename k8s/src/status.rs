@@ -1,12 +1,13 @@
-//! The status of Subnet objects: addresses used and free, blocks claimed, and conditions that
-//! say what is wrong (an overlap, a network that is not in force, exhaustion).
+//! The status of Subnet objects (addresses used and free, blocks claimed, and conditions that
+//! say what is wrong: an overlap, a network that is not in force, exhaustion) and of
+//! VirtualNetwork objects (in force or not, and why: a duplicate id, a second default, ...).
 //!
 //! Every node computes the same status from the same watched objects and writes it only when
 //! it differs from what the object shows, so the writes converge after the first node's and an
 //! idle cluster writes nothing. No leader is needed, and a status never depends on one node.
 
 use crate::claims;
-use crate::crd::{Subnet, SubnetStatus};
+use crate::crd::{Subnet, SubnetStatus, VirtualNetwork, VirtualNetworkStatus};
 use crate::topology::{Built, ObjectKind};
 use crate::watch::Published;
 use ipnetwork::IpNetwork;
@@ -25,7 +26,7 @@ pub fn subnet_status(
     subnet: &Subnet,
     built: &Built,
     blocks: &[(String, String, IpNetwork)],
-    pod_ips: &[std::net::IpAddr],
+    pod_ips: &[IpAddr],
 ) -> SubnetStatus {
     let name = subnet.name_any();
     let problems = built.problems_of(ObjectKind::Subnet, &name);
@@ -167,33 +168,100 @@ fn next_addr(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The same status, ignoring when each condition last changed.
-fn same(a: &SubnetStatus, b: &SubnetStatus) -> bool {
-    let key = |s: &SubnetStatus| {
-        (
-            s.observed_generation,
-            s.used,
-            s.free,
-            s.blocks,
-            s.conditions
-                .iter()
-                .map(|c| {
-                    (
-                        c.type_.clone(),
-                        c.status.clone(),
-                        c.reason.clone(),
-                        c.message.clone(),
-                    )
-                })
-                .collect::<Vec<_>>(),
-        )
+/// What a VirtualNetwork's status should say now: whether it is in force, with how many
+/// subnets, and what the topology found wrong with it (a duplicate id, a second default, a bad
+/// CIDR, a peer that is not in force).
+pub fn network_status(vn: &VirtualNetwork, built: &Built) -> VirtualNetworkStatus {
+    let name = vn.name_any();
+    let problems = built.problems_of(ObjectKind::VirtualNetwork, &name);
+    let in_force = built.ipam.network(&name);
+    let subnets = in_force.map_or(0, |n| n.subnets.len() as u32);
+    let (ok, reason, message) = match (in_force, problems.is_empty()) {
+        (Some(_), true) => (
+            true,
+            "InForce",
+            format!("the network is in force with {subnets} subnets"),
+        ),
+        (Some(_), false) => (false, "Degraded", problems.join("; ")),
+        (None, false) => (false, "Invalid", problems.join("; ")),
+        (None, true) => (
+            false,
+            "NoSubnet",
+            format!(
+                "no Subnet of network {name:?} is in force: create one with spec.network: {name} (manifests/examples/network.yaml), or fix the problems its Subnets' status names"
+            ),
+        ),
     };
-    key(a) == key(b)
+    VirtualNetworkStatus {
+        observed_generation: vn.metadata.generation,
+        subnets,
+        conditions: vec![Condition {
+            type_: "Ready".into(),
+            status: if ok { "True" } else { "False" }.into(),
+            reason: reason.into(),
+            message,
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+            observed_generation: vn.metadata.generation,
+        }],
+    }
 }
 
-/// Keeps every Subnet's status current until the daemon stops.
+/// Conditions compared without when each last changed.
+fn condition_key(cs: &[Condition]) -> Vec<(&str, &str, &str, &str)> {
+    cs.iter()
+        .map(|c| {
+            (
+                c.type_.as_str(),
+                c.status.as_str(),
+                c.reason.as_str(),
+                c.message.as_str(),
+            )
+        })
+        .collect()
+}
+
+/// The same status, ignoring when each condition last changed.
+fn same(a: &SubnetStatus, b: &SubnetStatus) -> bool {
+    let key = |s: &SubnetStatus| (s.observed_generation, s.used, s.free, s.blocks);
+    key(a) == key(b) && condition_key(&a.conditions) == condition_key(&b.conditions)
+}
+
+fn same_network(a: &VirtualNetworkStatus, b: &VirtualNetworkStatus) -> bool {
+    (a.observed_generation, a.subnets) == (b.observed_generation, b.subnets)
+        && condition_key(&a.conditions) == condition_key(&b.conditions)
+}
+
+/// Keeps a condition's transition time while its status stays.
+fn keep_transitions(want: &mut [Condition], have: &[Condition]) {
+    for c in want {
+        if let Some(old) = have
+            .iter()
+            .find(|o| o.type_ == c.type_ && o.status == c.status)
+        {
+            c.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+}
+
+/// Writes `status` to the object `name` of `api`; a failure is only logged, the next round
+/// tries again.
+async fn write<K>(api: &Api<K>, kind: &str, name: &str, status: &impl serde::Serialize)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({ "status": status });
+    if let Err(e) = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::debug!(kind, name, error = %e, "status not written");
+    }
+}
+
+/// Keeps every Subnet's and VirtualNetwork's status current until the daemon stops.
 pub async fn run(client: kube::Client, published: Published) {
-    let api: Api<Subnet> = Api::all(client);
+    let api: Api<Subnet> = Api::all(client.clone());
+    let networks_api: Api<VirtualNetwork> = Api::all(client);
     let mut state = published.state.clone();
     let mut topology = published.topology.clone();
     loop {
@@ -205,8 +273,9 @@ pub async fn run(client: kube::Client, published: Published) {
             continue;
         };
         state.borrow_and_update();
-        let (subnets, blocks, pod_ips) = {
+        let (networks, subnets, blocks, pod_ips) = {
             let f = published.fold.lock().unwrap_or_else(|p| p.into_inner());
+            let networks: Vec<VirtualNetwork> = f.networks.values().cloned().collect();
             let subnets: Vec<Subnet> = f.subnets.values().cloned().collect();
             let blocks: Vec<(String, String, IpNetwork)> = f
                 .blocks
@@ -219,42 +288,32 @@ pub async fn run(client: kube::Client, published: Published) {
                     ))
                 })
                 .collect();
-            let ips: Vec<std::net::IpAddr> = f
+            let ips: Vec<IpAddr> = f
                 .state()
                 .pods()
-                .filter_map(|p| p.ip.map(std::net::IpAddr::V4))
+                .filter_map(|p| p.ip.map(IpAddr::V4))
                 .collect();
-            (subnets, blocks, ips)
+            (networks, subnets, blocks, ips)
         };
-        for s in &subnets {
-            let want = subnet_status(s, &built, &blocks, &pod_ips);
-            if s.status.as_ref().is_some_and(|have| same(have, &want)) {
-                continue;
-            }
-            // Keep a condition's transition time while its status stays.
-            let mut want = want;
-            if let Some(have) = &s.status {
-                for c in &mut want.conditions {
-                    if let Some(old) = have
-                        .conditions
-                        .iter()
-                        .find(|o| o.type_ == c.type_ && o.status == c.status)
-                    {
-                        c.last_transition_time = old.last_transition_time.clone();
-                    }
+        for vn in &networks {
+            let mut want = network_status(vn, &built);
+            if let Some(have) = &vn.status {
+                if same_network(have, &want) {
+                    continue;
                 }
+                keep_transitions(&mut want.conditions, &have.conditions);
             }
-            let patch = serde_json::json!({"status": want});
-            if let Err(e) = api
-                .patch_status(
-                    &s.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-            {
-                tracing::debug!(subnet = %s.name_any(), error = %e, "Subnet status not written");
+            write(&networks_api, "VirtualNetwork", &vn.name_any(), &want).await;
+        }
+        for s in &subnets {
+            let mut want = subnet_status(s, &built, &blocks, &pod_ips);
+            if let Some(have) = &s.status {
+                if same(have, &want) {
+                    continue;
+                }
+                keep_transitions(&mut want.conditions, &have.conditions);
             }
+            write(&api, "Subnet", &s.name_any(), &want).await;
         }
         tokio::time::sleep(EVERY).await;
     }
@@ -263,7 +322,7 @@ pub async fn run(client: kube::Client, published: Published) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{Cidr, SubnetSpec, VirtualNetwork, VirtualNetworkSpec};
+    use crate::crd::{Cidr, SubnetSpec, VirtualNetworkSpec};
 
     fn objects(cidr: &str) -> (VirtualNetwork, Subnet) {
         let vn = VirtualNetwork::new(
@@ -344,6 +403,54 @@ mod tests {
             assert!(c.message.contains(part), "{part:?} not in {:?}", c.message);
         }
         assert_eq!(st.blocks, 4);
+    }
+
+    #[test]
+    fn network_status_names_a_duplicate_id_and_a_network_without_subnet() {
+        let (vn, sub) = objects("10.20.0.0/24");
+        let mut copy = vn.clone();
+        // Same age: the name decides which is older.
+        copy.metadata.name = Some("vpc-copy".into());
+        copy.spec.default = false;
+        let mut lonely = vn.clone();
+        lonely.metadata.name = Some("lonely".into());
+        lonely.spec.id = 7;
+        lonely.spec.default = false;
+        let nets = [vn.clone(), copy.clone(), lonely.clone()];
+        let built = crate::topology::build(&nets, std::slice::from_ref(&sub), &[], 30);
+        let ready = |v: &VirtualNetwork| network_status(v, &built).conditions[0].clone();
+        let ok = ready(&vn);
+        assert_eq!(
+            (ok.status.as_str(), ok.reason.as_str()),
+            ("True", "InForce")
+        );
+        assert_eq!(network_status(&vn, &built).subnets, 1);
+        let dup = ready(&copy);
+        assert_eq!(
+            (dup.status.as_str(), dup.reason.as_str()),
+            ("False", "Invalid")
+        );
+        assert!(
+            dup.message
+                .contains("spec.id 1 is already used by VirtualNetwork \"vpc\""),
+            "{}",
+            dup.message
+        );
+        let none = ready(&lonely);
+        assert_eq!(
+            (none.status.as_str(), none.reason.as_str()),
+            ("False", "NoSubnet")
+        );
+        assert!(
+            none.message.contains("spec.network: lonely"),
+            "{}",
+            none.message
+        );
+        // Recomputed, it is the same status: nothing to write.
+        assert!(same_network(
+            &network_status(&copy, &built),
+            &network_status(&copy, &built)
+        ));
     }
 
     #[test]
