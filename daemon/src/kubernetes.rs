@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use vpcnet_ipam::{Ipam, IpamConfig};
-use vpcnet_k8s::supply::{self as k8s_supply, Supply};
+use vpcnet_k8s::supply::Supply;
 use vpcnet_policy::model::Labels;
 
 /// What the Kubernetes mode gives the agent.
@@ -128,23 +128,13 @@ impl TopologySource for KubeTopology {
 /// The adapter: the agent knows claims only through [`AddressSupply`].
 pub struct KubeSupply(pub Arc<Supply>);
 
-fn supply_error(e: k8s_supply::SupplyError) -> SupplyError {
-    match e {
-        k8s_supply::SupplyError::Taken(t) => SupplyError::Taken(t),
-        k8s_supply::SupplyError::Exhausted(t) => SupplyError::Exhausted(t),
-        k8s_supply::SupplyError::Unavailable(t) => SupplyError::Unavailable(t),
-    }
-}
-
 impl AddressSupply for KubeSupply {
     fn subnet_for_namespace(&self, labels: &Labels) -> Option<(String, String)> {
         self.0.subnet_for_namespace(labels)
     }
 
     fn claim_block_now(&self, network: &str, subnet: &str) -> Result<(), SupplyError> {
-        self.0
-            .claim_block_now(network, subnet)
-            .map_err(supply_error)
+        self.0.claim_block_now(network, subnet)
     }
 
     fn claim_address_now(
@@ -157,7 +147,6 @@ impl AddressSupply for KubeSupply {
     ) -> Result<(), SupplyError> {
         self.0
             .claim_address_now(network, subnet, ip, namespace, name)
-            .map_err(supply_error)
     }
 
     fn changed(&self) {
@@ -170,6 +159,28 @@ impl AddressSupply for KubeSupply {
 
     fn warnings(&self) -> Vec<String> {
         self.0.warnings()
+    }
+}
+
+/// Exports `supply`'s counters and per-subnet figures through `metrics`.
+pub fn report_supply_metrics(metrics: &crate::metrics::Metrics, supply: Arc<Supply>) {
+    metrics.report_supply(Box::new(move || supply_report(&supply)));
+}
+
+fn supply_report(supply: &Supply) -> crate::metrics::SupplyReport {
+    use std::sync::atomic::Ordering::Relaxed;
+    use vpcnet_k8s::supply::ClaimFailure;
+    let c = &supply.counters;
+    crate::metrics::SupplyReport {
+        blocks_claimed: c.blocks_claimed.load(Relaxed),
+        blocks_released: c.blocks_released.load(Relaxed),
+        claim_failures: ClaimFailure::ALL
+            .iter()
+            .map(|f| (f.label(), c.claim_failures(*f)))
+            .collect(),
+        fixed_refused: c.fixed_refused.load(Relaxed),
+        last_claim_seconds: c.last_claim_micros.load(Relaxed) as f64 / 1e6,
+        subnets: supply.subnet_supply(),
     }
 }
 

@@ -3,8 +3,9 @@
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
@@ -31,10 +32,29 @@ pub struct Metrics {
     /// Brings the dataplane gauges up to date; run on each scrape, not on a timer: the conntrack
     /// walk costs ~0.1 s at a full map, which a tick would spend every interval on an idle node.
     on_scrape: std::sync::OnceLock<ScrapeHook>,
+    /// The Kubernetes mode's address supply, read on each scrape; unset standalone, where its
+    /// metrics are not exported at all.
+    supply: std::sync::OnceLock<SupplyHook>,
 }
 
 /// See [`Metrics::refresh_on_scrape`].
 pub type ScrapeHook = Box<dyn Fn() + Send + Sync>;
+
+/// See [`Metrics::report_supply`].
+pub type SupplyHook = Box<dyn Fn() -> SupplyReport + Send + Sync>;
+
+/// The address supply's figures at one scrape (Kubernetes mode).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SupplyReport {
+    pub blocks_claimed: u64,
+    pub blocks_released: u64,
+    /// `(reason, count)`, every reason listed even at 0 so rates start from the first scrape.
+    pub claim_failures: Vec<(&'static str, u64)>,
+    pub fixed_refused: u64,
+    /// The last block claim's duration (API round trips and the store taking the block).
+    pub last_claim_seconds: f64,
+    pub subnets: Vec<vpcnet_k8s::supply::SubnetSupply>,
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -57,6 +77,7 @@ impl Default for Metrics {
             conntrack_created: Gauge::default(),
             conntrack_insert_failed: Gauge::default(),
             on_scrape: std::sync::OnceLock::new(),
+            supply: std::sync::OnceLock::new(),
         }
     }
 }
@@ -95,6 +116,86 @@ impl Collector for DataplaneGauges {
             ),
         ] {
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The address supply's metrics, read from it on every scrape.
+#[derive(Debug)]
+struct SupplyMetrics(Arc<Metrics>);
+
+impl Collector for SupplyMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(report) = self.0.supply.get() else {
+            return Ok(());
+        };
+        let r = report();
+        for (name, help, value) in [
+            (
+                "ipam_blocks_claimed",
+                "IPAM blocks this node claimed through the API server",
+                r.blocks_claimed,
+            ),
+            (
+                "ipam_blocks_released",
+                "IPAM blocks this node gave back after they stayed empty",
+                r.blocks_released,
+            ),
+            (
+                "ipam_fixed_address_refused",
+                "Fixed-address claims refused because another pod holds the address",
+                r.fixed_refused,
+            ),
+        ] {
+            ConstCounter::new(value).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "ipam_claim_failures",
+            "Block and fixed-address claims that failed, by reason (conflict, exhausted, api-error, timeout, not-ready)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in &r.claim_failures {
+            ConstCounter::new(*n).encode(family.encode_family(&[("reason", *reason)])?)?;
+        }
+        ConstGauge::new(r.last_claim_seconds).encode(encoder.encode_descriptor(
+            "ipam_last_block_claim_seconds",
+            "Duration of the last block claim, API round trips and the store taking the block",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let mut family = encoder.encode_descriptor(
+            "ipam_node_free_addresses",
+            "Addresses free for allocation in this node's blocks, per subnet",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &r.subnets {
+            let labels = [
+                ("network", s.network.as_str()),
+                ("subnet", s.subnet.as_str()),
+            ];
+            ConstGauge::new(i64::try_from(s.free_here).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "ipam_subnet_exhausted",
+            "1 when the subnet has no block left to claim, cluster-wide",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &r.subnets {
+            let labels = [
+                ("network", s.network.as_str()),
+                ("subnet", s.subnet.as_str()),
+            ];
+            ConstGauge::new(i64::from(s.exhausted)).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }
@@ -165,7 +266,14 @@ impl Metrics {
             self.topology_generation.clone(),
         );
         r.register_collector(Box::new(DataplaneGauges(self.clone())));
+        r.register_collector(Box::new(SupplyMetrics(self.clone())));
         r
+    }
+
+    /// Exports the address supply's metrics, reading `hook` on each scrape (once; a second
+    /// hook is ignored).
+    pub fn report_supply(&self, hook: SupplyHook) {
+        let _ = self.supply.set(hook);
     }
 
     /// Sets what brings the dataplane gauges up to date before each scrape encodes them (once;
@@ -295,6 +403,71 @@ mod tests {
         let mut text = String::new();
         s.read_to_string(&mut text).await.unwrap();
         text
+    }
+
+    fn render(m: &Arc<Metrics>) -> String {
+        let mut text = String::new();
+        encode(&mut text, &m.registry()).unwrap();
+        text
+    }
+
+    #[test]
+    fn supply_metrics_only_in_kubernetes_mode_and_read_at_each_scrape() {
+        let m = Arc::new(Metrics::default());
+        assert!(
+            !render(&m).contains("vpcnet_ipam_blocks_claimed"),
+            "standalone has no supply"
+        );
+        let scrapes = Arc::new(AtomicI64::new(0));
+        let n = scrapes.clone();
+        m.report_supply(Box::new(move || {
+            let k = n.fetch_add(1, Ordering::SeqCst) as u64 + 1;
+            SupplyReport {
+                blocks_claimed: 3 * k,
+                blocks_released: 1,
+                claim_failures: vec![("conflict", 0), ("exhausted", 2), ("timeout", 1)],
+                fixed_refused: 4,
+                last_claim_seconds: 0.25,
+                subnets: vec![
+                    vpcnet_k8s::supply::SubnetSupply {
+                        network: "vpc".into(),
+                        subnet: "s1".into(),
+                        free_here: 61,
+                        exhausted: false,
+                    },
+                    vpcnet_k8s::supply::SubnetSupply {
+                        network: "vpc".into(),
+                        subnet: "s2".into(),
+                        free_here: 0,
+                        exhausted: true,
+                    },
+                ],
+            }
+        }));
+        let text = render(&m);
+        for line in [
+            "# TYPE vpcnet_ipam_blocks_claimed counter",
+            "vpcnet_ipam_blocks_claimed_total 3",
+            "vpcnet_ipam_blocks_released_total 1",
+            "vpcnet_ipam_fixed_address_refused_total 4",
+            "vpcnet_ipam_claim_failures_total{reason=\"conflict\"} 0",
+            "vpcnet_ipam_claim_failures_total{reason=\"exhausted\"} 2",
+            "vpcnet_ipam_claim_failures_total{reason=\"timeout\"} 1",
+            "# TYPE vpcnet_ipam_last_block_claim_seconds gauge",
+            "vpcnet_ipam_last_block_claim_seconds 0.25",
+            "vpcnet_ipam_node_free_addresses{network=\"vpc\",subnet=\"s1\"} 61",
+            "vpcnet_ipam_node_free_addresses{network=\"vpc\",subnet=\"s2\"} 0",
+            "vpcnet_ipam_subnet_exhausted{network=\"vpc\",subnet=\"s1\"} 0",
+            "vpcnet_ipam_subnet_exhausted{network=\"vpc\",subnet=\"s2\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing from\n{text}"
+            );
+        }
+        // Read afresh at each scrape, not once at registration.
+        assert!(render(&m).contains("vpcnet_ipam_blocks_claimed_total 6"));
+        assert_eq!(scrapes.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

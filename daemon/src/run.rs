@@ -96,6 +96,9 @@ pub async fn run(config: DaemonConfig, config_path: std::path::PathBuf) -> Resul
         (None, None) => None,
     };
     let metrics = Arc::new(Metrics::default());
+    if let Some(k) = &kube {
+        crate::kubernetes::report_supply_metrics(&metrics, k.supply.clone());
+    }
     let mut agent = Agent::new(config.clone(), ipam, fwd, mtu).with_metrics(metrics.clone());
     agent = agent.with_orphans(orphans);
     if let Some(source) = policy {

@@ -182,6 +182,26 @@ mod tests {
     }
 
     #[test]
+    fn supply_errors_keep_their_cni_codes_and_words() {
+        let exhausted = "subnet \"s1\" (10.20.0.0/24) of network \"vpc\" is exhausted: 0 of 4 blocks of /26 free cluster-wide; widen the Subnet's spec.cidr";
+        for (e, want) in [
+            (SupplyError::Taken("held".into()), code::ADDRESS_TAKEN),
+            (SupplyError::Exhausted(exhausted.into()), code::EXHAUSTED),
+            (
+                SupplyError::Unavailable("later".into()),
+                code::TRY_AGAIN_LATER,
+            ),
+        ] {
+            let text = e.to_string();
+            let got = agent_error(&AgentError::Supply(e));
+            assert_eq!(got.code, want, "{text}");
+            // The plugin shows the supply's sentence as is: `kubectl describe pod` tells the
+            // operator what to do.
+            assert_eq!(got.msg, text);
+        }
+    }
+
+    #[test]
     fn keys_and_pods_convert_both_ways() {
         let k = api::AttachmentKey {
             container_id: "c".into(),

@@ -20,6 +20,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
@@ -35,7 +37,9 @@ const CLAIM_WAIT: Duration = Duration::from_secs(10);
 /// How often the spare and give-back rules are looked at without a change to prompt it.
 const TICK: Duration = Duration::from_secs(30);
 
-#[derive(Debug, thiserror::Error)]
+/// Why a claim did not give what was asked, in words for `kubectl describe pod`. The daemon's
+/// agent takes it as is (its `AddressSupply` port returns this type).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SupplyError {
     /// Another pod holds the address (refused; the ADD fails with a clear message).
     #[error("{0}")]
@@ -43,19 +47,79 @@ pub enum SupplyError {
     /// No block is left in the subnet, cluster-wide.
     #[error("{0}")]
     Exhausted(String),
-    /// Cannot be had now; retrying later may work (API server away, not synced).
+    /// Cannot be had now; retrying later may work (API server away, not synced, too slow).
     #[error("{0}")]
     Unavailable(String),
+}
+
+/// Why a block claim failed, as the metrics tell them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimFailure {
+    /// Other nodes won the race for every block tried.
+    Conflict,
+    /// No block left in the subnet, cluster-wide.
+    Exhausted,
+    /// The API server refused or could not be reached.
+    ApiError,
+    /// The claim (and the store taking the block) did not complete within the ADD's bound.
+    Timeout,
+    /// Not synced yet, the subnet not in force, or this Node unknown.
+    NotReady,
+}
+
+impl ClaimFailure {
+    pub const ALL: [ClaimFailure; 5] = [
+        ClaimFailure::Conflict,
+        ClaimFailure::Exhausted,
+        ClaimFailure::ApiError,
+        ClaimFailure::Timeout,
+        ClaimFailure::NotReady,
+    ];
+
+    /// The `reason` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ClaimFailure::Conflict => "conflict",
+            ClaimFailure::Exhausted => "exhausted",
+            ClaimFailure::ApiError => "api-error",
+            ClaimFailure::Timeout => "timeout",
+            ClaimFailure::NotReady => "not-ready",
+        }
+    }
 }
 
 /// Counters for the daemon's metrics.
 #[derive(Debug, Default)]
 pub struct SupplyCounters {
-    pub blocks_claimed: std::sync::atomic::AtomicU64,
-    pub blocks_released: std::sync::atomic::AtomicU64,
-    pub claim_failures: std::sync::atomic::AtomicU64,
+    pub blocks_claimed: AtomicU64,
+    pub blocks_released: AtomicU64,
+    /// Indexed like [`ClaimFailure::ALL`].
+    claim_failures: [AtomicU64; ClaimFailure::ALL.len()],
+    /// Fixed addresses refused because another pod holds them.
+    pub fixed_refused: AtomicU64,
     /// Time of the last block claim (API call and the store taking it), in microseconds.
-    pub last_claim_micros: std::sync::atomic::AtomicU64,
+    pub last_claim_micros: AtomicU64,
+}
+
+impl SupplyCounters {
+    fn failed(&self, why: ClaimFailure) {
+        self.claim_failures[why as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn claim_failures(&self, why: ClaimFailure) -> u64 {
+        self.claim_failures[why as usize].load(Relaxed)
+    }
+}
+
+/// One subnet as this node's supply sees it, for the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetSupply {
+    pub network: String,
+    pub subnet: String,
+    /// Addresses a dynamic allocation could take now in this node's blocks.
+    pub free_here: u64,
+    /// No block of the subnet is left to claim, cluster-wide.
+    pub exhausted: bool,
 }
 
 #[derive(Default)]
@@ -185,6 +249,50 @@ impl Supply {
                 format!("claiming a block of subnet {s:?} (network {n:?}) fails: {why}")
             })
             .collect()
+    }
+
+    /// Every subnet in force: this node's free addresses in it, and whether a block is left to
+    /// claim cluster-wide (what the metrics show).
+    pub fn subnet_supply(&self) -> Vec<SubnetSupply> {
+        let Some(built) = self.effective.borrow().clone() else {
+            return Vec::new();
+        };
+        let mut claimed: BTreeMap<String, BTreeSet<IpNetwork>> = BTreeMap::new();
+        {
+            let f = self
+                .published
+                .fold
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for b in f.blocks.values() {
+                if let Ok(cidr) = b.spec.cidr.0.parse() {
+                    claimed
+                        .entry(b.spec.network.clone())
+                        .or_default()
+                        .insert(cidr);
+                }
+            }
+        }
+        for (n, _, b) in &self.local().pending {
+            claimed.entry(n.clone()).or_default().insert(*b);
+        }
+        let free = free_by_subnet(&self.ipam);
+        let none = BTreeSet::new();
+        let mut out = Vec::new();
+        for net in &built.ipam.networks {
+            for sub in &net.subnets {
+                let key = (net.name.clone(), sub.name.clone());
+                let size = built.block_sizes.get(&key).copied().unwrap_or(26);
+                let taken = claimed.get(&net.name).unwrap_or(&none);
+                out.push(SubnetSupply {
+                    exhausted: claims::free_blocks(sub, size, taken).next().is_none(),
+                    free_here: free.get(&key).copied().unwrap_or(0),
+                    network: key.0,
+                    subnet: key.1,
+                });
+            }
+        }
+        out
     }
 
     /// Recomputes the published topology from the watched one and this node's own changes.
@@ -321,10 +429,13 @@ impl Supply {
     async fn claim_block(&self, network: &str, subnet: &str) -> Result<IpNetwork, SupplyError> {
         let _one = self.claiming.lock().await;
         let key = (network.to_string(), subnet.to_string());
+        let not_ready = |text: String| {
+            self.counters.failed(ClaimFailure::NotReady);
+            self.local().failures.insert(key.clone(), text.clone());
+            SupplyError::Unavailable(text)
+        };
         let Some(built) = self.effective.borrow().clone() else {
-            return Err(SupplyError::Unavailable(
-                "the topology is not synced yet".into(),
-            ));
+            return Err(not_ready("the topology is not synced yet".into()));
         };
         let Some(sub) = built
             .ipam
@@ -332,7 +443,7 @@ impl Supply {
             .and_then(|n| n.subnet(subnet))
             .cloned()
         else {
-            return Err(SupplyError::Unavailable(format!(
+            return Err(not_ready(format!(
                 "subnet {subnet:?} of network {network:?} is not in force"
             )));
         };
@@ -353,7 +464,7 @@ impl Supply {
             (node, claimed)
         };
         let Some(node) = node else {
-            return Err(SupplyError::Unavailable(format!(
+            return Err(not_ready(format!(
                 "Node {:?} is not known to the API server: VPCNET_NODE must be this node's name (spec.nodeName), and RBAC must allow watching nodes",
                 self.node
             )));
@@ -373,7 +484,6 @@ impl Supply {
                     l.pending.push((network.into(), subnet.into(), block));
                     l.failures.remove(&key);
                 }
-                use std::sync::atomic::Ordering::Relaxed;
                 self.counters.blocks_claimed.fetch_add(1, Relaxed);
                 self.counters
                     .last_claim_micros
@@ -383,15 +493,32 @@ impl Supply {
                 Ok(block)
             }
             Err(e) => {
-                self.counters
-                    .claim_failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let text = e.to_string();
-                self.local().failures.insert(key, text.clone());
-                Err(match e {
-                    ClaimError::Exhausted { .. } => SupplyError::Exhausted(text),
-                    _ => SupplyError::Unavailable(text),
-                })
+                let (why, err) = match e {
+                    ClaimError::Exhausted { .. } => {
+                        let in_subnet = claimed.iter().filter(|b| sub.cidr.contains(b.network()));
+                        let text = exhausted_message(
+                            network,
+                            &sub,
+                            size,
+                            in_subnet.count(),
+                            free_by_subnet(&self.ipam).get(&key).copied().unwrap_or(0),
+                        );
+                        (ClaimFailure::Exhausted, SupplyError::Exhausted(text))
+                    }
+                    ClaimError::Taken { .. } => (
+                        ClaimFailure::Conflict,
+                        SupplyError::Unavailable(format!(
+                            "{e}: other nodes are claiming blocks of subnet {subnet:?} faster than this node sees them; retrying"
+                        )),
+                    ),
+                    ClaimError::Api { .. } => (
+                        ClaimFailure::ApiError,
+                        SupplyError::Unavailable(e.to_string()),
+                    ),
+                };
+                self.counters.failed(why);
+                self.local().failures.insert(key, err.to_string());
+                Err(err)
             }
         }
     }
@@ -402,28 +529,42 @@ impl Supply {
         self.local()
             .demand
             .insert((network.to_string(), subnet.to_string()));
-        self.runtime.block_on(async {
-            tokio::time::timeout(CLAIM_WAIT, async {
+        self.bounded(
+            || format!("no block of subnet {subnet:?} of network {network:?} could be claimed"),
+            async {
                 let block = self.claim_block(network, subnet).await?;
                 // The daemon applies the published topology; wait for the store to hold it.
-                loop {
-                    let held = self.ipam.config();
-                    if held
-                        .network(network)
-                        .and_then(|n| n.subnet(subnet))
-                        .is_some_and(|s| s.node_blocks(&self.node).contains(&block))
-                    {
-                        return Ok(());
-                    }
+                while !self
+                    .ipam
+                    .config()
+                    .network(network)
+                    .and_then(|n| n.subnet(subnet))
+                    .is_some_and(|s| s.node_blocks(&self.node).contains(&block))
+                {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-            })
-            .await
-            .unwrap_or_else(|_| {
-                Err(SupplyError::Unavailable(format!(
-                    "no block of subnet {subnet:?} could be claimed within {CLAIM_WAIT:?} (is the API server reachable?)"
-                )))
-            })
+                Ok(())
+            },
+        )
+    }
+
+    /// Runs a claim on the daemon's runtime from a blocking thread, bounded by [`CLAIM_WAIT`]:
+    /// an ADD answers "try again" rather than hang on an API server that does not answer.
+    fn bounded<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        claim: impl Future<Output = Result<T, SupplyError>>,
+    ) -> Result<T, SupplyError> {
+        self.runtime.block_on(async {
+            tokio::time::timeout(CLAIM_WAIT, claim)
+                .await
+                .unwrap_or_else(|_| {
+                    self.counters.failed(ClaimFailure::Timeout);
+                    Err(SupplyError::Unavailable(format!(
+                        "{} within {CLAIM_WAIT:?} (is the API server reachable?)",
+                        what()
+                    )))
+                })
         })
     }
 
@@ -513,9 +654,7 @@ impl Supply {
         }
         match claims::release_block(&self.blocks, &crd::block_name(network, block)).await {
             Ok(()) => {
-                self.counters
-                    .blocks_released
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.counters.blocks_released.fetch_add(1, Relaxed);
                 tracing::info!(%block, network, "gave back an IPAM block that stayed empty");
             }
             Err(e) => self.undrain(network, block, &e.to_string()),
@@ -543,9 +682,11 @@ impl Supply {
         namespace: &str,
         name: &str,
     ) -> Result<(), SupplyError> {
-        self.runtime.block_on(async {
-            tokio::time::timeout(CLAIM_WAIT, async {
-                self.claim_address(network, subnet, ip, namespace, name).await?;
+        let r = self.bounded(
+            || format!("the claim of {ip} of network {network:?} did not complete"),
+            async {
+                self.claim_address(network, subnet, ip, namespace, name)
+                    .await?;
                 self.local().claimed_here.insert((network.to_string(), ip));
                 self.refresh();
                 // The store must no longer hold it reserved for the node it comes from.
@@ -560,14 +701,12 @@ impl Supply {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Ok(())
-            })
-                .await
-                .unwrap_or_else(|_| {
-                    Err(SupplyError::Unavailable(format!(
-                        "the claim of {ip} did not complete within {CLAIM_WAIT:?} (is the API server reachable?)"
-                    )))
-                })
-        })
+            },
+        );
+        if let Err(SupplyError::Taken(_)) = &r {
+            self.counters.fixed_refused.fetch_add(1, Relaxed);
+        }
+        r
     }
 
     async fn claim_address(
@@ -578,7 +717,10 @@ impl Supply {
         namespace: &str,
         name: &str,
     ) -> Result<(), SupplyError> {
-        let api_err = |e: kube::Error| SupplyError::Unavailable(format!("claiming {ip}: {e}"));
+        let api_err = |e: kube::Error| {
+            self.counters.failed(ClaimFailure::ApiError);
+            SupplyError::Unavailable(format!("claiming {ip}: {e}"))
+        };
         let pod = Api::<Pod>::namespaced(self.client.clone(), namespace)
             .get(name)
             .await
@@ -662,9 +804,31 @@ impl Supply {
                     .map_err(api_err)?;
                 Ok(())
             }
-            Err(e) => Err(SupplyError::Unavailable(e.to_string())),
+            Err(e) => {
+                self.counters.failed(ClaimFailure::ApiError);
+                Err(SupplyError::Unavailable(e.to_string()))
+            }
         }
     }
+}
+
+/// What an ADD answers when no block of `subnet` is left: where the addresses are, and what an
+/// operator can do about it.
+fn exhausted_message(
+    network: &str,
+    subnet: &vpcnet_ipam::SubnetConfig,
+    block_size: u8,
+    claimed: usize,
+    free_here: u64,
+) -> String {
+    let total = 1u128
+        .checked_shl(u32::from(block_size.saturating_sub(subnet.cidr.prefix())))
+        .unwrap_or(u128::MAX);
+    let reserved = total.saturating_sub(claimed as u128);
+    format!(
+        "subnet {:?} ({}) of network {network:?} is exhausted: 0 of {total} blocks of /{block_size} free cluster-wide ({claimed} claimed by nodes, {reserved} wholly reserved), {free_here} addresses free in this node's blocks; widen the Subnet's spec.cidr, add a Subnet and select this namespace to it, or delete pods of this subnet (addresses released within the cooldown come back by themselves)",
+        subnet.name, subnet.cidr
+    )
 }
 
 /// Whether `built` gives `block` of `network`/`subnet` to `node`.
@@ -713,4 +877,45 @@ fn block_capacity(built: &Built, network: &str, subnet: &str, size: u8) -> u128 
     1u128
         .checked_shl(u32::from(bits - size.min(bits)))
         .unwrap_or(u128::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exhaustion_says_where_the_addresses_are_and_what_to_do() {
+        let sub = vpcnet_ipam::SubnetConfig {
+            name: "s1".into(),
+            cidr: "10.20.0.0/24".parse().unwrap(),
+            gateway: None,
+            reserved: Vec::new(),
+            blocks: BTreeMap::new(),
+        };
+        let text = exhausted_message("vpc", &sub, 26, 3, 5);
+        for part in [
+            "subnet \"s1\" (10.20.0.0/24) of network \"vpc\"",
+            "0 of 4 blocks of /26 free cluster-wide",
+            "3 claimed by nodes, 1 wholly reserved",
+            "5 addresses free in this node's blocks",
+            "widen the Subnet's spec.cidr, add a Subnet",
+        ] {
+            assert!(text.contains(part), "{part:?} not in {text:?}");
+        }
+    }
+
+    #[test]
+    fn every_failure_reason_has_its_own_counter_and_label() {
+        let c = SupplyCounters::default();
+        for (i, why) in ClaimFailure::ALL.into_iter().enumerate() {
+            for _ in 0..=i {
+                c.failed(why);
+            }
+        }
+        let labels: BTreeSet<&str> = ClaimFailure::ALL.iter().map(|f| f.label()).collect();
+        assert_eq!(labels.len(), ClaimFailure::ALL.len());
+        for (i, why) in ClaimFailure::ALL.into_iter().enumerate() {
+            assert_eq!(c.claim_failures(why), i as u64 + 1, "{why:?}");
+        }
+    }
 }

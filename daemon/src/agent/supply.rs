@@ -4,19 +4,8 @@
 
 use vpcnet_policy::model::Labels;
 
-/// Why a claim did not give what was asked, in words for `kubectl describe pod`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SupplyError {
-    /// Another pod holds the address.
-    #[error("{0}")]
-    Taken(String),
-    /// No block is left in the subnet, cluster-wide.
-    #[error("{0}")]
-    Exhausted(String),
-    /// Not now: the API server is away, the node object unknown, the claim too slow.
-    #[error("{0}")]
-    Unavailable(String),
-}
+/// Defined once, by the Kubernetes supply that produces it; a standalone node never sees one.
+pub use vpcnet_k8s::supply::SupplyError;
 
 pub trait AddressSupply: Send + Sync {
     /// `(network, subnet)` a Subnet's namespace selector gives a namespace with `labels`.
