@@ -32,12 +32,13 @@ use crate::bench_policy::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 use vpcnet_tests::apiserver::{ADMIN_TOKEN, ControlPlane};
 use vpcnet_tests::cluster::{Node, PHYS_CIDR, ROUTER_VPC_IP, VPC_CIDR};
 use vpcnet_tests::cni::{CniEnv, Pod, exec_plugin, net_config};
+use vpcnet_tests::kube::{conflist, k8s_config, node_kubeconfig, wait_for};
 use vpcnet_tests::relay::Relay;
 use vpcnet_tests::{Cluster, ClusterSpec, Netns};
 
@@ -77,19 +78,6 @@ fn filler(i: usize) -> String {
 
 fn fresh_cidr(k: usize) -> String {
     format!("10.20.{}.0/24", 130 + k)
-}
-
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if t0.elapsed() > limit {
-            bail!("{what}: not after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The policy selecting the servers: admits the client on the probe ports, or admits nobody.
@@ -231,39 +219,6 @@ impl Kube {
 
 // The next three are copied from tests/tests/kubernetes_e2e.rs (not in tests/src): to be moved
 // into the harness and shared.
-
-/// The node's kubeconfig: the control plane's, with the server moved to the relay's port.
-fn node_kubeconfig(cp: &ControlPlane, node: &Node, port: u16) -> Result<PathBuf> {
-    let text = std::fs::read_to_string(&cp.kubeconfig)?;
-    let text = text.replace(&cp.url, &format!("https://127.0.0.1:{port}"));
-    let path = node.dir.join("kubeconfig");
-    std::fs::write(&path, text)?;
-    Ok(path)
-}
-
-fn k8s_config(node: &Node, kubeconfig: &Path) -> String {
-    json!({
-        "node": node.name,
-        "uplink": "eth0",
-        "state_dir": node.dir.join("state"),
-        "socket": node.socket,
-        "release_queue": node.release_queue,
-        "bpf_dir": node.bpf_dir,
-        "reconcile_interval_secs": 5,
-        "metrics_addr": "127.0.0.1:9962",
-        "cluster": "kubernetes",
-        "kubernetes": {
-            "kubeconfig": kubeconfig,
-            "cni_conf_dir": node.dir.join("net.d"),
-        },
-        "ipam": {"cooldown_secs": 1},
-    })
-    .to_string()
-}
-
-fn conflist(node: &Node) -> PathBuf {
-    node.dir.join("net.d").join("10-vpcnet.conflist")
-}
 
 /// One mode's cluster with its probe pods. Fields drop in order: the echo servers, the pods'
 /// namespaces, the daemons and the fabric, then the relays.
