@@ -29,6 +29,8 @@ use crate::bench_policy::{
     COLLECT_BASE, Echo, Event, PROBE_PORTS, PROBE_SRC_PORTS, Prober, events_since, log_offsets,
     observe,
 };
+use crate::bench_policy::{parse_rfc3339, strip_ansi};
+use crate::bench_scale::memory_of;
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -468,21 +470,6 @@ fn probe_pods(c: &Cluster, kube: Option<&Kube>) -> Result<(Pod, Vec<Pod>)> {
     }
     let client = pods.remove(0);
     Ok((client, pods))
-}
-
-/// VmRSS and VmHWM of a process, in MiB.
-fn memory_of(pid: u32) -> Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<f64> {
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
-        Ok(kb / 1024.0)
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 fn memory(bed: &Bed) -> Result<Vec<(f64, f64)>> {
@@ -1019,44 +1006,4 @@ pub fn run(o: Options) -> Result<()> {
     drop(reference);
     drop(kube);
     Ok(())
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// `2026-11-22T12:23:44.123456Z` (tracing's default timestamp) as a `SystemTime`. Copied from
-/// bench_policy.rs (private there), as is `strip_ansi`.
-fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let s = s.strip_suffix('Z')?;
-    let (date, time) = s.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let mut t = time.split(':');
-    let (h, mi) = (
-        t.next()?.parse::<i64>().ok()?,
-        t.next()?.parse::<i64>().ok()?,
-    );
-    let sec: f64 = t.next()?.parse().ok()?;
-    // Days from 1970-01-01 to a civil date (H. Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
-    let days = era * 146097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719468;
-    let secs = (days * 86400 + h * 3600 + mi * 60) as f64 + sec;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0)))
 }

@@ -429,7 +429,7 @@ pub(crate) fn events_since(c: &Cluster, offsets: &[u64]) -> Vec<Vec<(Option<Syst
 }
 
 /// `2026-11-22T12:23:44.123456Z` (tracing's default timestamp) as a `SystemTime`.
-fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     let s = s.strip_suffix('Z')?;
     let (date, time) = s.split_once('T')?;
     let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
@@ -480,7 +480,7 @@ fn sync_report(c: &Cluster, offsets: &[u64]) -> String {
     out.join("\n      ")
 }
 
-fn strip_ansi(line: &str) -> String {
+pub(crate) fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars();
     while let Some(c) = chars.next() {

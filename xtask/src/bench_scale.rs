@@ -245,7 +245,7 @@ impl Gen {
 }
 
 /// VmRSS and VmHWM of a process, in MiB.
-fn memory_of(pid: u32) -> Result<(f64, f64)> {
+pub(crate) fn memory_of(pid: u32) -> Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> Result<f64> {
         let kb: f64 = status
